@@ -1,0 +1,159 @@
+"""kda::chunk_kda_fwd and kda::chunk_kda_bwd (joined by register_autograd), and the public
+`chunk_kda` function.
+
+The two public ops are `triton_op`s so that Inductor sees their Triton kernels. Their exact
+PyTorch references are registered as the opaque ops kda::chunk_kda_fwd_reference /
+kda::chunk_kda_bwd_reference; the public ops call them for tensors the Triton path does not serve
+(CPU). Being opaque, the references stay single nodes under torch.compile, so a dynamic sequence
+length does not specialise on their Python loops.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import custom_op, triton_op
+
+from .meta.chunk_kda import chunk_kda_bwd_meta, chunk_kda_fwd_meta, chunk_kda_fwd_reference
+from .meta.chunk_kda_bwd import chunk_kda_bwd_reference
+
+
+@custom_op("kda::chunk_kda_fwd_reference", mutates_args=())
+def _chunk_kda_fwd_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    scale: float,
+    output_final_state: bool,
+    use_qk_l2norm: bool,
+) -> tuple[Tensor, Tensor]:
+    return chunk_kda_fwd_reference(
+        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm
+    )
+
+
+_chunk_kda_fwd_reference.register_fake(chunk_kda_fwd_meta)
+
+
+@custom_op("kda::chunk_kda_bwd_reference", mutates_args=())
+def _chunk_kda_bwd_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    do: Tensor,
+    dht: Optional[Tensor],
+    scale: float,
+    use_qk_l2norm: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return chunk_kda_bwd_reference(
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm
+    )
+
+
+_chunk_kda_bwd_reference.register_fake(chunk_kda_bwd_meta)
+
+
+@triton_op("kda::chunk_kda_fwd", mutates_args=())
+def chunk_kda_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    scale: float,
+    output_final_state: bool,
+    use_qk_l2norm: bool,
+) -> tuple[Tensor, Tensor]:
+    """Chunked KDA forward: (o [B, T, H, V] in v's dtype, final state [N, H, K, V] fp32 or an
+    empty [0] tensor when output_final_state is False). See meta/chunk_kda.py for the contract."""
+    return torch.ops.kda.chunk_kda_fwd_reference(
+        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm
+    )
+
+
+@triton_op("kda::chunk_kda_bwd", mutates_args=())
+def chunk_kda_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    initial_state: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    do: Tensor,
+    dht: Optional[Tensor],
+    scale: float,
+    use_qk_l2norm: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Chunked KDA backward: (dq, dk, dv, dg, dbeta, dh0), dh0 an empty [0] tensor when there is
+    no initial state. Recomputes the forward's intermediates from the inputs."""
+    return torch.ops.kda.chunk_kda_bwd_reference(
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, g, beta, initial_state, cu_seqlens, scale, _, use_qk_l2norm = inputs
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+    ctx.scale, ctx.use_qk_l2norm = scale, use_qk_l2norm
+
+
+def _backward(ctx, do: Tensor, dht: Optional[Tensor]):
+    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+    if dht is not None and dht.numel() == 0:
+        dht = None  # the forward returned no final state
+    dq, dk, dv, dg, dbeta, dh0 = torch.ops.kda.chunk_kda_bwd(
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, ctx.scale, ctx.use_qk_l2norm
+    )
+    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None, None, None
+
+
+chunk_kda_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chunk_kda(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    *,
+    scale: Optional[float] = None,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Kimi Delta Attention over whole sequences (prefill and training), differentiable.
+
+    Args:
+        q, k: [B, T, H, K] bf16/fp16/fp32 (fp64 on CPU for checks).
+        v: [B, T, H, V], q's dtype.
+        g: [B, T, H, K] fp32 log-space per-channel decay (<= 0; any magnitude, -1000 is exact).
+        beta: [B, T, H] write strength, q's dtype or fp32.
+        scale: query scale, default K ** -0.5. Keep it constant per model: a new value recompiles.
+        initial_state: [N, H, K, V] fp32 state per sequence, or None for zeros.
+        output_final_state: also return the final state [N, H, K, V] fp32.
+        use_qk_l2norm: L2-normalise q and k per head inside the op (backward goes through it).
+        cu_seqlens: [N + 1] int32/int64 device tensor of packed sequence boundaries (B must be 1);
+            its values are never read on the host and are not validated.
+
+    Returns:
+        o [B, T, H, V] in v's dtype, and the final state (None unless output_final_state).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    o, final_state = chunk_kda_fwd(
+        q, k, v, g, beta, initial_state, cu_seqlens, float(scale), output_final_state, use_qk_l2norm
+    )
+    return o, (final_state if output_final_state else None)

@@ -1,0 +1,71 @@
+"""Naive recurrent KDA: the ground truth every other KDA path is compared against.
+
+One token at a time, exactly the recurrence of docs/kda_math.md §1, computed in the accumulation
+dtype (fp64 for fp64 inputs, fp32 otherwise). Slow by design; use it on short sequences.
+"""
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + 1e-6) over the last dim (eps inside the sqrt, as the checkpoint uses)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def sequence_bounds(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[int, int]]:
+    """Host list of (start, end) per sequence. Reads cu_seqlens: reference/test use only."""
+    if cu_seqlens is None:
+        return [(0, total)]
+    edges = [int(x) for x in cu_seqlens]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def recurrent_kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] log-decay; beta [B, T, H];
+    initial_state [N, H, K, V]; cu_seqlens [N+1] with B == 1 for packed sequences.
+
+    Returns o [B, T, H, V] in v's dtype and the final state [N, H, K, V] in the accumulation
+    dtype (or None).
+    """
+    acc = accumulation_dtype(q.dtype)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else scale
+    q, k, v, g, beta = (x.to(acc) for x in (q, k, v, g, beta))
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    o = torch.zeros(B, T, H, V, dtype=acc, device=q.device)
+    if cu_seqlens is None:
+        bounds = [(b, 0, T) for b in range(B)]
+    else:
+        bounds = [(0, s, e) for s, e in sequence_bounds(cu_seqlens, T)]
+    finals = []
+    for n, (b, start, end) in enumerate(bounds):
+        if initial_state is None:
+            S = torch.zeros(H, K, V, dtype=acc, device=q.device)
+        else:
+            S = initial_state[n].to(acc)
+        for t in range(start, end):
+            S = S * g[b, t].exp()[..., None]
+            u = beta[b, t][:, None] * (v[b, t] - torch.einsum("hkv,hk->hv", S, k[b, t]))
+            S = S + k[b, t][..., None] * u[:, None, :]
+            o[b, t] = torch.einsum("hkv,hk->hv", S, q[b, t] * scale)
+        finals.append(S)
+    final_state = torch.stack(finals) if output_final_state else None
+    return o.to(v.dtype), final_state

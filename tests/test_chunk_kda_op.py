@@ -1,0 +1,178 @@
+"""kda::chunk_kda_fwd / kda::chunk_kda_bwd as torch.library ops: opcheck, gradcheck, contract
+errors, torch.compile and torch.export (CPU reference path)."""
+
+import pytest
+import torch
+import torch._dynamo
+from kda_inputs import kda_inputs
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import kda_ops
+from kda_ops.meta._contract import ContractError
+from kda_ops.meta.kda_recurrent import recurrent_kda
+
+OPCHECK_CASES = [
+    pytest.param(dict(initial_state=False, varlen=False, final=False, l2norm=False), id="plain"),
+    pytest.param(dict(initial_state=True, varlen=False, final=True, l2norm=True), id="h0-final-l2norm"),
+    pytest.param(dict(initial_state=True, varlen=True, final=True, l2norm=False), id="varlen-h0-final"),
+    pytest.param(dict(initial_state=False, varlen=True, final=False, l2norm=True), id="varlen-l2norm"),
+]
+
+
+def _op_args(case, dtype=torch.float32, requires_grad=True):
+    if case["varlen"]:
+        cu_seqlens = torch.tensor([0, 5, 70, 75], dtype=torch.int32)
+        x = kda_inputs(1, 75, 2, 16, 8, dtype=dtype, n_states=3, initial_state=case["initial_state"])
+    else:
+        cu_seqlens = None
+        x = kda_inputs(2, 70, 2, 16, 8, dtype=dtype, initial_state=case["initial_state"])
+    for t in x.values():
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    return (x["q"], x["k"], x["v"], x["g"], x["beta"], x["initial_state"], cu_seqlens, 0.25, case["final"], case["l2norm"])
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck_chunk_kda_fwd(case):
+    torch.library.opcheck(torch.ops.kda.chunk_kda_fwd.default, _op_args(case))
+    torch.library.opcheck(torch.ops.kda.chunk_kda_fwd_reference.default, _op_args(case, requires_grad=False))
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+@pytest.mark.parametrize("with_dht", [pytest.param(True, id="dht"), pytest.param(False, id="no-dht")])
+def test_opcheck_chunk_kda_bwd(case, with_dht):
+    q, k, v, g, beta, h0, cu_seqlens, scale, _, l2norm = _op_args(case, requires_grad=False)
+    n = 3 if cu_seqlens is not None else 2
+    do = torch.randn_like(v)
+    dht = torch.randn(n, 2, 16, 8) if with_dht else None
+    args = (q, k, v, g, beta, h0, cu_seqlens, do, dht, scale, l2norm)
+    torch.library.opcheck(torch.ops.kda.chunk_kda_bwd.default, args)
+    torch.library.opcheck(torch.ops.kda.chunk_kda_bwd_reference.default, args)
+
+
+GRADCHECK_CASES = [
+    pytest.param(dict(B=1, T=5, initial_state=True, l2norm=False), None, id="T5-h0"),
+    pytest.param(dict(B=2, T=67, initial_state=True, l2norm=True), None, id="T67-h0-l2norm"),
+    pytest.param(dict(B=1, T=9, initial_state=True, l2norm=True), [0, 1, 4, 9], id="varlen-1-3-5"),
+]
+
+
+@pytest.mark.parametrize("case, lengths", GRADCHECK_CASES)
+def test_gradcheck_every_input(case, lengths):
+    case = dict(case)
+    l2norm = case.pop("l2norm")
+    cu_seqlens = None if lengths is None else torch.tensor(lengths)
+    n = case["B"] if lengths is None else len(lengths) - 1
+    x = kda_inputs(T=case["T"], B=case["B"], H=2, K=4, V=3, n_states=n, initial_state=case["initial_state"], requires_grad=True)
+
+    def f(q, k, v, g, beta, h0):
+        o, s = kda_ops.chunk_kda(
+            q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=l2norm, cu_seqlens=cu_seqlens
+        )
+        return o, s
+
+    # Full Jacobians on the smallest cases; random projections (fast_mode) past one chunk.
+    torch.autograd.gradcheck(f, tuple(x.values()), eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=case["T"] > 8)
+
+
+def test_backward_matches_autograd_through_recurrence():
+    """The op's gradients equal autograd through the naive recurrence (fp64)."""
+    x = kda_inputs(1, 70, 2, 12, 10, initial_state=True, gate_floor_channels=2, requires_grad=True)
+    leaves = [t for t in x.values()]
+    o, s = kda_ops.chunk_kda(**x, output_final_state=True, use_qk_l2norm=True)
+    o_ref, s_ref = recurrent_kda(**x, output_final_state=True, use_qk_l2norm=True)
+    do, ds = torch.randn_like(o), torch.randn_like(s)
+    grads = torch.autograd.grad((o, s), leaves, (do, ds))
+    grads_ref = torch.autograd.grad((o_ref, s_ref), leaves, (do, ds))
+    for name, a, b in zip(x, grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"d{name}: {m}")
+
+
+def test_without_final_state_returns_none_and_differentiates():
+    x = kda_inputs(1, 20, 2, 8, 8, initial_state=True, requires_grad=True)
+    o, s = kda_ops.chunk_kda(**x)
+    assert s is None
+    o.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in x.values())
+
+
+def _valid_inputs():
+    x = kda_inputs(1, 8, 2, 4, 4, dtype=torch.float32, initial_state=True)
+    return dict(q=x["q"], k=x["k"], v=x["v"], g=x["g"], beta=x["beta"], initial_state=x["initial_state"])
+
+
+CONTRACT_CASES = [
+    pytest.param("k", lambda x: x["k"].to(torch.float16), "dtype", id="k-dtype"),
+    pytest.param("v", lambda x: x["v"][:, :5], "shape", id="v-length"),
+    pytest.param("g", lambda x: x["g"].to(torch.bfloat16), "dtype", id="g-not-fp32"),
+    pytest.param("beta", lambda x: x["beta"][..., None], "3-d", id="beta-ndim"),
+    pytest.param("q", lambda x: x["q"][0], "4-d", id="q-ndim"),
+    pytest.param("initial_state", lambda x: x["initial_state"][:, :1], "shape", id="h0-heads"),
+    pytest.param("initial_state", lambda x: x["initial_state"].double(), "dtype", id="h0-dtype"),
+    pytest.param("k", lambda x: x["k"].to("meta"), "device", id="k-device"),
+]
+
+
+@pytest.mark.parametrize("name, corrupt, expected", CONTRACT_CASES)
+@pytest.mark.parametrize("fake", [pytest.param(False, id="eager"), pytest.param(True, id="fake")])
+def test_contract_errors_name_the_argument(name, corrupt, expected, fake):
+    x = _valid_inputs()
+    x[name] = corrupt(x)
+    if fake:
+        mode = FakeTensorMode()
+        x = {n: mode.from_tensor(t) for n, t in x.items()}
+    with pytest.raises(ContractError, match=rf"'{name}' expected .*{expected}"):
+        kda_ops.chunk_kda(**x, output_final_state=True)
+
+
+def test_varlen_contract_requires_batch_one():
+    x = kda_inputs(2, 8, 2, 4, 4, dtype=torch.float32)
+    with pytest.raises(ContractError, match=r"'q' expected batch size 1"):
+        kda_ops.chunk_kda(**x, cu_seqlens=torch.tensor([0, 3, 8]))
+
+
+def _train_step(q, k, v, g, beta, h0):
+    o, s = kda_ops.chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+    return o.square().mean() + s.square().mean()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_one_frame_for_three_lengths(backend):
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    step = torch.compile(_train_step, backend=counter, fullgraph=True)
+    for i, T in enumerate((16, 70, 130)):
+        x = kda_inputs(1, T, 2, 8, 8, dtype=torch.float32, initial_state=True, requires_grad=True)
+        if i == 0:
+            for name in ("q", "k", "v", "g", "beta"):
+                torch._dynamo.mark_dynamic(x[name], 1)
+        loss = step(*x.values())
+        grads = torch.autograd.grad(loss, list(x.values()))
+        loss_ref = _train_step(*x.values())
+        grads_ref = torch.autograd.grad(loss_ref, list(x.values()))
+        torch.testing.assert_close(loss, loss_ref)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
+
+
+class _KDAModule(torch.nn.Module):
+    def forward(self, q, k, v, g, beta, h0):
+        return kda_ops.chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_qk_l2norm=True)
+
+
+def test_export_save_load_roundtrip(tmp_path):
+    x = kda_inputs(1, 70, 2, 8, 8, dtype=torch.float32, initial_state=True)
+    T = torch.export.Dim("T", min=2, max=4096)
+    seq = {1: T}
+    ep = torch.export.export(
+        _KDAModule(), tuple(x.values()),
+        dynamic_shapes=(seq, seq, seq, seq, seq, None),
+    )
+    path = tmp_path / "chunk_kda.pt2"
+    torch.export.save(ep, path)
+    loaded = torch.export.load(path).module()
+    y = kda_inputs(1, 33, 2, 8, 8, dtype=torch.float32, initial_state=True)
+    for got, want in zip(loaded(*y.values()), _KDAModule()(*y.values())):
+        torch.testing.assert_close(got, want)
