@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from decode_layer import DecodeLayer, layer_inputs, twin
 from kda_inputs import rel_rms
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -435,53 +436,6 @@ def test_prefill_conv_contract_errors():
 # torch.compile and torch.export with the pools as module buffers
 
 
-class DecodeLayer(torch.nn.Module):
-    """The decode-time core of a KDA layer: short conv of q/k/v, then the recurrent step."""
-
-    def __init__(self, slots, H, K, V, W=4):
-        super().__init__()
-        self.H, self.K, self.V = H, K, V
-        D = H * (2 * K + V)
-        self.register_buffer("conv_weight", torch.randn(D, W) * 0.5)
-        self.register_buffer("conv_state", torch.randn(slots, D, W - 1), persistent=False)
-        self.register_buffer("state", torch.randn(slots, H, K, V), persistent=False)
-
-    def forward(self, x, g, beta, state_indices):
-        B, T, _ = x.shape
-        xc = kda_ops.causal_conv1d_update(x, self.conv_state, self.conv_weight, state_indices=state_indices)
-        q, k, v = xc.split([self.H * self.K, self.H * self.K, self.H * self.V], dim=-1)
-        return kda_ops.kda_decode(
-            q.reshape(B, T, self.H, self.K),
-            k.reshape(B, T, self.H, self.K),
-            v.reshape(B, T, self.H, self.V),
-            g,
-            beta,
-            self.state,
-            state_indices=state_indices,
-            use_qk_l2norm=True,
-        )
-
-
-def _layer_inputs(B, T, layer: DecodeLayer, slots: int):
-    H, K, V = layer.H, layer.K, layer.V
-    indices = torch.randperm(slots)[:B].to(torch.int32)
-    indices[torch.rand(B) < 0.25] = -1
-    return (
-        torch.randn(B, T, H * (2 * K + V)),
-        -torch.rand(B, T, H, K) * 0.5,
-        torch.rand(B, T, H),
-        indices,
-    )
-
-
-def _twin(layer: DecodeLayer) -> DecodeLayer:
-    twin = DecodeLayer(layer.state.shape[0], layer.H, layer.K, layer.V)
-    twin.load_state_dict(layer.state_dict())
-    twin.conv_state.copy_(layer.conv_state)
-    twin.state.copy_(layer.state)
-    return twin
-
-
 def _assert_same_step(compiled_out, eager_out, compiled: DecodeLayer, eager: DecodeLayer):
     torch.testing.assert_close(compiled_out, eager_out)
     torch.testing.assert_close(compiled.state, eager.state)
@@ -493,11 +447,11 @@ def test_compile_fullgraph_one_frame_across_steps():
     torch._dynamo.reset()
     slots, T = 8, 2
     layer = DecodeLayer(slots, 2, 8, 6)
-    eager = _twin(layer)
+    eager = twin(layer)
     counter = CompileCounterWithBackend("aot_eager")
     step = torch.compile(layer, backend=counter, fullgraph=True)
     for _ in range(4):
-        inputs = _layer_inputs(4, T, layer, slots)
+        inputs = layer_inputs(4, T, layer, slots)
         _assert_same_step(step(*inputs), eager(*inputs), layer, eager)
     assert counter.frame_count == 1
 
@@ -506,11 +460,11 @@ def test_compile_dynamic_batch_one_frame():
     torch._dynamo.reset()
     slots = 8
     layer = DecodeLayer(slots, 2, 8, 6)
-    eager = _twin(layer)
+    eager = twin(layer)
     counter = CompileCounterWithBackend("aot_eager")
     step = torch.compile(layer, backend=counter, fullgraph=True)
     for i, B in enumerate((4, 7, 3)):
-        inputs = _layer_inputs(B, 1, layer, slots)
+        inputs = layer_inputs(B, 1, layer, slots)
         if i == 0:
             for t in inputs:
                 torch._dynamo.mark_dynamic(t, 0)
@@ -521,17 +475,17 @@ def test_compile_dynamic_batch_one_frame():
 def test_export_save_load_run(tmp_path):
     slots = 6
     layer = DecodeLayer(slots, 2, 8, 6)
-    eager = _twin(layer)
+    eager = twin(layer)
     B = torch.export.Dim("B", min=2, max=slots)
     batch = {0: B}
     ep = torch.export.export(
-        _twin(layer), _layer_inputs(4, 1, layer, slots), dynamic_shapes=(batch, batch, batch, batch)
+        twin(layer), layer_inputs(4, 1, layer, slots), dynamic_shapes=(batch, batch, batch, batch)
     )
     path = tmp_path / "kda_decode_layer.pt2"
     torch.export.save(ep, path)
     loaded = torch.export.load(path).module()
     for B in (5, 3):
-        inputs = _layer_inputs(B, 1, layer, slots)
+        inputs = layer_inputs(B, 1, layer, slots)
         torch.testing.assert_close(loaded(*inputs), eager(*inputs))
     torch.testing.assert_close(loaded.state, eager.state)
     torch.testing.assert_close(loaded.conv_state, eager.conv_state)
