@@ -6,5 +6,7 @@ Importing registers the `kda` torch.library ops and does nothing else.
 from .chunk_kda import chunk_kda
 from .kda_decode import causal_conv1d, causal_conv1d_update, kda_decode
 from .mla_decode import mla_decode
+from .config import KimiLinearConfig
+from .model import KimiLinearForCausalLM
 
-__all__ = ["causal_conv1d", "causal_conv1d_update", "kda_decode", "chunk_kda", "mla_decode"]
+__all__ = ["causal_conv1d", "causal_conv1d_update", "kda_decode", "chunk_kda", "mla_decode", "KimiLinearConfig", "KimiLinearForCausalLM"]

@@ -15,7 +15,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import load_pretrained, save_pretrained
 from .config import KimiLinearConfig
+from .generation import generate
 from .layers import DecodeBatch, KimiDeltaAttention, MultiHeadLatentAttention, PrefillBatch, RMSNorm
 from .moe import MLP, MoE
 
@@ -79,6 +81,17 @@ class KimiLinearForCausalLM(nn.Module):
         """input_ids [B, T] -> logits [B, T, vocab]; whole sequences from an empty state, no caches.
         Differentiable."""
         return self.lm_head(self.model(input_ids))
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "KimiLinearForCausalLM":
+        """Loads config.json + safetensors weights (see kda_ops.checkpoint); raises CheckpointError
+        naming any missing, unexpected or wrongly shaped tensor, before any weight is read."""
+        return load_pretrained(cls, path, dtype, device)
+
+    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
+        """Writes config.json and model.safetensors (or shards with an index)."""
+        save_pretrained(self, path, max_shard_bytes)
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
@@ -192,3 +205,7 @@ class KimiLinearForCausalLM(nn.Module):
         h = self.model(tokens[:, None], batch)[:, 0]
         self.seq_lens.index_copy_(0, slots, positions + 1)
         return self.lm_head(h)
+
+    def generate(self, prompts, max_new_tokens: int, **options) -> list[list[int]]:
+        """New tokens for each prompt; options as kda_ops.generation.generate."""
+        return generate(self, prompts, max_new_tokens, **options)
