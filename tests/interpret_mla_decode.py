@@ -1,0 +1,87 @@
+"""Runs the MLA decode Triton kernels (split-KV + combine) under TRITON_INTERPRET=1 on CPU against
+meta's fp64 reference; exits non-zero on any mismatch.
+
+Run as a script (test_mla_decode_kernel.py starts it in a subprocess, because TRITON_INTERPRET
+must be set before triton is first imported). Tiny shapes, every path: a length-0 row, lengths
+within one tile and over several, several splits with an empty trailing split, two head blocks,
+no shared-key slice (D_qk = v_dim), non-power-of-two widths, pages smaller than a tile and not a
+power of two, lengths above the table's capacity, strided q / cache / block table. Unowned cache
+rows are NaN and unused table entries out of range; outputs start as NaN. fp32 and fp16 (the
+interpreter multiplies bf16 as raw integers, so bf16 runs only in the GPU tests).
+"""
+
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    sys.exit("interpret_mla_decode.py needs TRITON_INTERPRET=1 in its environment")
+
+import torch
+from kda_inputs import rel_rms
+from mla_inputs import paged_cache
+
+from kda_ops.kernels.mla_decode import MLADecodeConfig, mla_decode_triton
+from kda_ops.meta.mla_decode import mla_decode_reference
+
+SPLIT4 = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, max_splits=4, min_split_tokens=16, target_programs=64)
+# id, lens, H, D_qk, v_dim, block_size, dtype, config (None: the heuristic), variant:
+# "strided" inputs, or "over-capacity": a row that fills its table is passed as length 1000
+CASES = [
+    ("B3-H4-D80V64-bs16-default", [0, 5, 40], 4, 80, 64, 16, torch.float32, None, ""),
+    ("B3-H4-D80V64-bs16-default-fp16", [0, 5, 40], 4, 80, 64, 16, torch.float16, None, ""),
+    ("splits-empty-trailing-split", [0, 5, 40, 68, 17], 4, 80, 64, 16, torch.float32, SPLIT4, ""),
+    ("H20-two-head-blocks-fp16", [33, 0, 70], 20, 48, 32, 16, torch.float16, SPLIT4, ""),
+    ("no-shared-key-D32V32", [1, 33, 16], 3, 32, 32, 16, torch.float32, None, ""),
+    ("non-pow2-V48-D60-page12", [0, 11, 12, 13, 50], 5, 60, 48, 12, torch.float32, SPLIT4, ""),
+    ("strided-q-cache-table", [7, 0, 45], 4, 80, 64, 16, torch.float32, SPLIT4, "strided"),
+    ("over-capacity-length", [48, 5], 4, 80, 64, 16, torch.float32, SPLIT4, "over-capacity"),
+]
+
+
+def run_case(case) -> list[str]:
+    name, lens, H, D, V, block_size, dtype, config, variant = case
+    capacity = -(-max(lens) // block_size) * block_size
+    cache = paged_cache(lens, block_size, D, dtype=dtype, max_blocks=capacity // block_size)
+    q = torch.randn(len(lens), H, D).to(dtype)
+    kv_cache, block_table, seq_lens = cache.kv_cache, cache.block_table, cache.seq_lens
+    if variant == "over-capacity":
+        seq_lens = torch.where(seq_lens == capacity, 1000, seq_lens).to(torch.int32)
+    if variant == "strided":
+        q = torch.cat([q, torch.full_like(q[..., :8], float("nan"))], dim=-1)[..., :D]
+        kv_cache = torch.cat([torch.full_like(kv_cache[:1], float("nan")), kv_cache])[1:]
+        block_table = torch.cat([block_table, block_table], dim=1)[:, : block_table.shape[1]]
+        assert q.stride(1) != D and block_table.stride(0) != block_table.shape[1]
+    scale = D**-0.5
+    o = torch.full((len(lens), H, V), float("nan"), dtype=dtype)
+    lse = torch.full((len(lens), H), float("nan"))
+    mla_decode_triton(q, kv_cache, block_table, seq_lens, o, lse, scale, V, config=config)
+    ref_o, ref_lse = mla_decode_reference(q.double(), kv_cache.double(), block_table, cache.seq_lens, scale, V)
+
+    failures = []
+    nonempty = torch.tensor(lens) > 0
+    if not torch.isfinite(o).all() or not torch.isfinite(lse[nonempty]).all():
+        failures.append(f"{name}: NaN/Inf in the outputs (unwritten elements or a poisoned row read)")
+    if not (o[~nonempty] == 0).all() or not (lse[~nonempty] == float("-inf")).all():
+        failures.append(f"{name}: a length-0 row is not o = 0, lse = -inf")
+    # fp32: rounding only; fp16: p is rounded to fp16 for the PV product (the bars of DESIGN.md)
+    tol_o, tol_lse = (1e-5, 1e-5) if dtype == torch.float32 else (5e-3, 1e-3)
+    err_o, err_lse = rel_rms(o[nonempty], ref_o[nonempty]), rel_rms(lse[nonempty], ref_lse[nonempty])
+    print(f"{name:32s} o rel err {err_o:.2e}  lse rel err {err_lse:.2e}")
+    if not err_o <= tol_o:
+        failures.append(f"{name}: o rel err {err_o:.3e} > {tol_o:.0e}")
+    if not err_lse <= tol_lse:
+        failures.append(f"{name}: lse rel err {err_lse:.3e} > {tol_lse:.0e}")
+    return failures
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    failures = [f for case in CASES for f in run_case(case)]
+    for f in failures:
+        print("FAIL", f)
+    print(f"{len(CASES) - len({f.split(':')[0] for f in failures})} of {len(CASES)} cases passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

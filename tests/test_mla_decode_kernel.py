@@ -1,0 +1,141 @@
+"""The MLA decode Triton kernels: under TRITON_INTERPRET=1 on CPU (in a subprocess), and on a CUDA
+device at the real shapes (`pytest -m gpu tests/test_mla_decode_kernel.py`): accuracy against
+the fp64 reference, poisoned pages, opcheck, torch.compile and CUDA-graph replay."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+from kda_inputs import rel_rms
+from mla_inputs import paged_cache
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import kda_ops
+from kda_ops.kernels.mla_decode import mla_decode_triton
+
+SCALE = 192**-0.5  # Kimi Linear: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5
+O_BAR, LSE_BAR = 5e-3, 1e-3  # relative RMS error of bf16 inputs against the fp64 reference
+
+
+def test_kernels_under_triton_interpreter():
+    """tests/interpret_mla_decode.py in a subprocess: TRITON_INTERPRET must be set before triton is
+    first imported, and this process has imported it already."""
+    script = Path(__file__).with_name("interpret_mla_decode.py")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report
+    passed = re.search(r"^(\d+) of (\d+) cases passed$", result.stdout, re.MULTILINE)
+    assert passed and passed.group(1) == passed.group(2) and int(passed.group(2)) > 0, report
+
+
+def _check_against_reference(o, lse, q, kv_cache, block_table, seq_lens, v_dim):
+    ref_o, ref_lse = torch.ops.kda.mla_decode_reference(q.double(), kv_cache.double(), block_table, seq_lens, SCALE, v_dim)
+    nonempty = seq_lens > 0
+    assert torch.isfinite(o).all() and torch.isfinite(lse[nonempty]).all()
+    assert (o[~nonempty] == 0).all() and (lse[~nonempty] == float("-inf")).all()
+    assert rel_rms(o[nonempty], ref_o[nonempty]) <= O_BAR
+    assert rel_rms(lse[nonempty], ref_lse[nonempty]) <= LSE_BAR
+
+
+GPU_CASES = [
+    pytest.param(16, 64, 576, id="H16-bs64"),
+    pytest.param(16, 32, 576, id="H16-bs32"),
+    pytest.param(32, 16, 576, id="H32-bs16"),
+    pytest.param(32, 64, 576, id="H32-bs64"),
+    pytest.param(128, 32, 576, id="H128-bs32"),
+    pytest.param(32, 64, 512, id="H32-bs64-dqk512"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H, block_size, d_qk", GPU_CASES)
+def test_gpu_mixed_lengths_bf16(H, block_size, d_qk):
+    """One batch of lengths 0, 1, 63, 64, 65, 4096 and 32768 on NaN-poisoned pages: the direct
+    launch (NaN-prefilled outputs) meets the bars, and the op returns the same bits."""
+    cache = paged_cache([0, 1, 63, 64, 65, 4096, 32768], block_size, d_qk, dtype=torch.bfloat16, device="cuda")
+    args = (torch.randn(7, H, d_qk, device="cuda").bfloat16(), cache.kv_cache, cache.block_table, cache.seq_lens)
+    o = torch.full((7, H, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lse = torch.full((7, H), float("nan"), device="cuda")
+    mla_decode_triton(*args, o, lse, SCALE, 512)
+    _check_against_reference(o, lse, *args, 512)
+    o_op, lse_op = kda_ops.mla_decode(*args, scale=SCALE, v_dim=512)
+    assert torch.equal(o_op, o) and torch.equal(lse_op, lse)
+
+
+def _small_cuda_args(lens=(0, 1, 100, 300)):
+    cache = paged_cache(list(lens), 64, 576, dtype=torch.bfloat16, device="cuda", num_blocks=40)
+    q = torch.randn(len(lens), 32, 576, device="cuda").bfloat16()
+    return q, cache.kv_cache, cache.block_table, cache.seq_lens
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    torch.library.opcheck(torch.ops.kda.mla_decode.default, (*_small_cuda_args(), SCALE, 512))
+
+
+def _decode(q, kv_cache, block_table, seq_lens):
+    return kda_ops.mla_decode(q, kv_cache, block_table, seq_lens, scale=SCALE, v_dim=512)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor_fullgraph():
+    """Inductor compiles the user kernels itself (triton_op); one frame across batch and table
+    sizes."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(_decode, backend=counter, fullgraph=True)
+    for i, lens in enumerate(((0, 1, 100, 300), (5, 700), (64, 65, 3, 0, 129, 1000))):
+        args = _small_cuda_args(lens)
+        if i == 0:
+            for t in (args[0], args[2], args[3]):
+                torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(args[2], 1)
+        o, lse = compiled(*args)
+        _check_against_reference(o, lse, *args, 512)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_with_changing_lengths_and_tables():
+    """One captured graph serves steps whose lengths (so also split counts), block tables and
+    poisoned pages all change; each replay equals an eager call and meets the bars."""
+    B, H, block_size, num_blocks, max_blocks = 4, 32, 64, 400, 80
+    static_q = torch.zeros(B, H, 576, dtype=torch.bfloat16, device="cuda")
+    static_cache = torch.zeros(num_blocks, block_size, 576, dtype=torch.bfloat16, device="cuda")
+    static_table = torch.zeros(B, max_blocks, dtype=torch.int32, device="cuda")
+    static_lens = torch.zeros(B, dtype=torch.int32, device="cuda")
+
+    def load_step(lens):
+        cache = paged_cache(lens, block_size, 576, dtype=torch.bfloat16, device="cuda", num_blocks=num_blocks, max_blocks=max_blocks)
+        static_q.copy_(torch.randn(B, H, 576, device="cuda"))
+        static_cache.copy_(cache.kv_cache)
+        static_table.copy_(cache.block_table)
+        static_lens.copy_(cache.seq_lens)
+
+    def step():
+        return _decode(static_q, static_cache, static_table, static_lens)
+
+    load_step([1, 2, 3, 4])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_o, graph_lse = step()
+
+    for lens in ([1, 0, 64, 65], [5000, 3, 0, 4096], [0, 0, 0, 0], [129, 2000, 5120, 1]):
+        load_step(lens)
+        graph.replay()
+        o, lse = graph_o.clone(), graph_lse.clone()
+        eager_o, eager_lse = step()
+        assert torch.equal(o, eager_o) and torch.equal(lse, eager_lse)
+        _check_against_reference(o, lse, static_q, static_cache, static_table, static_lens, 512)
