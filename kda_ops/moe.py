@@ -40,7 +40,7 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """`gate.weight` [E, D] and `gate.e_score_correction_bias` [E] (fp32)."""
+    """`gate.weight` [E, D] and `gate.e_score_correction_bias` [E] (fp32, frozen)."""
 
     def __init__(self, config: KimiLinearConfig, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -51,7 +51,8 @@ class Router(nn.Module):
         self.groups = config.num_expert_group if config.use_grouped_topk else 1
         self.top_groups = config.topk_group if config.use_grouped_topk else 1
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size, dtype=dtype))
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(E, dtype=torch.float32))
+        # Used only to choose experts (no gradient reaches it): adjusted by load balancing, not by SGD.
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(E, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, D] -> (experts [N, top_k] int64, weights [N, top_k] fp32 (fp64 for fp64 x)).
