@@ -12,8 +12,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import custom_op, triton_op
+from torch.library import custom_op, triton_op, wrap_triton
 
+from .kernels.chunk_kda_fwd import chunk_kda_fwd_triton
 from .meta.chunk_kda import chunk_kda_bwd_meta, chunk_kda_fwd_meta, chunk_kda_fwd_reference
 from .meta.chunk_kda_bwd import chunk_kda_bwd_reference
 
@@ -75,10 +76,19 @@ def chunk_kda_fwd(
     use_qk_l2norm: bool,
 ) -> tuple[Tensor, Tensor]:
     """Chunked KDA forward: (o [B, T, H, V] in v's dtype, final state [N, H, K, V] fp32 or an
-    empty [0] tensor when output_final_state is False). See meta/chunk_kda.py for the contract."""
-    return torch.ops.kda.chunk_kda_fwd_reference(
+    empty [0] tensor when output_final_state is False). See meta/chunk_kda.py for the contract.
+    CUDA tensors (bf16/fp16/fp32) run the Triton kernels; CPU and fp64 run the reference."""
+    if q.device.type != "cuda" or q.dtype == torch.float64:
+        return torch.ops.kda.chunk_kda_fwd_reference(
+            q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm
+        )
+    o, final_state = chunk_kda_fwd_meta(
         q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm
     )
+    chunk_kda_fwd_triton(
+        q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, o, final_state, launch=wrap_triton
+    )
+    return o, final_state
 
 
 @triton_op("kda::chunk_kda_bwd", mutates_args=())
