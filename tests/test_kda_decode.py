@@ -199,7 +199,9 @@ def naive_conv(x_seq, weight, init):
     inputs [D, W-1]), by explicit loops in fp64."""
     W = weight.shape[1]
     ext = torch.cat([init.t(), x_seq]).double()  # [W-1+L, D]
-    y = torch.stack([F.silu(sum(weight[:, j].double() * ext[t + j] for j in range(W))) for t in range(x_seq.shape[0])]) if x_seq.shape[0] else ext[:0]
+    y = ext.new_empty(x_seq.shape)
+    for t in range(x_seq.shape[0]):
+        y[t] = F.silu(sum(weight[:, j].double() * ext[t + j] for j in range(W)))
     return y, ext[-(W - 1) :].t()
 
 

@@ -17,7 +17,6 @@ import torch
 from decode_layer import DecodeLayer, layer_inputs, twin
 from kda_inputs import rel_rms
 
-import kda_ops
 from kda_ops.kernels.kda_decode import causal_conv1d_update_fwd, kda_decode_fwd
 from kda_ops.meta.kda_decode import causal_conv1d_update_reference
 from kda_ops.meta.kda_recurrent import recurrent_kda
