@@ -2,7 +2,7 @@
 on the GPU at hand and prints one table per shape; kernels/kda_decode.py's kda_decode_config is
 chosen from these tables.
 
-    python bench/tune_kda_decode.py [results.json]
+    KDA_OPS_COMMIT=$(git rev-parse HEAD) python bench/tune_kda_decode.py [results.json]
 
 Each configuration first passes a correctness check (o and state within 0.005 relative RMS of
 meta's reference on the same inputs); then one decode step is captured in a CUDA graph and timed
@@ -11,6 +11,7 @@ with triton.testing.do_bench (median). GB/s = state bytes read + written / time.
 
 import itertools
 import json
+import os
 import sys
 
 import torch
@@ -91,8 +92,14 @@ def main() -> None:
             shown = "FAILED correctness" if ms is None else f"{ms * 1e3:8.1f} us {state_bytes / (ms * 1e-3) / 1e9:7.0f} GB/s"
             print(f"  BV={cfg.BV:3d} warps={cfg.num_warps} stages={cfg.num_stages}: {shown}")
     if len(sys.argv) > 1:
+        machine = dict(
+            gpu=torch.cuda.get_device_name(),
+            torch=torch.__version__,
+            triton=triton.__version__,
+            kda_ops_commit=os.environ.get("KDA_OPS_COMMIT", "unknown"),
+        )
         with open(sys.argv[1], "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(dict(machine_info=machine, results=results), f, indent=1)
 
 
 if __name__ == "__main__":
