@@ -188,10 +188,10 @@ class MLADecodeConfig:
     target_programs: int  # split-kernel programs per launch that num_splits aims at
 
 
-# (BLOCK_H, BLOCK_N) by bytes per element and head count, with 8 warps and 2 stages. Checked
-# offline by compiling for sm_90a with ptxas -v at D_qk = 576, v_dim = 512: no register spills.
-# 16 and 32 heads use mma.sync; 64 heads per program reach wgmma (M = 64). fp32 (exact IEEE
-# dots) keeps 16 heads and 32-token tiles.
+# Rows (most heads or None for any, BLOCK_H, BLOCK_N) by bytes per element, first match wins;
+# 8 warps, 2 stages. Checked offline by compiling for sm_90a with ptxas -v at D_qk = 576,
+# v_dim = 512: no register spills. 16 and 32 heads use mma.sync; 64 heads per program reach
+# wgmma (M = 64). fp32 (exact IEEE dots) keeps 16 heads and 32-token tiles.
 _TILES = {2: ((16, 16, 64), (32, 32, 64), (None, 64, 32)), 4: ((None, 16, 32),)}
 SMEM_TILE_BYTES = 72 * 1024  # one pipelined [BLOCK_N, D_qk] KV tile: caps BLOCK_N for wide rows
 
@@ -248,7 +248,8 @@ def mla_decode_triton(
     config: MLADecodeConfig | None = None,
     launch=_launch_directly,
 ) -> None:
-    """Writes absorbed MLA decode into the preallocated o [B, H, v_dim] and lse [B, H] (fp32).
+    """Writes absorbed MLA decode into the preallocated o [B, H, v_dim] (last dim contiguous)
+    and lse [B, H] fp32.
 
     q [B, H, D_qk], kv_cache [num_blocks, block_size, D_qk] (bf16, fp16 or fp32, last dim
     contiguous), block_table [B, max_blocks] int32, seq_lens [B] int32; inputs are assumed to
