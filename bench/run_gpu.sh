@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs GPU tests and benchmarks on the lent GPU machine (no network there).
+# Usage (from the repository root, wheels from `pip download` carried in .carry/wheels):
+#   KDA_OPS_COMMIT=<sha> bash bench/run_gpu.sh "<pytest args for tests>" "<pytest args for bench>"
+# Logs and results JSON go to $OUT (or ./gpu-out when $OUT is unset).
+set -uo pipefail
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/wheels/*.whl
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+status=0
+if [ -n "${1:-}" ]; then
+  python3 -m pytest $1 -q -rs -p no:cacheprovider 2>&1 | tee "$out/tests.log"
+  status=${PIPESTATUS[0]}
+fi
+if [ -n "${2:-}" ]; then
+  python3 -m pytest $2 -q -p no:cacheprovider --benchmark-json="$out/bench.json" 2>&1 | tee "$out/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+exit $status
