@@ -179,7 +179,9 @@ class KimiLinearForCausalLM(nn.Module):
         total = input_ids.shape[0]
         device = input_ids.device
         cu = cu_seqlens.long()
-        token_seq = torch.searchsorted(cu[1:], torch.arange(total, device=device), right=True)
+        # Sequence of each token as a comparison count: Inductor (torch 2.11) cannot lower
+        # searchsorted over a slice such as cu[1:].
+        token_seq = (torch.arange(total, device=device)[:, None] >= cu[None, 1:]).sum(1)
         prefix_lens = self.seq_lens.index_select(0, slots)
         positions = prefix_lens.long()[token_seq] + torch.arange(total, device=device) - cu[token_seq]
         batch = PrefillBatch(

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from .config import KimiLinearConfig
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")
+# Public from torch 2.10 on; the private name has the same signature in earlier releases.
+grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 class MLP(nn.Module):
@@ -109,9 +111,9 @@ class StackedExperts(nn.Module):
         counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         offsets = counts.cumsum(0, dtype=torch.int32)
         xs = x.index_select(0, tokens)
-        gate = F.grouped_mm(xs, self.w1.transpose(1, 2), offs=offsets)
-        up = F.grouped_mm(xs, self.w3.transpose(1, 2), offs=offsets)
-        out = F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)  # [N * top_k, D]
+        gate = grouped_mm(xs, self.w1.transpose(1, 2), offs=offsets)
+        up = grouped_mm(xs, self.w3.transpose(1, 2), offs=offsets)
+        out = grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)  # [N * top_k, D]
         pair_weights = weights.reshape(-1).index_select(0, order)
         combined = torch.zeros(N, x.shape[1], dtype=weights.dtype, device=x.device)
         combined.index_add_(0, tokens, out.to(weights.dtype) * pair_weights[:, None])
@@ -143,6 +145,8 @@ class MoE(nn.Module):
         super().__init__()
         if mode not in ("auto", "dense", "grouped"):
             raise ValueError(f"MoE mode must be 'auto', 'dense' or 'grouped', got {mode!r}")
+        if mode == "grouped" and grouped_mm is None:
+            raise ValueError("MoE mode 'grouped' needs torch.nn.functional.grouped_mm (torch >= 2.8)")
         self.mode = mode
         self.grouped_min_tokens = 64
         self.gate = Router(config, dtype)
@@ -154,7 +158,7 @@ class MoE(nn.Module):
     def _use_grouped(self, x: Tensor) -> bool:
         if self.mode != "auto":
             return self.mode == "grouped"
-        return x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] > self.grouped_min_tokens
+        return grouped_mm is not None and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] > self.grouped_min_tokens
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
