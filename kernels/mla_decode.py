@@ -114,7 +114,8 @@ def mla_decode_split_kernel(
         if D_ROPE > 0:
             b_kr = tl.load(p_kv + V + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
             b_s += tl.dot(b_qr, tl.trans(b_kr), input_precision=DOT_PRECISION)
-        b_s = tl.where(m_n[None, :], b_s * qk_scale, float("-inf"))  # [BLOCK_H, BLOCK_N]
+        # Inductor may pass qk_scale as an fp64 scalar: the cast keeps the softmax state fp32.
+        b_s = tl.where(m_n[None, :], (b_s * qk_scale).to(tl.float32), float("-inf"))  # [BLOCK_H, BLOCK_N]
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [BLOCK_H]; finite: every tile holds a token
         b_alpha = tl.exp2(b_m - b_m_new)  # [BLOCK_H]
         b_p = tl.exp2(b_s - b_m_new[:, None])  # [BLOCK_H, BLOCK_N]
