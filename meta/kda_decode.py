@@ -294,7 +294,9 @@ def causal_conv1d(
         return torch.where(offset >= 0, positions, total + seq * (W - 1) + (W - 1) + offset)
 
     tokens = torch.arange(total, device=x.device)
-    token_seq = torch.searchsorted(bounds[1:], tokens, right=True)
+    # Sequence of each token as a count of the sequence ends at or before it (Inductor in torch
+    # 2.11 cannot lower searchsorted over a slice such as bounds[1:]).
+    token_seq = (tokens[:, None] >= bounds[None, 1:]).sum(1)
     taps = tokens[:, None] - (W - 1) + torch.arange(W, device=x.device)  # [total, W]
     windows = source[source_rows(taps, token_seq[:, None])].to(acc)  # [total, W, D]
     y = F.silu((windows * weight.to(acc).t()).sum(1)).to(x.dtype).view(B, T, D)

@@ -234,6 +234,27 @@ def test_causal_conv1d_matches_naive_conv(case):
         assert torch.equal(final[n], final_ref), f"final state of sequence {n}"
 
 
+def test_causal_conv1d_compiles_once_for_three_lengths():
+    """Varlen prefill conv under torch.compile(fullgraph=True): one frame for three packed
+    lengths (the first marked dynamic), equal to eager."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    conv = torch.compile(kda_ops.causal_conv1d, backend=counter, fullgraph=True)
+    D, W = 6, 4
+    weight = torch.randn(D, W)
+    for i, lengths in enumerate(([3, 9], [1, 4, 20], [7, 2])):
+        x = torch.randn(1, sum(lengths), D)
+        cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        init = torch.randn(len(lengths), D, W - 1)
+        if i == 0:
+            torch._dynamo.mark_dynamic(x, 1)
+            torch._dynamo.mark_dynamic(cu_seqlens, 0)
+            torch._dynamo.mark_dynamic(init, 0)
+        for got, want in zip(conv(x, weight, init, cu_seqlens), kda_ops.causal_conv1d(x, weight, init, cu_seqlens)):
+            torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1
+
+
 CONV_DECODE_CASES = [
     pytest.param(F64, 4, [2, 1, 3], id="fp64-W4-steps-2-1-3"),
     pytest.param(torch.float32, 4, [1, 1, 8], id="fp32-W4-steps-1-1-8"),

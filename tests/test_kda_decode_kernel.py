@@ -17,6 +17,7 @@ import torch
 from decode_layer import DecodeLayer, layer_inputs, twin
 from kda_inputs import rel_rms
 
+import kda_ops
 from kda_ops.kernels.kda_decode import causal_conv1d_update_fwd, kda_decode_fwd
 from kda_ops.meta.kda_decode import causal_conv1d_update_reference
 from kda_ops.meta.kda_recurrent import recurrent_kda
@@ -133,6 +134,24 @@ def test_gpu_conv_update_matches_reference(dtype, weight_dtype, D, W, T):
     assert torch.equal(pool[slots], ref_pool[slots])
     assert torch.equal(y[1], torch.zeros_like(y[1]))
     assert torch.equal(_bits(pool[unused]), _bits(before[unused]))
+
+
+@pytest.mark.gpu
+def test_gpu_causal_conv1d_prefill_compiles_with_inductor():
+    """The prefill conv (pure PyTorch) through Inductor, varlen with a dynamic length: equal to
+    eager, final conv state bit-exact."""
+    torch._dynamo.reset()
+    conv = torch.compile(kda_ops.causal_conv1d, fullgraph=True, dynamic=True)
+    D, W = 1536, 4
+    weight = torch.randn(D, W, device="cuda", dtype=BF16)
+    for lengths in ([5, 300, 1], [70, 2]):
+        x = torch.randn(1, sum(lengths), D, device="cuda", dtype=BF16)
+        cu_seqlens = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+        init = torch.randn(len(lengths), D, W - 1, device="cuda", dtype=BF16)
+        y, final = conv(x, weight, init, cu_seqlens)
+        y_ref, final_ref = kda_ops.causal_conv1d(x, weight, init, cu_seqlens)
+        torch.testing.assert_close(y, y_ref)
+        assert torch.equal(final, final_ref)
 
 
 GPU_OPCHECK_CASES = [
