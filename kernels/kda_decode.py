@@ -99,8 +99,9 @@ def kda_decode_config(K: int, V: int) -> DecodeConfig:
     """BK covers K; V tiles of up to 64 columns (256-byte state rows per program); warps so that a
     thread holds ~128 state values; no software pipelining (the token loop is short).
 
-    From bench/tune_kda_decode.py on an H100 (bf16, H = 32, results in bench/NOTES.md): at
-    K = V = 128 this config is within 1% of the best swept one at B = 64 and 256 (2.6-2.8 TB/s),
+    From bench/tune_kda_decode.py on an H100 (bf16, H = 32; bench/results/h100/
+    kda_decode_tune.json): at K = V = 128 this config is within 1% of the best swept one at
+    B = 64 and 256 (2.6-2.8 TB/s),
     within 4% at B = 8, and 9% behind BV = 32 / 1 warp at T = 4; at K = 64 and 256 the same rule
     (1 and 4 warps) is within 1% of the best. The state is fp32 whatever the input dtype, so the
     input dtype does not enter; the batch size never does.
