@@ -1,0 +1,627 @@
+"""Triton kernels of the chunked KDA backward (kda::chunk_kda_bwd); math in docs/kda_math.md §3 and
+the derivation in meta/chunk_kda_bwd.py (the oracle these kernels are tested against).
+
+The forward op saves only its inputs, so the backward recomputes what it needs. Four kernels,
+chunk length BT = 64 in sub-chunks of BC = 16 rows:
+
+1. `chunk_kda_fwd_intra_kernel` (the forward's, reused as is), one program per (chunk, head):
+   w = T(β⊙k⊙e^G), u = T(β⊙v), qg = scale·q⊙e^G, kg = k⊙e^(G_last−G), A_qk and G_last, plus
+   its scratch, which the backward keeps: the cumulative gate G (fp32) and T = (I + A_kk)^-1
+   (fp32). Same kernel, so the same roundings as the forward.
+2. `chunk_kda_bwd_state_kernel`, one program per (sequence, head, V tile), forward over chunks:
+   stores the state entering each chunk, h = S₀ (input dtype), and v_new = u − w·S₀ (fp32).
+3. `chunk_kda_bwd_dstate_kernel`, same grid, backward over chunks with the state gradient dS in
+   registers (fp32): stores dh = dS₁ (the gradient of the state leaving each chunk, input
+   dtype) and dv_new = A_qkᵀ·dO + kg·dS₁ (fp32), steps dS₀ = e^(G_last)⊙dS₁ + qgᵀ·dO − wᵀ·dv_new
+   and writes dh0.
+4. `chunk_kda_bwd_chunk_kernel`, one program per (chunk, head), fully parallel, everything else
+   on [64, *] tiles:
+   (a) over V tiles: dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the dβ term Σ_v dv_b⊙v, and the two C×C
+       gradients dA_qk = dO·v_newᵀ and dA_kk = −dv_b·v_newᵀ (strictly lower). The latter is the
+       reference's −Tᵀ·dT·Tᵀ simplified: dT = dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is
+       T⁻¹·v_new, so −Tᵀ·dT·Tᵀ = −Tᵀ·dv_new·v_newᵀ. It needs no pass over K, so dA_kk is
+       complete before the K pass that consumes it;
+   (b) over K tiles, each with an inner loop over V tiles of h and dh: dO·S₀ᵀ, dv_new·S₀ᵀ (→ the
+       WY gradient Tᵀ·dw, dw = −dv_new·S₀ᵀ), v_new·dS₁ᵀ and Σ_v dS₁⊙S₀; the intra-chunk backward
+       of A_qk and A_kk with the per-channel gate; from all of it dq, dk, dβ and dG, and dg, the
+       reverse chunk-local cumsum of dG, in registers: a K tile holds every row of the chunk;
+   (c) with the in-kernel L2 norm, a last pass over K applies its backward,
+       dx = r·(dy − y·(y·dy)), to the dy that (b) parked in fp32 workspaces (the row dot y·dy
+       needs every K tile first).
+   Splitting the intra-chunk backward off as its own kernel (as fla does) would write and
+   re-read dA_qk, dA_kk and partial dq, dk, dg in fp32; fused, they stay in registers.
+
+Saved vs recomputed. Nothing but the op's inputs survives the forward (fla keeps A_qk and T
+from forward to backward). The backward holds, besides inputs and gradients: w, qg, kg (input
+dtype) and A_qk (fp32) until the reverse scan is done; u (fp32) until the forward scan is done;
+G (fp32, [B, T, H, K]), T (fp32, [B, T, H, 64]), h and dh (per chunk K×V, input dtype), v_new
+and dv_new (fp32, [B, T, H, V]) until the end; with the L2 norm two fp32 [B, T, H, K]
+workspaces. fla's backward materialises w, u, qg, kg, h, dh, v_new and fp32 dq, dk, dg, dA
+workspaces as well; bench/bench_chunk_kda_bwd.py records both peaks.
+
+Precision. h and dh are stored in the input dtype: they are only ever operands of tl.dot, which
+takes bf16 operands anyway, and the scans form v_new and dv_new from the same rounded states, so
+the backward stays consistent with them. v_new and dv_new stay fp32 (each enters several
+gradients). G, T, the state and its gradient, and every accumulator are fp32.
+
+Numerics of the gate. Only G_i − G_j with i ≥ j, G_last − G and G are exponentiated (all ≤ 0;
+rows past the sequence end read G = G_last, the reference's zero-gate padding). Off-diagonal
+16×16 sub-block pairs of the intra-chunk backward (rows of sub-chunk I, columns j of earlier
+sub-chunks) run on tensor cores with e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j), a the first row
+of I: both factors are ≤ 1 and exact, for the row sums (Σ_j, the left factor applied after the
+product) and the column sums (Σ_i, the right factor applied after it) alike. The diagonal
+sub-blocks are exact and elementwise: row jj of every row's own sub-chunk is gathered from
+memory at a time (the forward intra kernel's scheme), masked to j ≤ i before exponentiating, and
+serves as column c ≤ i of the row sums and row r ≥ j of the column sums. Gates of −1000 stay
+exact.
+
+Varlen (B = 1, device `cu_seqlens`): the forward's chunk table (slot → sequence, from device
+ops, no host read) drives kernels 1 and 4; the scans read their sequence's bounds and first slot.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk_kda_fwd import BC, BT, _load_rows, _store_rows, chunk_kda_fwd_intra_kernel, chunk_table
+from .chunk_kda_fwd import launch_config as fwd_launch_config
+
+
+@triton.jit
+def _inv_norms(p_base, o_t, m_t, BT: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, STRIDE: tl.constexpr):
+    """[BT] 1 / sqrt(Σ_d x² + 1e-6) of rows o_t (the L2 norm's eps sits inside the sqrt)."""
+    b_s = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_x = _load_rows(p_base, o_t, m_t, o_k, o_k < K, STRIDE)
+        b_s += tl.sum(b_x * b_x, axis=1)
+    return tl.rsqrt(b_s + 1e-6)
+
+
+@triton.jit
+def _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, STRIDE: tl.constexpr):
+    """[R, BK] cumulative gate G of rows o_t; rows past the sequence end read G_last (they are the
+    zero-gate padding of the reference), so G never increases down a chunk and every
+    exponent of a difference G_i − G_j with i >= j stays <= 0."""
+    return tl.where(m_t[:, None], _load_rows(p_G, o_t, m_t, o_k, m_k, STRIDE), b_gl[None, :])
+
+
+@triton.jit
+def _diag_cols(b_M, o_i, BT: tl.constexpr, BC: tl.constexpr):
+    """[BT, BC]: each row's entries in the columns of its own sub-chunk, M[i, a(i) + jj] with a(i) the
+    first row of row i's sub-chunk."""
+    m_own = (o_i // BC)[:, None, None] == tl.arange(0, BT // BC)[None, :, None]
+    return tl.sum(tl.where(m_own, tl.reshape(b_M, (BT, BT // BC, BC)), 0.0), axis=1)
+
+
+@triton.jit
+def _col(b_D, o_c, jj):
+    """Column jj of a [R, C] block as [R], exactly."""
+    return tl.sum(tl.where(o_c[None, :] == jj, b_D, 0.0), axis=1)
+
+
+@triton.jit
+def _l2norm_bwd_rows(p_x, p_dy, p_dx, o_t, m_t, b_r, b_s, K: tl.constexpr, BK: tl.constexpr, STRIDE: tl.constexpr):
+    """dx = r·(dy − y·s) over rows o_t, y = x·r and s = Σ_d y·dy per row (already reduced)."""
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_x = _load_rows(p_x, o_t, m_t, o_k, m_k, STRIDE)
+        b_dy = _load_rows(p_dy, o_t, m_t, o_k, m_k, STRIDE)
+        _store_rows(p_dx, b_r[:, None] * (b_dy - b_x * (b_r * b_s)[:, None]), o_t, m_t, o_k, m_k, STRIDE)
+
+
+@triton.jit
+def chunk_kda_bwd_state_kernel(
+    w,
+    u,
+    kg,
+    gl,
+    h,
+    v_new,
+    h0,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        i_s0 = tl.load(chunk_offsets + i_n).to(tl.int64)  # slot of the sequence's first chunk
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+        i_s0 = i_n.to(tl.int64) * NT
+
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    o_i = tl.arange(0, BT)
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    # [BK, BV] state tile, fp32 for the whole sequence
+    if USE_INITIAL_STATE:
+        b_h = tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+
+    for i_t in range(tl.cdiv(eos - bos, BT)):
+        o_t = bos + i_t * BT + o_i
+        m_t = o_t < eos
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        # loads that do not depend on the state (pipelined across iterations)
+        b_w = tl.load(w + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+        b_kg = tl.load(kg + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+        b_u = tl.load(u + (o_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)  # [BT, BV] fp32
+        b_gl = tl.load(gl + ((i_s0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)  # [BK] G_last
+
+        # [BK, BV] the state entering the chunk, rounded as the forward rounds it for its products
+        b_hc = b_h.to(b_w.dtype)
+        tl.store(h + ((i_s0 + i_t) * H + i_h) * K * V + o_kv, b_hc, mask=m_kv)
+        # [BT, BV] v_new = u − w·S₀ (fp32: it enters dA_qk, dA_kk and dk)
+        b_vn = b_u - tl.dot(b_w, b_hc)
+        tl.store(v_new + (o_t[:, None] * H + i_h) * V + o_v[None, :], b_vn, mask=m_tv)
+        # [BK, BV] decay to the chunk end and add the chunk's writes
+        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kg.to(tl.float32)), b_vn)
+
+
+@triton.jit
+def chunk_kda_bwd_dstate_kernel(
+    qg,
+    kg,
+    w,
+    aqk,
+    gl,
+    do,
+    dht,
+    dh,
+    dv_new,
+    dh0,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_FINAL_STATE_GRAD: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        i_s0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+        i_s0 = i_n.to(tl.int64) * NT
+
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    o_i = tl.arange(0, BT)
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    p_state = (i_n * H + i_h).to(tl.int64) * K * V + o_kv
+    # [BK, BV] gradient of the state leaving the current chunk, fp32
+    if USE_FINAL_STATE_GRAD:
+        b_dh = tl.load(dht + p_state, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for i_r in range(n_chunks):
+        i_t = n_chunks - 1 - i_r
+        o_t = bos + i_t * BT + o_i
+        m_t = o_t < eos
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        # loads that do not depend on dS (pipelined across iterations)
+        b_qg = tl.load(qg + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+        b_kg = tl.load(kg + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+        b_w = tl.load(w + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+        b_do = tl.load(do + (o_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)  # [BT, BV]
+        m_a = m_t[:, None] & (o_i[:, None] >= o_i[None, :])
+        b_A = tl.load(aqk + (o_t[:, None] * H + i_h) * BT + o_i[None, :], mask=m_a, other=0.0)  # [BT, BT] fp32
+        b_gl = tl.load(gl + ((i_s0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)  # [BK] G_last
+
+        # [BK, BV] dS₁ rounded once: stored for the chunk kernel and used here, consistently
+        b_dhc = b_dh.to(b_kg.dtype)
+        tl.store(dh + ((i_s0 + i_t) * H + i_h) * K * V + o_kv, b_dhc, mask=m_kv)
+        # [BT, BV] dv_new = A_qkᵀ·dO + kg·dS₁ (fp32)
+        b_dvn = tl.dot(tl.trans(b_A), b_do.to(tl.float32)) + tl.dot(b_kg, b_dhc)
+        tl.store(dv_new + (o_t[:, None] * H + i_h) * V + o_v[None, :], b_dvn, mask=m_tv)
+        # [BK, BV] dS₀ = e^(G_last)⊙dS₁ + qgᵀ·dO − wᵀ·dv_new
+        b_dh = b_dh * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_qg), b_do) - tl.dot(tl.trans(b_w.to(tl.float32)), b_dvn)
+
+    if USE_INITIAL_STATE:
+        tl.store(dh0 + p_state, b_dh, mask=m_kv)
+
+
+@triton.jit
+def chunk_kda_bwd_chunk_kernel(
+    q,
+    k,
+    v,
+    beta,
+    do,
+    gc,
+    tinv,
+    gl,
+    h,
+    dh,
+    v_new,
+    dv_new,
+    dq,
+    dk,
+    dv,
+    dg,
+    dbeta,
+    dqn,
+    dkn,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        # i_t is a chunk slot; the table says which sequence (N = unused slot) and which chunk
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        if i_n >= N:
+            return
+        i_c = i_t - tl.load(chunk_offsets + i_n).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        i_s = i_t
+    else:
+        i_c = i_t
+        bos = i_b.to(tl.int64) * T
+        eos = bos + T
+        i_s = i_b * NT + i_t
+
+    t0 = bos + i_c * BT  # first token of the chunk
+    o_i = tl.arange(0, BT)
+    o_c = tl.arange(0, BC)
+    o_t = t0 + o_i  # [BT] token rows
+    m_t = o_t < eos
+    o_ta = t0 + (o_i // BC) * BC  # [BT] anchor row: first row of the row's sub-chunk
+    m_ta = o_ta < eos
+    m_incl = o_i[:, None] >= o_i[None, :]
+    m_strict = o_i[:, None] > o_i[None, :]
+    p_q, p_k, p_G = q + i_h * K, k + i_h * K, gc + i_h * K
+    p_gl = gl + (i_s * H + i_h).to(tl.int64) * K
+    p_state = (i_s * H + i_h).to(tl.int64) * K * V  # this chunk's S₀ in h, dS₁ in dh
+    p_T = tinv + (o_t[:, None] * H + i_h) * BT + o_i[None, :]
+    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+    # [BT] x 2: 1/||x|| per row of q and k (ones without the norm)
+    if USE_QK_L2NORM:
+        b_rq = _inv_norms(p_q, o_t, m_t, BT, K, BK, H * K)
+        b_rk = _inv_norms(p_k, o_t, m_t, BT, K, BK, H * K)
+    else:
+        b_rq = tl.full([BT], 1.0, dtype=tl.float32)
+        b_rk = b_rq
+
+    # (a) per V tile: dv = β⊙dv_b with dv_b = Tᵀ·dv_new (the gradient of β⊙v), dβ's v term, and
+    # the C×C gradients dA_qk = dO·v_newᵀ and −dA_kk = dv_b·v_newᵀ
+    b_T = tl.load(p_T, mask=m_t[:, None] & m_incl, other=0.0)  # [BT, BT] T (fp32, lower)
+    b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dAkk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_vn = _load_rows(v_new + i_h * V, o_t, m_t, o_v, m_v, H * V)  # [BT, BV]
+        b_dvb = tl.dot(tl.trans(b_T), _load_rows(dv_new + i_h * V, o_t, m_t, o_v, m_v, H * V))  # [BT, BV]
+        _store_rows(dv + i_h * V, b_dvb * b_beta[:, None], o_t, m_t, o_v, m_v, H * V)
+        b_db += tl.sum(b_dvb * _load_rows(v + i_h * V, o_t, m_t, o_v, m_v, H * V), axis=1)
+        b_dAqk += tl.dot(_load_rows(do + i_h * V, o_t, m_t, o_v, m_v, H * V), tl.trans(b_vn))
+        b_dAkk -= tl.dot(b_dvb, tl.trans(b_vn))
+    # [BT, BT] the intra-chunk backward's M: zero where the forward's A is (above the diagonal,
+    # and on it for A_kk)
+    b_Mqk = tl.where(m_incl, b_dAqk * scale, 0.0)
+    b_Mkk = tl.where(m_strict, b_dAkk, 0.0)
+    # [BT, BC] x 4: the diagonal sub-blocks' entries, with the norm (and β) of the row that is
+    # gathered from memory in the exact loop below folded in: row sums Σ_c M[i, c] k̂_c E_ic and
+    # column sums Σ_r (Mqk[r, j] q̂_r + β_r Mkk[r, j] k̂_r) E_rj
+    b_Dq = _diag_cols(b_Mqk * b_rk[None, :], o_i, BT, BC)
+    b_Dk = _diag_cols(b_Mkk * b_rk[None, :], o_i, BT, BC)
+    b_Eq = _diag_cols(tl.trans(b_Mqk * b_rq[:, None]), o_i, BT, BC)
+    b_Ek = _diag_cols(tl.trans(b_Mkk * (b_beta * b_rk)[:, None]), o_i, BT, BC)
+
+    # (b) per K tile
+    b_sq = tl.zeros([BT], dtype=tl.float32)  # [BT] x 2: Σ_d y·dy for the L2 norm's backward
+    b_sk = tl.zeros([BT], dtype=tl.float32)
+    if USE_QK_L2NORM:
+        p_dq_out, p_dk_out = dqn + i_h * K, dkn + i_h * K  # fp32 dy, normalised in pass (c)
+    else:
+        p_dq_out, p_dk_out = dq + i_h * K, dk + i_h * K
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_gl = tl.load(p_gl + o_k, mask=m_k, other=0.0)  # [BK] G_last
+        b_G = _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, H * K)  # [BT, BK]
+
+        # [BT, BK] x 3: dO·S₀ᵀ, dv_new·S₀ᵀ, v_new·dS₁ᵀ; [BK] Σ_v dS₁⊙S₀
+        b_Pq = tl.zeros([BT, BK], dtype=tl.float32)
+        b_Pw = tl.zeros([BT, BK], dtype=tl.float32)
+        b_Pl = tl.zeros([BT, BK], dtype=tl.float32)
+        b_hdh = tl.zeros([BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            p_kv = p_state + o_k[:, None] * V + o_v[None, :]
+            m_kv = m_k[:, None] & m_v[None, :]
+            b_h = tl.load(h + p_kv, mask=m_kv, other=0.0)  # [BK, BV] S₀ (input dtype)
+            b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.0).to(tl.float32)  # [BK, BV] dS₁
+            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh, axis=1)
+            m_tv = m_t[:, None] & m_v[None, :]
+            p_tv = (o_t[:, None] * H + i_h) * V + o_v[None, :]
+            b_Pq = tl.dot(tl.load(do + p_tv, mask=m_tv, other=0.0), tl.trans(b_h), acc=b_Pq)
+            b_Pw = tl.dot(tl.load(dv_new + p_tv, mask=m_tv, other=0.0), tl.trans(b_h.to(tl.float32)), acc=b_Pw)
+            b_Pl = tl.dot(tl.load(v_new + p_tv, mask=m_tv, other=0.0), tl.trans(b_dh), acc=b_Pl)
+
+        # [BT, BK] accumulators: A_q = dq̂; A_y = the gradient of β_i·k̂_i through A_kk's rows and
+        # through w, before β; A_c = the column sums of the intra-chunk backward; A_l = the
+        # gradient of k̂ through k̂⊙e^(G_last − G)
+        b_eG = tl.exp(b_G)
+        b_el = tl.exp(b_gl[None, :] - b_G)  # e^(G_last − G) <= 1
+        b_Aq = scale * b_Pq * b_eG
+        # dk_g = Tᵀ·dw with dw = −dv_new·S₀ᵀ: the gradient of β⊙k̂⊙e^G through w
+        b_Ay = -tl.dot(tl.trans(tl.load(p_T, mask=m_t[:, None] & m_incl, other=0.0)), b_Pw) * b_eG
+        b_Al = b_Pl * b_el
+        b_Ac = tl.zeros([BT, BK], dtype=tl.float32)
+
+        # intra-chunk backward, off-diagonal sub-block pairs on tensor cores: rows of sub-chunk
+        # i_a against columns j < a = its first row, e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j)
+        b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * b_rq[:, None]  # [BT, BK] q̂
+        b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]  # [BT, BK] k̂
+        b_e = tl.exp(b_G - _load_gate(p_G, o_ta, m_ta, o_k, m_k, b_gl, H * K))  # [BT, BK] e^(G_i − G_a(i)) <= 1
+        b_qe = b_q * b_e
+        b_ke = b_k * (b_e * b_beta[:, None])
+        for i_a in tl.static_range(1, BT // BC):
+            t_a = t0 + i_a * BC
+            # [BK] G at the anchor row (G_last past the sequence end)
+            b_ga = tl.where(t_a < eos, tl.load(p_G + t_a * H * K + o_k, mask=m_k & (t_a < eos), other=0.0), b_gl)
+            b_r = tl.exp(tl.where((o_i < i_a * BC)[:, None], b_ga[None, :] - b_G, float("-inf")))  # [BT, BK] <= 1
+            m_r = (o_i // BC == i_a)[:, None]  # rows of sub-chunk i_a only
+            b_Mq = tl.where(m_r, b_Mqk, 0.0)
+            b_Mk = tl.where(m_r, b_Mkk, 0.0)
+            b_kr = b_k * b_r
+            b_Aq += b_e * tl.dot(b_Mq, b_kr)
+            b_Ay += b_e * tl.dot(b_Mk, b_kr)
+            b_Ac += b_r * (tl.dot(tl.trans(b_Mq), b_qe) + tl.dot(tl.trans(b_Mk), b_ke))
+        # diagonal sub-blocks, exactly: row jj of every row's sub-chunk at a time, gathered from
+        # memory; it is a column c <= i for the row sums and a row r >= j for the column sums
+        for jj in range(BC):
+            o_tc = o_ta + jj
+            m_c = o_tc < eos
+            b_qc = _load_rows(p_q, o_tc, m_c, o_k, m_k, H * K)  # [BT, BK] raw (norms are in D, E)
+            b_kc = _load_rows(p_k, o_tc, m_c, o_k, m_k, H * K)
+            b_Gc = _load_gate(p_G, o_tc, m_c, o_k, m_k, b_gl, H * K)
+            m_lo = ((o_i % BC) >= jj)[:, None]
+            m_hi = ((o_i % BC) <= jj)[:, None]
+            # masked before exp so no positive exponent is ever formed
+            b_kE = b_kc * tl.exp(tl.where(m_lo, b_G - b_Gc, float("-inf")))
+            b_Aq += _col(b_Dq, o_c, jj)[:, None] * b_kE
+            b_Ay += _col(b_Dk, o_c, jj)[:, None] * b_kE
+            b_x = _col(b_Eq, o_c, jj)[:, None] * b_qc + _col(b_Ek, o_c, jj)[:, None] * b_kc
+            b_Ac += b_x * tl.exp(tl.where(m_hi, b_Gc - b_G, float("-inf")))
+
+        b_bAy = b_beta[:, None] * b_Ay
+        b_dk = b_Ac + b_bAy + b_Al
+        b_dG = b_q * b_Aq + b_k * (b_bAy - b_Ac - b_Al)
+        b_db += tl.sum(b_k * b_Ay, axis=1)
+        # G_last enters through k̂⊙e^(G_last − G) of every row and through the decay of S₀; it is
+        # the last row's G (padded rows have g = 0), so its gradient joins the last row's dG
+        b_dgl = tl.sum(b_k * b_Al, axis=0) + tl.exp(b_gl) * b_hdh
+        b_dG += tl.where((o_i == BT - 1)[:, None], b_dgl[None, :], 0.0)
+        # dg: reverse cumulative sum of dG over the chunk (G_i = Σ_{s <= i} g_s)
+        _store_rows(dg + i_h * K, tl.cumsum(b_dG, axis=0, reverse=True), o_t, m_t, o_k, m_k, H * K)
+        _store_rows(p_dq_out, b_Aq, o_t, m_t, o_k, m_k, H * K)
+        _store_rows(p_dk_out, b_dk, o_t, m_t, o_k, m_k, H * K)
+        if USE_QK_L2NORM:
+            b_sq += tl.sum(b_q * b_Aq, axis=1)
+            b_sk += tl.sum(b_k * b_dk, axis=1)
+
+    tl.store(dbeta + o_t * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=m_t)
+
+    if USE_QK_L2NORM:
+        # (c) the norm's backward over the dy this program parked in the workspaces
+        tl.debug_barrier()  # other threads of the program wrote them
+        _l2norm_bwd_rows(p_q, p_dq_out, dq + i_h * K, o_t, m_t, b_rq, b_sq, K, BK, H * K)
+        _l2norm_bwd_rows(p_k, p_dk_out, dk + i_h * K, o_t, m_t, b_rk, b_sk, K, BK, H * K)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block sizes and warps of the backward's own kernels (the intra kernel takes the forward's
+    configuration); a pure function of (K, V, dtype)."""
+
+    scan_bk: int
+    scan_bv: int
+    scan_warps: int
+    scan_stages: int
+    chunk_bk: int
+    chunk_bv: int
+    chunk_warps: int
+
+
+def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
+    """Deterministic launch configuration keyed on the head dims and dtype (never on B or T).
+
+    The scans hold the whole key dimension of their state tile (BK = next power of two >= K, at
+    least 16 for tl.dot) with BV = 16: they are sequential over chunks, so the number of programs,
+    B·H·V/16, matters more than the work per program. Their three [BT, BK] operand tiles are
+    double-buffered while they fit (K <= 128 in half precision), and take 8 warps at K = 256 to
+    spread the registers. The chunk kernel keeps two [64, 64] fp32 matrices (dA_qk, dA_kk) and four
+    [64, 16] diagonal-block extracts live across its K loop, and about fifteen [64, BK] fp32 tiles
+    inside it (G, the four gradient accumulators, q, k, the anchor factors, the gathered rows):
+    K and V tiles of 32 over 8 warps put that near 180 registers a thread, under the 255 limit.
+    Untuned on hardware yet: BK = 16 is the alternative if it spills.
+    """
+    scan_bk = max(16, triton.next_power_of_2(K))
+    wide = dtype == torch.float32
+    return LaunchConfig(
+        scan_bk=scan_bk,
+        scan_bv=16,
+        scan_warps=4 if scan_bk <= 128 else 8,
+        scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
+        chunk_bk=min(32, scan_bk),
+        chunk_bv=min(32, max(16, triton.next_power_of_2(V))),
+        chunk_warps=8,
+    )
+
+
+def _direct(kernel):
+    return kernel
+
+
+def chunk_kda_bwd_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    scale: float,
+    use_qk_l2norm: bool,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    dg: torch.Tensor,
+    dbeta: torch.Tensor,
+    dh0: torch.Tensor,
+    launch: Callable = _direct,
+) -> None:
+    """Runs the chunked KDA backward into preallocated outputs (those of chunk_kda_bwd_meta).
+
+    dq, dk, dv, dg, dbeta have their inputs' shapes and dtypes and are written in full; dh0 is
+    [N, H, K, V] fp32 when there is an initial state, else an empty [0] tensor (not written).
+    dht (None = zero) is the gradient of the final state. Inputs follow meta/chunk_kda.py's
+    contract (validated by the caller). `launch` wraps each kernel before its launch:
+    torch.library.wrap_triton inside the op, the identity when tests call directly.
+    """
+    q, k, v, g, beta, do = (x.contiguous() for x in (q, k, v, g, beta, do))
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    fwd_cfg = fwd_launch_config(K, V, q.dtype)
+    cfg = launch_config(K, V, q.dtype)
+    is_varlen = cu_seqlens is not None
+    if is_varlen:
+        N = cu_seqlens.shape[0] - 1
+        chunk_seq, chunk_offsets, slots = chunk_table(cu_seqlens, T)
+        NT = slots
+    else:
+        N = B
+        chunk_seq = chunk_offsets = None
+        NT = triton.cdiv(T, BT)
+        slots = B * NT
+    dt, f32, dev = q.dtype, torch.float32, q.device
+    grid_chunks = (NT, B * H) if not is_varlen else (slots, H)
+    grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
+
+    # 1. the forward's per-chunk quantities (same kernel, same roundings as the forward), and its
+    # scratch: G and T = (I + A_kk)^-1, which the chunk kernel reads back
+    w = torch.empty((B, T, H, K), dtype=dt, device=dev)
+    qg = torch.empty((B, T, H, K), dtype=dt, device=dev)
+    kg = torch.empty((B, T, H, K), dtype=dt, device=dev)
+    u = torch.empty((B, T, H, V), dtype=f32, device=dev)
+    aqk = torch.empty((B, T, H, BT), dtype=f32, device=dev)
+    gl = torch.empty((slots, H, K), dtype=f32, device=dev)
+    gc = torch.empty((B, T, H, K), dtype=f32, device=dev)
+    tinv = torch.empty((B, T, H, BT), dtype=f32, device=dev)
+    launch(chunk_kda_fwd_intra_kernel)[grid_chunks](
+        q, k, v, g, beta, gc, tinv, w, u, qg, kg, aqk, gl,
+        cu_seqlens, chunk_seq, chunk_offsets,
+        T, N, NT, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, BK=fwd_cfg.intra_bk, BV=fwd_cfg.intra_bv,
+        IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
+        num_warps=fwd_cfg.intra_warps,
+    )
+
+    # 2. chunk-entry states and v_new
+    h = torch.empty((slots, H, K, V), dtype=dt, device=dev)
+    v_new = torch.empty((B, T, H, V), dtype=f32, device=dev)
+    launch(chunk_kda_bwd_state_kernel)[grid_scan](
+        w, u, kg, gl, h, v_new, initial_state,
+        cu_seqlens, chunk_offsets,
+        T, NT,
+        H=H, K=K, V=V, BT=BT, BK=cfg.scan_bk, BV=cfg.scan_bv,
+        USE_INITIAL_STATE=initial_state is not None,
+        IS_VARLEN=is_varlen,
+        num_warps=cfg.scan_warps,
+        num_stages=cfg.scan_stages,
+    )
+    del u
+
+    # 3. reverse scan: state gradients per chunk, dv_new, dh0
+    dh = torch.empty((slots, H, K, V), dtype=dt, device=dev)
+    dv_new = torch.empty((B, T, H, V), dtype=f32, device=dev)
+    launch(chunk_kda_bwd_dstate_kernel)[grid_scan](
+        qg, kg, w, aqk, gl, do, dht, dh, dv_new, dh0 if initial_state is not None else None,
+        cu_seqlens, chunk_offsets,
+        T, NT,
+        H=H, K=K, V=V, BT=BT, BK=cfg.scan_bk, BV=cfg.scan_bv,
+        USE_FINAL_STATE_GRAD=dht is not None,
+        USE_INITIAL_STATE=initial_state is not None,
+        IS_VARLEN=is_varlen,
+        num_warps=cfg.scan_warps,
+        num_stages=cfg.scan_stages,
+    )
+    del qg, kg, w, aqk
+
+    # 4. everything else, per chunk
+    if use_qk_l2norm:
+        dqn = torch.empty((B, T, H, K), dtype=f32, device=dev)
+        dkn = torch.empty((B, T, H, K), dtype=f32, device=dev)
+    else:
+        dqn = dkn = None
+    launch(chunk_kda_bwd_chunk_kernel)[grid_chunks](
+        q, k, v, beta, do, gc, tinv, gl, h, dh, v_new, dv_new,
+        dq, dk, dv, dg, dbeta, dqn, dkn,
+        cu_seqlens, chunk_seq, chunk_offsets,
+        T, N, NT, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv,
+        IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
+        num_warps=cfg.chunk_warps,
+    )

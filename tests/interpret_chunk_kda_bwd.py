@@ -1,0 +1,116 @@
+"""Runs the chunked KDA backward Triton kernels under TRITON_INTERPRET=1 on CPU against meta's
+chunked backward reference; exits non-zero on any mismatch.
+
+Run as a script (test_chunk_kda_bwd_kernel.py starts it in a subprocess, because
+TRITON_INTERPRET must be set before triton is first imported). Tiny shapes, every feature:
+T = 1, T < 64, T = 64, T not a multiple of 64, several chunks, several K and V tiles,
+non-power-of-two K and V, initial state on/off, dht on/off, in-kernel L2 norm on/off, gates of
+-1000, varlen with tiny sequences, half-precision storage of the intermediates with fp32 beta
+(fp16: the interpreter's bf16 tl.dot is wrong in triton 3.7.1; bf16 is covered by the GPU
+tests). Every gradient is written into a NaN-prefilled buffer, so unwritten elements show.
+
+The oracle is meta's chunked backward in fp64. fp32 kernels must be as accurate as the same
+reference run in fp32, within a factor of 3: with gates of -1000 the cumulative gate reaches
+-64000 and both lose ~1e-4 to its fp32 rounding, so a fixed tight bar would test that rounding,
+not the kernels. fp16 stores w, qg, kg, h, dh and the gradients in fp16: a few roundings of
+2^-11 each, bar 1e-3 (the forward's).
+"""
+
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    sys.exit("interpret_chunk_kda_bwd.py needs TRITON_INTERPRET=1 in its environment")
+
+import torch
+
+from kda_ops.kernels.chunk_kda_bwd import chunk_kda_bwd_triton
+from kda_ops.meta.chunk_kda import chunk_kda_bwd_meta
+from kda_ops.meta.chunk_kda_bwd import chunk_kda_bwd_reference
+from kda_ops.meta.kda_recurrent import l2norm
+
+NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+FP16_BAR = 1e-3
+
+# (id, B, T, H, K, V, cu_seqlens, initial state, dht, l2norm, -1000 gates, dtype, beta dtype)
+CASES = [
+    ("T1-K32-h0-dht-l2", 1, 1, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32),
+    ("T20-K20V12-l2-gate1000", 1, 20, 1, 20, 12, None, False, False, True, True, torch.float32, torch.float32),
+    ("T64-K32-h0-gate1000", 1, 64, 1, 32, 32, None, True, False, False, True, torch.float32, torch.float32),
+    ("B2-T70-K32-h0-dht-l2", 2, 70, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32),
+    ("T130-H2-K40V48-dht-gate1000", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32, torch.float32),
+    ("varlen-1-15-100-h0-dht-l2-gate1000", 1, 100, 1, 32, 32, [0, 1, 15, 100], True, True, True, True,
+     torch.float32, torch.float32),
+    ("fp16-T70-K32-h0-dht-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16, torch.float32),
+]
+
+
+def make_inputs(B, T, H, K, V, gate1000, l2, dtype, beta_dtype, gen):
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    if not l2:
+        k = l2norm(k)  # keeps the delta rule stable without the in-kernel norm
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = -torch.nn.functional.softplus(torch.randn(B, T, H, K, generator=gen)) * 0.5
+    if gate1000:
+        g = torch.where(torch.rand(B, T, H, K, generator=gen) < 0.1, torch.full_like(g, -1000.0), g)
+        g[..., 0] = -1000.0  # one channel forgets at every step
+    beta = torch.rand(B, T, H, generator=gen).to(beta_dtype)
+    do = torch.randn(B, T, H, V, generator=gen)
+    return q.to(dtype), k.to(dtype), v.to(dtype), g, beta, do.to(dtype)
+
+
+def _to(x, dtype):
+    return None if x is None else x.to(dtype)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def run_case(case, gen) -> list[str]:
+    name, B, T, H, K, V, cu, h0, with_dht, l2, gate1000, dtype, beta_dtype = case
+    q, k, v, g, beta, do = make_inputs(B, T, H, K, V, gate1000, l2, dtype, beta_dtype, gen)
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    N = B if cu is None else len(cu) - 1
+    initial_state = torch.randn(N, H, K, V, generator=gen) if h0 else None
+    dht = torch.randn(N, H, K, V, generator=gen) if with_dht else None
+    scale = K**-0.5
+    outs = chunk_kda_bwd_meta(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2)
+    for out in outs:
+        out.fill_(float("nan"))
+    chunk_kda_bwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2, *outs)
+    args = (q, k, v, g, beta, initial_state)
+    ref64 = chunk_kda_bwd_reference(
+        *(_to(x, torch.float64) for x in args), cu_seqlens, do.double(), _to(dht, torch.float64), scale, l2
+    )
+    ref32 = chunk_kda_bwd_reference(
+        *(_to(x, torch.float32) for x in args), cu_seqlens, do.float(), dht, scale, l2
+    )
+    failures = []
+    for what, x, r64, r32 in zip(NAMES, outs, ref64, ref32):
+        if what == "dh0" and not h0:
+            if x.numel() != 0:
+                failures.append(f"{name}: dh0 must be empty without an initial state")
+            continue
+        if not torch.isfinite(x).all():
+            failures.append(f"{name}: {what} has NaN/Inf (unwritten or overflowed elements)")
+            continue
+        err = rel_err(x, r64)
+        tol = 3 * rel_err(r32, r64) + 1e-6 if dtype == torch.float32 else FP16_BAR
+        print(f"{name:36s} {what:6s} rel err {err:.2e} (bar {tol:.1e})")
+        if not err <= tol:
+            failures.append(f"{name}: {what} rel err {err:.3e} > {tol:.1e}")
+    return failures
+
+
+def main() -> int:
+    gen = torch.Generator().manual_seed(0)
+    failures = [f for case in CASES for f in run_case(case, gen)]
+    for f in failures:
+        print("FAIL", f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
