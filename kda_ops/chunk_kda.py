@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
+from .kernels.chunk_kda_bwd import chunk_kda_bwd_triton
 from .kernels.chunk_kda_fwd import chunk_kda_fwd_triton
 from .meta.chunk_kda import chunk_kda_bwd_meta, chunk_kda_fwd_meta, chunk_kda_fwd_reference
 from .meta.chunk_kda_bwd import chunk_kda_bwd_reference
@@ -106,10 +107,20 @@ def chunk_kda_bwd(
     use_qk_l2norm: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Chunked KDA backward: (dq, dk, dv, dg, dbeta, dh0), dh0 an empty [0] tensor when there is
-    no initial state. Recomputes the forward's intermediates from the inputs."""
-    return torch.ops.kda.chunk_kda_bwd_reference(
+    no initial state. Recomputes the forward's intermediates from the inputs. CUDA tensors
+    (bf16/fp16/fp32) run the Triton kernels; CPU and fp64 run the reference."""
+    if q.device.type != "cuda" or q.dtype == torch.float64:
+        return torch.ops.kda.chunk_kda_bwd_reference(
+            q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm
+        )
+    dq, dk, dv, dg, dbeta, dh0 = chunk_kda_bwd_meta(
         q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm
     )
+    chunk_kda_bwd_triton(
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm,
+        dq, dk, dv, dg, dbeta, dh0, launch=wrap_triton,
+    )
+    return dq, dk, dv, dg, dbeta, dh0
 
 
 def _setup_context(ctx, inputs, output) -> None:
