@@ -1,13 +1,14 @@
 """Triton kernels of the chunked KDA backward (kda::chunk_kda_bwd); math in docs/kda_math.md §3 and
 the derivation in meta/chunk_kda_bwd.py (the oracle these kernels are tested against).
 
-The forward op saves only its inputs, so the backward recomputes what it needs. Four kernels,
-chunk length BT = 64 in sub-chunks of BC = 16 rows:
+The forward op saves only its inputs, so the backward recomputes what it needs. Chunk length
+BT = 64 in sub-chunks of BC = 16 rows; the forward's three parallel kernels, then three of ours:
 
-1. `chunk_kda_fwd_intra_kernel` (the forward's, reused as is), one program per (chunk, head):
-   w = T(β⊙k⊙e^G), u = T(β⊙v), qg = scale·q⊙e^G, kg = k⊙e^(G_last−G), A_qk and G_last, plus
-   its scratch, which the backward keeps: the cumulative gate G (fp32) and T = (I + A_kk)^-1
-   (fp32). Same kernel, so the same roundings as the forward.
+1. `chunk_kda_fwd_prep_kernel`, `chunk_kda_fwd_intra_kernel`, `chunk_kda_fwd_wy_kernel` (the
+   forward's, reused as they are, so with the forward's roundings), parallel over chunks:
+   qg = scale·q⊙e^G, kg = k⊙e^(G_last−G), A_qk, w = T(β⊙k⊙e^G), u = T(β⊙v) and G_last for the
+   scans, and what the forward treats as scratch and the backward keeps: the cumulative gate G
+   (fp32), T = (I + A_kk)^-1 (fp32) and the q/k row norms.
 2. `chunk_kda_bwd_state_kernel`, one program per (sequence, head, V tile), forward over chunks:
    stores the state entering each chunk, h = S₀ (input dtype), and v_new = u − w·S₀ (fp32).
 3. `chunk_kda_bwd_dstate_kernel`, same grid, backward over chunks with the state gradient dS in
@@ -35,8 +36,8 @@ Saved vs recomputed. Nothing but the op's inputs survives the forward (fla keeps
 from forward to backward). The backward holds, besides inputs and gradients: w, qg, kg (input
 dtype) and A_qk (fp32) until the reverse scan is done; u (fp32) until the forward scan is done;
 G (fp32, [B, T, H, K]), T (fp32, [B, T, H, 64]), h and dh (per chunk K×V, input dtype), v_new
-and dv_new (fp32, [B, T, H, V]) until the end; with the L2 norm two fp32 [B, T, H, K]
-workspaces. fla's backward materialises w, u, qg, kg, h, dh, v_new and fp32 dq, dk, dg, dA
+and dv_new (fp32, [B, T, H, V]) until the end; with the L2 norm the row norms (fp32
+[B, T, H, 2]) and two fp32 [B, T, H, K] workspaces. fla's backward materialises w, u, qg, kg, h, dh, v_new and fp32 dq, dk, dg, dA
 workspaces as well; bench/bench_chunk_kda_bwd.py records both peaks.
 
 Precision. h and dh are stored in the input dtype: they are only ever operands of tl.dot, which
@@ -56,7 +57,8 @@ serves as column c ≤ i of the row sums and row r ≥ j of the column sums. Gat
 exact.
 
 Varlen (B = 1, device `cu_seqlens`): the forward's chunk table (slot → sequence, from device
-ops, no host read) drives kernels 1 and 4; the scans read their sequence's bounds and first slot.
+ops, no host read) drives the parallel kernels; the scans read their sequence's bounds and first
+slot.
 """
 
 from collections.abc import Callable
@@ -66,19 +68,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_kda_fwd import BC, BT, _load_rows, _store_rows, chunk_kda_fwd_intra_kernel, chunk_table
+from .chunk_kda_fwd import (
+    BC,
+    BT,
+    _load_rows,
+    _store_rows,
+    chunk_kda_fwd_intra_kernel,
+    chunk_kda_fwd_prep_kernel,
+    chunk_kda_fwd_wy_kernel,
+    chunk_table,
+)
 from .chunk_kda_fwd import launch_config as fwd_launch_config
-
-
-@triton.jit
-def _inv_norms(p_base, o_t, m_t, BT: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, STRIDE: tl.constexpr):
-    """[BT] 1 / sqrt(Σ_d x² + 1e-6) of rows o_t (the L2 norm's eps sits inside the sqrt)."""
-    b_s = tl.zeros([BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        b_x = _load_rows(p_base, o_t, m_t, o_k, o_k < K, STRIDE)
-        b_s += tl.sum(b_x * b_x, axis=1)
-    return tl.rsqrt(b_s + 1e-6)
 
 
 @triton.jit
@@ -271,6 +271,7 @@ def chunk_kda_bwd_chunk_kernel(
     gc,
     tinv,
     gl,
+    rqk,
     h,
     dh,
     v_new,
@@ -330,10 +331,11 @@ def chunk_kda_bwd_chunk_kernel(
     p_state = (i_s * H + i_h).to(tl.int64) * K * V  # this chunk's S₀ in h, dS₁ in dh
     p_T = tinv + (o_t[:, None] * H + i_h) * BT + o_i[None, :]
     b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    # [BT] x 2: 1/||x|| per row of q and k (ones without the norm)
+    # [BT] x 2: 1/||x|| per row of q and k, as the forward's prep kernel stored them (ones
+    # without the norm)
     if USE_QK_L2NORM:
-        b_rq = _inv_norms(p_q, o_t, m_t, BT, K, BK, H * K)
-        b_rk = _inv_norms(p_k, o_t, m_t, BT, K, BK, H * K)
+        b_rq = tl.load(rqk + (o_t * H + i_h) * 2, mask=m_t, other=0.0)
+        b_rk = tl.load(rqk + (o_t * H + i_h) * 2 + 1, mask=m_t, other=0.0)
     else:
         b_rq = tl.full([BT], 1.0, dtype=tl.float32)
         b_rk = b_rq
@@ -471,8 +473,8 @@ def chunk_kda_bwd_chunk_kernel(
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block sizes and warps of the backward's own kernels (the intra kernel takes the forward's
-    configuration); a pure function of (K, V, dtype)."""
+    """Block sizes and warps of the backward's own kernels (the forward's kernels keep the
+    forward's configuration); a pure function of (K, V, dtype)."""
 
     scan_bk: int
     scan_bv: int
@@ -557,11 +559,13 @@ def chunk_kda_bwd_triton(
         NT = triton.cdiv(T, BT)
         slots = B * NT
     dt, f32, dev = q.dtype, torch.float32, q.device
-    grid_chunks = (NT, B * H) if not is_varlen else (slots, H)
+    grid_chunks = (NT, B * H)  # chunks per sequence, or chunk slots when varlen (B = 1)
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
 
-    # 1. the forward's per-chunk quantities (same kernel, same roundings as the forward), and its
-    # scratch: G and T = (I + A_kk)^-1, which the chunk kernel reads back
+    # 1. the forward's per-chunk quantities, by the forward's own kernels (so with its roundings):
+    # G, G_last, the q/k norms, qg, kg (prep); A_qk and A_kk (intra); T = (I + A_kk)^-1 over
+    # A_kk, w and u (wy). The forward treats G, T and the norms as scratch; the chunk kernel
+    # reads them back.
     w = torch.empty((B, T, H, K), dtype=dt, device=dev)
     qg = torch.empty((B, T, H, K), dtype=dt, device=dev)
     kg = torch.empty((B, T, H, K), dtype=dt, device=dev)
@@ -570,13 +574,20 @@ def chunk_kda_bwd_triton(
     gl = torch.empty((slots, H, K), dtype=f32, device=dev)
     gc = torch.empty((B, T, H, K), dtype=f32, device=dev)
     tinv = torch.empty((B, T, H, BT), dtype=f32, device=dev)
-    launch(chunk_kda_fwd_intra_kernel)[grid_chunks](
-        q, k, v, g, beta, gc, tinv, w, u, qg, kg, aqk, gl,
-        cu_seqlens, chunk_seq, chunk_offsets,
-        T, N, NT, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, BK=fwd_cfg.intra_bk, BV=fwd_cfg.intra_bv,
-        IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
-        num_warps=fwd_cfg.intra_warps,
+    rqk = torch.empty((B, T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev)
+    common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
+    index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
+    launch(chunk_kda_fwd_prep_kernel)[grid_chunks](
+        q, k, g, gc, qg, kg, gl, rqk, *index, scale,
+        H=H, K=K, BT=BT, BK=fwd_cfg.prep_bk, num_warps=fwd_cfg.prep_warps, **common,
+    )
+    launch(chunk_kda_fwd_intra_kernel)[(NT, BT // BC, B * H)](
+        q, k, beta, gc, rqk, aqk, tinv, *index, scale,
+        H=H, K=K, BT=BT, BC=BC, BK=fwd_cfg.intra_bk, num_warps=fwd_cfg.intra_warps, **common,
+    )
+    launch(chunk_kda_fwd_wy_kernel)[grid_chunks](
+        k, v, beta, gc, rqk, tinv, w, u, *index,
+        H=H, K=K, V=V, BT=BT, BC=BC, BK=fwd_cfg.wy_bk, BV=fwd_cfg.wy_bv, num_warps=fwd_cfg.wy_warps, **common,
     )
 
     # 2. chunk-entry states and v_new
@@ -617,7 +628,7 @@ def chunk_kda_bwd_triton(
     else:
         dqn = dkn = None
     launch(chunk_kda_bwd_chunk_kernel)[grid_chunks](
-        q, k, v, beta, do, gc, tinv, gl, h, dh, v_new, dv_new,
+        q, k, v, beta, do, gc, tinv, gl, rqk, h, dh, v_new, dv_new,
         dq, dk, dv, dg, dbeta, dqn, dkn,
         cu_seqlens, chunk_seq, chunk_offsets,
         T, N, NT, scale,
