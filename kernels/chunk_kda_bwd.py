@@ -71,6 +71,7 @@ import triton.language as tl
 from .chunk_kda_fwd import (
     BC,
     BT,
+    _chunk,
     _load_rows,
     _store_rows,
     chunk_kda_fwd_intra_kernel,
@@ -302,20 +303,9 @@ def chunk_kda_bwd_chunk_kernel(
 ):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        # i_t is a chunk slot; the table says which sequence (N = unused slot) and which chunk
-        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
-        if i_n >= N:
-            return
-        i_c = i_t - tl.load(chunk_offsets + i_n).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        i_s = i_t
-    else:
-        i_c = i_t
-        bos = i_b.to(tl.int64) * T
-        eos = bos + T
-        i_s = i_b * NT + i_t
+    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
+    if i_n >= N:
+        return  # an unused chunk slot (varlen)
 
     t0 = bos + i_c * BT  # first token of the chunk
     o_i = tl.arange(0, BT)

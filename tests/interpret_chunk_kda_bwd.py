@@ -5,9 +5,9 @@ Run as a script (test_chunk_kda_bwd_kernel.py starts it in a subprocess, because
 TRITON_INTERPRET must be set before triton is first imported). Tiny shapes, every feature:
 T = 1, T < 64, T = 64, T not a multiple of 64, several chunks, several K and V tiles,
 non-power-of-two K and V, initial state on/off, dht on/off, in-kernel L2 norm on/off, gates of
--1000, varlen with tiny sequences, half-precision storage of the intermediates with fp32 beta
-(fp16: the interpreter's bf16 tl.dot is wrong in triton 3.7.1; bf16 is covered by the GPU
-tests). Every gradient is written into a NaN-prefilled buffer, so unwritten elements show.
+-1000, varlen with tiny and empty sequences (and an unused chunk slot), half-precision storage
+of the intermediates with fp32 beta (fp16: the interpreter's bf16 tl.dot is wrong in triton
+3.7.1; bf16 is covered by the GPU tests). Every gradient is written into a NaN-prefilled buffer, so unwritten elements show.
 
 The oracle is meta's chunked backward in fp64. fp32 kernels must be as accurate as the same
 reference run in fp32, within a factor of 3: with gates of -1000 the cumulative gate reaches
@@ -40,6 +40,8 @@ CASES = [
     ("B2-T70-K32-h0-dht-l2", 2, 70, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32),
     ("T130-H2-K40V48-dht-gate1000", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32, torch.float32),
     ("varlen-1-15-100-h0-dht-l2-gate1000", 1, 100, 1, 32, 32, [0, 1, 15, 100], True, True, True, True,
+     torch.float32, torch.float32),
+    ("varlen-0-3-67-K20V24-h0-dht-l2", 1, 70, 1, 20, 24, [0, 0, 3, 70], True, True, True, False,
      torch.float32, torch.float32),
     ("fp16-T70-K32-h0-dht-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16, torch.float32),
 ]
