@@ -8,7 +8,7 @@ BT = 64 in sub-chunks of BC = 16 rows; the forward's three parallel kernels, the
    forward's, reused as they are, so with the forward's roundings), parallel over chunks:
    qg = scale·q⊙e^G, kg = k⊙e^(G_last−G), A_qk, w = T(β⊙k⊙e^G), u = T(β⊙v) and G_last for the
    scans, and what the forward treats as scratch and the backward keeps: the cumulative gate G
-   (fp32), T = (I + A_kk)^-1 (fp32) and the q/k row norms.
+   (fp32), A_kk (fp32) and the q/k row norms.
 2. `chunk_kda_bwd_state_kernel`, one program per (sequence, head, V tile), forward over chunks:
    stores the state entering each chunk, h = S₀ (input dtype), and v_new = u − w·S₀ (fp32).
 3. `chunk_kda_bwd_dstate_kernel`, same grid, backward over chunks with the state gradient dS in
@@ -16,7 +16,8 @@ BT = 64 in sub-chunks of BC = 16 rows; the forward's three parallel kernels, the
    dtype) and dv_new = A_qkᵀ·dO + kg·dS₁ (fp32), steps dS₀ = e^(G_last)⊙dS₁ + qgᵀ·dO − wᵀ·dv_new
    and writes dh0.
 4. `chunk_kda_bwd_chunk_kernel`, one program per (chunk, head), fully parallel, everything else
-   on [64, *] tiles:
+   on [64, *] tiles, starting from T = (I + A_kk)^-1, inverted from A_kk as the forward's wy
+   kernel does (which keeps T in registers only):
    (a) over V tiles: dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the dβ term Σ_v dv_b⊙v, and the two C×C
        gradients dA_qk = dO·v_newᵀ and dA_kk = −dv_b·v_newᵀ (strictly lower). The latter is the
        reference's −Tᵀ·dT·Tᵀ simplified: dT = dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is
@@ -35,7 +36,7 @@ BT = 64 in sub-chunks of BC = 16 rows; the forward's three parallel kernels, the
 Saved vs recomputed. Nothing but the op's inputs survives the forward (fla keeps A_qk and T
 from forward to backward). The backward holds, besides inputs and gradients: w, qg, kg (input
 dtype) and A_qk (fp32) until the reverse scan is done; u (fp32) until the forward scan is done;
-G (fp32, [B, T, H, K]), T (fp32, [B, T, H, 64]), h and dh (per chunk K×V, input dtype), v_new
+G (fp32, [B, T, H, K]), A_kk (fp32, [B, T, H, 64]), h and dh (per chunk K×V, input dtype), v_new
 and dv_new (fp32, [B, T, H, V]) until the end; with the L2 norm the row norms (fp32
 [B, T, H, 2]) and two fp32 [B, T, H, K] workspaces. fla's backward materialises w, u, qg, kg, h, dh, v_new and fp32 dq, dk, dg, dA
 workspaces as well; bench/bench_chunk_kda_bwd.py records both peaks.
@@ -88,6 +89,40 @@ def _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, STRIDE: tl.constexpr):
     zero-gate padding of the reference), so G never increases down a chunk and every
     exponent of a difference G_i − G_j with i >= j stays <= 0."""
     return tl.where(m_t[:, None], _load_rows(p_G, o_t, m_t, o_k, m_k, STRIDE), b_gl[None, :])
+
+
+@triton.jit
+def _wy_inverse(p_A, t0, eos, BT: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, STRIDE: tl.constexpr):
+    """[BT, BT] T = (I + A)^-1 for a chunk's strictly lower A_kk (rows t0.. of a [*, STRIDE] fp32
+    buffer; rows past eos read as zero, i.e. identity rows of T).
+
+    D = I + (A's diagonal 16×16 blocks) is inverted by forward substitution, the NB blocks at
+    once; with E the rest of A and M = D^-1·E (strictly block lower, so M^NB = 0 for NB = 4),
+    T = (I + M)^-1·D^-1 = (I − M)(I + M²)·D^-1, in products of fp32 accuracy (tf32x3).
+    """
+    o_i = tl.arange(0, BT)
+    o_b = tl.arange(0, NB)
+    o_c = tl.arange(0, BC)
+    o_rb = t0 + o_b[:, None] * BC + o_c[None, :]  # [NB, BC] token rows of each diagonal block
+    p_d = p_A + o_rb[:, :, None] * STRIDE + (o_b[:, None] * BC + o_c[None, :])[:, None, :]
+    # [NB, BC, BC]: rows < i already hold rows of D^-1 − I, rows >= i still hold −A
+    b_X = -tl.load(p_d, mask=(o_rb < eos)[:, :, None], other=0.0)
+    for i in range(1, BC):
+        m_i = (o_c == i)[None, :, None]
+        b_a = tl.sum(tl.where(m_i, b_X, 0.0), axis=1)  # [NB, BC] row i of −A, zero at columns >= i
+        b_a += tl.sum(b_a[:, :, None] * b_X, axis=1)  # X_i = −A_i − Σ_{j<i} A_ij X_j
+        b_X = tl.where(m_i, b_a[:, None, :], b_X)
+    b_X += (o_c[:, None] == o_c[None, :]).to(tl.float32)[None, :, :]
+    # [BT, BT] D^-1, block diagonal: [NB, BC, NB, BC] -> [BT, BT]
+    m_own = o_b[:, None, None, None] == o_b[None, None, :, None]
+    b_Dinv = tl.reshape(tl.where(m_own, b_X[:, :, None, :], 0.0), (BT, BT))
+    m_t = (t0 + o_i) < eos
+    b_A = tl.load(p_A + (t0 + o_i)[:, None] * STRIDE + o_i[None, :], mask=m_t[:, None], other=0.0)
+    b_E = tl.where((o_i // BC)[:, None] > (o_i // BC)[None, :], b_A, 0.0)
+    b_I = (o_i[:, None] == o_i[None, :]).to(tl.float32)
+    b_M = tl.dot(b_Dinv, b_E, input_precision="tf32x3")
+    b_M2 = tl.dot(b_M, b_M, input_precision="tf32x3")
+    return tl.dot(tl.dot(b_I - b_M, b_I + b_M2, input_precision="tf32x3"), b_Dinv, input_precision="tf32x3")
 
 
 @triton.jit
@@ -270,7 +305,7 @@ def chunk_kda_bwd_chunk_kernel(
     beta,
     do,
     gc,
-    tinv,
+    akk,
     gl,
     rqk,
     h,
@@ -296,6 +331,7 @@ def chunk_kda_bwd_chunk_kernel(
     V: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
+    NB: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -319,7 +355,6 @@ def chunk_kda_bwd_chunk_kernel(
     p_q, p_k, p_G = q + i_h * K, k + i_h * K, gc + i_h * K
     p_gl = gl + (i_s * H + i_h).to(tl.int64) * K
     p_state = (i_s * H + i_h).to(tl.int64) * K * V  # this chunk's S₀ in h, dS₁ in dh
-    p_T = tinv + (o_t[:, None] * H + i_h) * BT + o_i[None, :]
     b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
     # [BT] x 2: 1/||x|| per row of q and k, as the forward's prep kernel stored them (ones
     # without the norm)
@@ -332,7 +367,7 @@ def chunk_kda_bwd_chunk_kernel(
 
     # (a) per V tile: dv = β⊙dv_b with dv_b = Tᵀ·dv_new (the gradient of β⊙v), dβ's v term, and
     # the C×C gradients dA_qk = dO·v_newᵀ and −dA_kk = dv_b·v_newᵀ
-    b_T = tl.load(p_T, mask=m_t[:, None] & m_incl, other=0.0)  # [BT, BT] T (fp32, lower)
+    b_T = _wy_inverse(akk + i_h * BT, t0, eos, BT, BC, NB, H * BT)  # [BT, BT] T = (I + A_kk)^-1
     b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dAkk = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
@@ -396,7 +431,7 @@ def chunk_kda_bwd_chunk_kernel(
         b_el = tl.exp(b_gl[None, :] - b_G)  # e^(G_last − G) <= 1
         b_Aq = scale * b_Pq * b_eG
         # dk_g = Tᵀ·dw with dw = −dv_new·S₀ᵀ: the gradient of β⊙k̂⊙e^G through w
-        b_Ay = -tl.dot(tl.trans(tl.load(p_T, mask=m_t[:, None] & m_incl, other=0.0)), b_Pw) * b_eG
+        b_Ay = -tl.dot(tl.trans(b_T), b_Pw) * b_eG
         b_Al = b_Pl * b_el
         b_Ac = tl.zeros([BT, BK], dtype=tl.float32)
 
@@ -482,10 +517,10 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     least 16 for tl.dot) with BV = 16: they are sequential over chunks, so the number of programs,
     B·H·V/16, matters more than the work per program. Their three [BT, BK] operand tiles are
     double-buffered while they fit (K <= 128 in half precision), and take 8 warps at K = 256 to
-    spread the registers. The chunk kernel keeps two [64, 64] fp32 matrices (dA_qk, dA_kk) and four
-    [64, 16] diagonal-block extracts live across its K loop, and about fifteen [64, BK] fp32 tiles
+    spread the registers. The chunk kernel keeps three [64, 64] fp32 matrices (T, dA_qk, dA_kk) and
+    four [64, 16] diagonal-block extracts live across its K loop, and about fifteen [64, BK] fp32 tiles
     inside it (G, the four gradient accumulators, q, k, the anchor factors, the gathered rows):
-    K and V tiles of 32 over 8 warps put that near 180 registers a thread, under the 255 limit.
+    K and V tiles of 32 over 8 warps put that near 200 registers a thread, under the 255 limit.
     Untuned on hardware yet: BK = 16 is the alternative if it spills.
     """
     scan_bk = max(16, triton.next_power_of_2(K))
@@ -563,7 +598,7 @@ def chunk_kda_bwd_triton(
     aqk = torch.empty((B, T, H, BT), dtype=f32, device=dev)
     gl = torch.empty((slots, H, K), dtype=f32, device=dev)
     gc = torch.empty((B, T, H, K), dtype=f32, device=dev)
-    tinv = torch.empty((B, T, H, BT), dtype=f32, device=dev)
+    akk = torch.empty((B, T, H, BT), dtype=f32, device=dev)
     rqk = torch.empty((B, T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev)
     common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
     index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
@@ -572,12 +607,13 @@ def chunk_kda_bwd_triton(
         H=H, K=K, BT=BT, BK=fwd_cfg.prep_bk, num_warps=fwd_cfg.prep_warps, **common,
     )
     launch(chunk_kda_fwd_intra_kernel)[(NT, BT // BC, B * H)](
-        q, k, beta, gc, rqk, aqk, tinv, *index, scale,
+        q, k, beta, gc, rqk, aqk, akk, *index, scale,
         H=H, K=K, BT=BT, BC=BC, BK=fwd_cfg.intra_bk, num_warps=fwd_cfg.intra_warps, **common,
     )
     launch(chunk_kda_fwd_wy_kernel)[grid_chunks](
-        k, v, beta, gc, rqk, tinv, w, u, *index,
-        H=H, K=K, V=V, BT=BT, BC=BC, BK=fwd_cfg.wy_bk, BV=fwd_cfg.wy_bv, num_warps=fwd_cfg.wy_warps, **common,
+        k, v, beta, gc, rqk, akk, w, u, *index,
+        H=H, K=K, V=V, BT=BT, BC=BC, NB=BT // BC, BK=fwd_cfg.wy_bk, BV=fwd_cfg.wy_bv, num_warps=fwd_cfg.wy_warps,
+        **common,
     )
 
     # 2. chunk-entry states and v_new
@@ -618,11 +654,11 @@ def chunk_kda_bwd_triton(
     else:
         dqn = dkn = None
     launch(chunk_kda_bwd_chunk_kernel)[grid_chunks](
-        q, k, v, beta, do, gc, tinv, gl, rqk, h, dh, v_new, dv_new,
+        q, k, v, beta, do, gc, akk, gl, rqk, h, dh, v_new, dv_new,
         dq, dk, dv, dg, dbeta, dqn, dkn,
         cu_seqlens, chunk_seq, chunk_offsets,
         T, N, NT, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv,
+        H=H, K=K, V=V, BT=BT, BC=BC, NB=BT // BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv,
         IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
         num_warps=cfg.chunk_warps,
     )
