@@ -5,9 +5,12 @@ Two kernels, chunk length BT = 64 split into four sub-chunks of BC = 16 rows:
 1. `chunk_kda_fwd_intra_kernel`, one program per (chunk, head), fully parallel. From q, k, v, g,
    beta of one chunk it computes the chunk-local cumulative gate G, A_qk, A_kk, the inverse
    T = (I + A_kk)^-1 and writes what the scan needs: w = T(β⊙k⊙e^G), u = T(β⊙v),
-   qg = scale·q⊙e^G, kg = k⊙e^(G_last−G), A_qk (lower triangle) and e^(G_last). g is read twice
-   (once for A, once for w/qg/kg after T is known) and the cumsum redone rather than G written
-   to and read back from HBM: the second read of a 64-row chunk mostly hits L2.
+   qg = scale·q⊙e^G, kg = k⊙e^(G_last−G), A_qk (lower triangle, zeros above) and G_last.
+   G and A_kk/T go through small per-program scratch rows (`gc`, `akk`, separated by CTA
+   barriers): the diagonal sub-chunks and the anchors read rows of G at per-row offsets, and the
+   inverse works on 16×16 blocks while w and u use T as one [64, 64] tensor-core operand. A
+   first version kept four 16-row sub-chunks of q, k, G in registers instead: 255 registers
+   with hundreds of spilled, 1.9 ms at B1 T8192 H16 K=V=128 on an H100.
 2. `chunk_kda_fwd_scan_kernel`, one program per (sequence, head, V tile), sequential over the
    sequence's chunks with the state tile S [K, BV] in registers (fp32). Per chunk it forms
    v_new = u − w·S, writes o = qg·S + A_qk·v_new and updates S ← e^(G_last)⊙S + kgᵀ·v_new.
@@ -21,10 +24,10 @@ A_qk/A_kk use tensor cores off the diagonal: for row sub-chunk I > column sub-ch
 factorised form e^(G_i − G_a)·e^(G_a − G_j), anchored at a = the first row of sub-chunk I, is
 exact: i ≥ a > j, so both exponents are ≤ 0, and if one factor underflows the true product
 (smaller than either factor) underflows too. The anchor is never a later row than i, so no
-rounding leaks from future tokens. The four diagonal 16×16 blocks are computed elementwise with
-a [16, 16, BK] broadcast of e^(G_i − G_j), masked to j ≤ i before exponentiating. The carry of
-the cumsum between sub-chunks, the anchors and G_last are read off rows of G exactly (a masked
-sum adds zeros), so equal cumulative gates give exponents of exactly 0.
+rounding leaks from future tokens. The four diagonal 16×16 blocks are computed elementwise,
+one column j of every sub-chunk at a time ([64, BK] tiles of e^(G_i − G_j), masked to j ≤ i
+before exponentiating). G_last is read off the last row of G exactly (a masked sum adds zeros).
+The L2 norm is a row scaling, applied to A's rows and columns and to the stored tiles.
 
 The inverse: forward substitution inside each 16×16 diagonal block, then the off-diagonal blocks
 T_IJ = −T_II Σ_{J≤M<I} A_IM T_MJ (fp32 products in full precision). Rows past the end of a
@@ -62,67 +65,44 @@ def _load_rows(p_base, o_t, m_t, o_d, m_d, STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _diag_block(b_q, b_k, b_G, b_Aqk, b_Akk, o_c):
-    """Accumulates the diagonal sub-chunk of A_qk and A_kk (incl. its diagonal) exactly."""
-    m_ij = o_c[:, None] >= o_c[None, :]  # [BC, BC]
-    # [BC, BC, BK]: masked before exp so no positive exponent is ever formed
-    b_d = tl.where(m_ij[:, :, None], b_G[:, None, :] - b_G[None, :, :], float("-inf"))
-    b_kd = b_k[None, :, :] * tl.exp(b_d)
-    b_Aqk += tl.sum(b_q[:, None, :] * b_kd, axis=2)
-    b_Akk += tl.sum(b_k[:, None, :] * b_kd, axis=2)
-    return b_Aqk, b_Akk
-
-
-@triton.jit
-def _off_block(b_qe, b_ke, b_k, b_a, b_G, b_Aqk, b_Akk):
-    """Accumulates an off-diagonal sub-chunk pair (I > J) on tensor cores.
-
-    b_qe, b_ke are rows of sub-chunk I already scaled by e^(G_i − G_a); b_k, b_G are rows of
-    sub-chunk J; b_a = G at the anchor row a (first row of I), so e^(G_a − G_j) <= 1.
-    """
-    b_r = b_k * tl.exp(b_a[None, :] - b_G)  # [BC, BK]
-    b_Aqk += tl.dot(b_qe, tl.trans(b_r))
-    b_Akk += tl.dot(b_ke, tl.trans(b_r))
-    return b_Aqk, b_Akk
-
-
-@triton.jit
-def _invert_diag(b_A, o_c, BC: tl.constexpr):
-    """(I + A)^-1 of a [BC, BC] strictly lower-triangular A by forward substitution (fp32)."""
-    # rows < i already hold rows of X = (I + A)^-1 - I; rows >= i still hold -A
-    b_X = -b_A
-    for i in range(1, BC):
-        b_a = _row(b_X, o_c, i)  # [BC] row i of -A, zero at columns >= i
-        b_a += tl.sum(b_a[:, None] * b_X, axis=0)  # X_i = -A_i - sum_{j<i} A_ij X_j
-        b_X = tl.where(o_c[:, None] == i, b_a[None, :], b_X)
-    return b_X + (o_c[:, None] == o_c[None, :]).to(tl.float32)
-
-
-@triton.jit
-def _mm(b_a, b_b):
-    """fp32 16x16 product in full fp32 precision (for the inverse)."""
-    return tl.dot(b_a, b_b, input_precision="ieee")
-
-
-@triton.jit
 def _store_rows(p_base, b_x, o_t, m_t, o_d, m_d, STRIDE: tl.constexpr):
     p = p_base + o_t[:, None] * STRIDE + o_d[None, :]
     tl.store(p, b_x.to(p_base.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
 @triton.jit
-def chunk_kda_fwd_intra_kernel(
+def _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN: tl.constexpr):
+    """(sequence, chunk within it, first token, end token, chunk slot) of program row i_t.
+
+    Varlen: i_t is a chunk slot and the device table gives its sequence (N for an unused slot,
+    which the caller skips). Otherwise: sequence i_b, chunk i_t.
+    """
+    if IS_VARLEN:
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        i_m = tl.minimum(i_n, N - 1)  # in-bounds reads for unused slots
+        i_c = i_t - tl.load(chunk_offsets + i_m).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_m).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_m + 1).to(tl.int64)
+        i_s = i_t
+    else:
+        i_n = i_b
+        i_c = i_t
+        bos = i_b.to(tl.int64) * T
+        eos = bos + T
+        i_s = i_b * NT + i_t
+    return i_n, i_c, bos, eos, i_s
+
+
+@triton.jit
+def chunk_kda_fwd_prep_kernel(
     q,
     k,
-    v,
     g,
-    beta,
-    w,
-    u,
+    gc,
     qg,
     kg,
-    aqk,
     gl,
+    rqk,
     cu_seqlens,
     chunk_seq,
     chunk_offsets,
@@ -132,223 +112,226 @@ def chunk_kda_fwd_intra_kernel(
     scale,
     H: tl.constexpr,
     K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+):
+    """Per (chunk, head): G = chunk-local cumsum of g (to gc), G_last (to gl), the q/k norms
+    (to rqk), qg = scale·q⊙e^G and kg = k⊙e^(G_last − G)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
+    if i_n >= N:
+        return
+    o_i = tl.arange(0, BT)
+    o_t = bos + i_c * BT + o_i  # [BT] token rows
+    m_t = o_t < eos
+    p_q, p_k = q + i_h * K, k + i_h * K
+
+    # [BT] x 2: 1 / sqrt(sum(x^2) + 1e-6) of the q and k rows (ones without the norm)
+    b_rq = tl.zeros([BT], dtype=tl.float32)
+    b_rk = tl.zeros([BT], dtype=tl.float32)
+    if USE_QK_L2NORM:
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_x = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K)
+            b_rq += tl.sum(b_x * b_x, axis=1)
+            b_x = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K)
+            b_rk += tl.sum(b_x * b_x, axis=1)
+        b_rq = tl.rsqrt(b_rq + 1e-6)
+        b_rk = tl.rsqrt(b_rk + 1e-6)
+        tl.store(rqk + (o_t * H + i_h) * 2, b_rq, mask=m_t)
+        tl.store(rqk + (o_t * H + i_h) * 2 + 1, b_rk, mask=m_t)
+    else:
+        b_rq += 1.0
+        b_rk += 1.0
+
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_G = tl.cumsum(_load_rows(g + i_h * K, o_t, m_t, o_k, m_k, H * K), axis=0)  # [BT, BK]
+        _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
+        # padded rows add g = 0, so the last row is G at the last real row
+        b_gl = _row(b_G, o_i, BT - 1)  # [BK]
+        tl.store(gl + (i_s * H + i_h).to(tl.int64) * K + o_k, b_gl, mask=m_k)
+        b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * (scale * b_rq)[:, None]
+        _store_rows(qg + i_h * K, b_q * tl.exp(b_G), o_t, m_t, o_k, m_k, H * K)
+        b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]
+        _store_rows(kg + i_h * K, b_k * tl.exp(b_gl[None, :] - b_G), o_t, m_t, o_k, m_k, H * K)
+
+
+@triton.jit
+def chunk_kda_fwd_intra_kernel(
+    q,
+    k,
+    beta,
+    gc,
+    rqk,
+    aqk,
+    akk,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+):
+    """Per (chunk, row sub-chunk I, head): rows of A_qk (scale, incl. diagonal) and A_kk (beta,
+    strictly lower), whole rows with zeros above the diagonal, to aqk and akk."""
+    i_t, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
+    t_a = bos + i_c * BT + i_r * BC  # anchor: first row of the sub-chunk
+    if (i_n >= N) or (t_a >= eos):
+        return
+    o_c = tl.arange(0, BC)
+    o_i = tl.arange(0, BT)
+    o_tr = t_a + o_c  # [BC] rows of the sub-chunk
+    m_tr = o_tr < eos
+    o_tj = bos + i_c * BT + o_i  # [BT] rows of the chunk (columns of A)
+    m_tj = o_i < i_r * BC  # off-diagonal columns: before the anchor (all real tokens)
+    p_q, p_k, p_g = q + i_h * K, k + i_h * K, gc + i_h * K
+
+    b_Aqk = tl.zeros([BC, BT], dtype=tl.float32)
+    b_Akk = tl.zeros([BC, BT], dtype=tl.float32)
+    b_Dqk = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Dkk = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = _load_rows(p_q, o_tr, m_tr, o_k, m_k, H * K)  # [BC, BK]
+        b_k = _load_rows(p_k, o_tr, m_tr, o_k, m_k, H * K)  # [BC, BK]
+        b_G = _load_rows(p_g, o_tr, m_tr, o_k, m_k, H * K)  # [BC, BK]
+        b_ga = tl.load(p_g + t_a * H * K + o_k, mask=m_k, other=0.0)  # [BK] G at the anchor
+        if i_r > 0:
+            # tensor cores: e^(G_i - G_a) e^(G_a - G_j), both <= 1 for j < a <= i
+            b_e = tl.exp(tl.where(m_tr[:, None], b_G - b_ga[None, :], 0.0))
+            b_kj = _load_rows(p_k, o_tj, m_tj, o_k, m_k, H * K)  # [BT, BK]
+            b_Gj = _load_rows(p_g, o_tj, m_tj, o_k, m_k, H * K)  # [BT, BK]
+            b_kr = b_kj * tl.exp(tl.where(m_tj[:, None], b_ga[None, :] - b_Gj, float("-inf")))
+            b_Aqk = tl.dot(b_q * b_e, tl.trans(b_kr), acc=b_Aqk)
+            b_Akk = tl.dot(b_k * b_e, tl.trans(b_kr), acc=b_Akk)
+        # diagonal sub-chunk, exact: column jj against every row i >= jj
+        for jj in range(BC):
+            m_c = m_k & (t_a + jj < eos)
+            b_kc = tl.load(p_k + (t_a + jj) * H * K + o_k, mask=m_c, other=0.0).to(tl.float32)  # [BK]
+            b_Gc = tl.load(p_g + (t_a + jj) * H * K + o_k, mask=m_c, other=0.0)  # [BK]
+            m_ij = ((o_c >= jj) & m_tr)[:, None]
+            b_x = b_kc[None, :] * tl.exp(tl.where(m_ij, b_G - b_Gc[None, :], float("-inf")))  # [BC, BK]
+            m_jj = (o_c == jj)[None, :]
+            b_Dqk += tl.where(m_jj, tl.sum(b_q * b_x, axis=1)[:, None], 0.0)
+            b_Dkk += tl.where(m_jj, tl.sum(b_k * b_x, axis=1)[:, None], 0.0)
+
+    # norms (row scalings), scale and beta
+    b_beta = tl.load(beta + o_tr * H + i_h, mask=m_tr, other=0.0).to(tl.float32)  # [BC]
+    if USE_QK_L2NORM:
+        b_rq = tl.load(rqk + (o_tr * H + i_h) * 2, mask=m_tr, other=0.0)  # [BC]
+        b_rk = tl.load(rqk + (o_tr * H + i_h) * 2 + 1, mask=m_tr, other=0.0)  # [BC]
+        b_rkj = tl.load(rqk + (o_tj * H + i_h) * 2 + 1, mask=m_tj, other=0.0)  # [BT]
+        b_Aqk *= b_rq[:, None] * b_rkj[None, :]
+        b_Akk *= b_rk[:, None] * b_rkj[None, :]
+        b_Dqk *= b_rq[:, None] * b_rk[None, :]
+        b_Dkk *= b_rk[:, None] * b_rk[None, :]
+    m_strict = o_c[None, :] < o_c[:, None]
+    m_off = (o_i < i_r * BC) | (o_i >= (i_r + 1) * BC)  # [BT] all but the diagonal block
+    _store_rows(aqk + i_h * BT, b_Aqk * scale, o_tr, m_tr, o_i, m_off, H * BT)
+    _store_rows(aqk + i_h * BT, b_Dqk * scale, o_tr, m_tr, i_r * BC + o_c, o_c < BC, H * BT)
+    _store_rows(akk + i_h * BT, b_Akk * b_beta[:, None], o_tr, m_tr, o_i, m_off, H * BT)
+    b_Dkk = tl.where(m_strict, b_Dkk * b_beta[:, None], 0.0)
+    _store_rows(akk + i_h * BT, b_Dkk, o_tr, m_tr, i_r * BC + o_c, o_c < BC, H * BT)
+
+
+@triton.jit
+def chunk_kda_fwd_wy_kernel(
+    k,
+    v,
+    beta,
+    gc,
+    rqk,
+    akk,
+    w,
+    u,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
+    NB: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
 ):
+    """Per (chunk, head): T = (I + A_kk)^-1, then w = T(β⊙k⊙e^G) and u = T(β⊙v)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        # i_t is a chunk slot; the table says which sequence (N = unused slot) and which chunk
-        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
-        if i_n >= N:
-            return
-        i_c = i_t - tl.load(chunk_offsets + i_n).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        i_s = i_t
-    else:
-        i_c = i_t
-        bos = i_b.to(tl.int64) * T
-        eos = bos + T
-        i_s = i_b * NT + i_t
-
+    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
+    if i_n >= N:
+        return
+    t0 = bos + i_c * BT
+    o_i = tl.arange(0, BT)
     o_c = tl.arange(0, BC)
-    # [BC] token rows of the four sub-chunks
-    o_t0 = bos + i_c * BT + o_c
-    o_t1 = o_t0 + BC
-    o_t2 = o_t0 + 2 * BC
-    o_t3 = o_t0 + 3 * BC
-    m_t0, m_t1, m_t2, m_t3 = o_t0 < eos, o_t1 < eos, o_t2 < eos, o_t3 < eos
-    p_q, p_k, p_g = q + i_h * K, k + i_h * K, g + i_h * K
+    o_t = t0 + o_i  # [BT]
+    m_t = o_t < eos
+    p_a = akk + i_h * BT
 
+    # T = (I + A)^-1 with A = E + (diagonal blocks): D^-1 of the four unit lower-triangular 16x16
+    # diagonal blocks by forward substitution, all four at once ([NB, BC, BC]); then with
+    # M = D^-1 E (strictly block-lower, M^4 = 0): T = (I - M)(I + M^2) D^-1
+    o_b = tl.arange(0, NB)
+    o_rb = t0 + o_b[:, None] * BC + o_c[None, :]  # [NB, BC] token rows of each block
+    p_d = p_a + o_rb[:, :, None] * (H * BT) + (o_b[:, None] * BC + o_c[None, :])[:, None, :]
+    b_X = -tl.load(p_d, mask=(o_rb < eos)[:, :, None], other=0.0)  # [NB, BC, BC]
+    for i in range(1, BC):
+        # [NB, BC] row i of each block: X_i = -A_i - sum_{j<i} A_ij X_j (rows < i final)
+        o_ri = t0 + o_b * BC + i
+        p_ri = p_a + o_ri[:, None] * (H * BT) + o_b[:, None] * BC + o_c[None, :]
+        b_a = -tl.load(p_ri, mask=(o_ri < eos)[:, None], other=0.0)
+        b_a += tl.sum(b_a[:, :, None] * b_X, axis=1)
+        b_X = tl.where((o_c == i)[None, :, None], b_a[:, None, :], b_X)
+    b_X += (o_c[:, None] == o_c[None, :]).to(tl.float32)[None, :, :]
+    m_own = (o_b[:, None, None, None] == o_b[None, None, :, None])  # [NB, 1, NB, 1]
+    b_Dinv = tl.reshape(tl.where(m_own, b_X[:, :, None, :], 0.0), (BT, BT))  # block diagonal
+    b_A = _load_rows(p_a, o_t, m_t, o_i, o_i < BT, H * BT)  # [BT, BT]
+    b_E = tl.where((o_i // BC)[:, None] > (o_i // BC)[None, :], b_A, 0.0)
+    b_I = (o_i[:, None] == o_i[None, :]).to(tl.float32)
+    b_M = tl.dot(b_Dinv, b_E, input_precision="tf32x3")
+    b_M2 = tl.dot(b_M, b_M, input_precision="tf32x3")
+    b_T = tl.dot(tl.dot(b_I - b_M, b_I + b_M2, input_precision="tf32x3"), b_Dinv, input_precision="tf32x3")
+
+    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+    b_kb = b_beta
     if USE_QK_L2NORM:
-        # [BC] x 8: sums of squares over K, for x / sqrt(sum(x^2) + 1e-6)
-        b_nq0 = tl.zeros([BC], dtype=tl.float32)
-        b_nq1, b_nq2, b_nq3 = b_nq0, b_nq0, b_nq0
-        b_nk0, b_nk1, b_nk2, b_nk3 = b_nq0, b_nq0, b_nq0, b_nq0
-        for i_k in range(tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            b_x = _load_rows(p_q, o_t0, m_t0, o_k, m_k, H * K)
-            b_nq0 += tl.sum(b_x * b_x, axis=1)
-            b_x = _load_rows(p_q, o_t1, m_t1, o_k, m_k, H * K)
-            b_nq1 += tl.sum(b_x * b_x, axis=1)
-            b_x = _load_rows(p_q, o_t2, m_t2, o_k, m_k, H * K)
-            b_nq2 += tl.sum(b_x * b_x, axis=1)
-            b_x = _load_rows(p_q, o_t3, m_t3, o_k, m_k, H * K)
-            b_nq3 += tl.sum(b_x * b_x, axis=1)
-            b_x = _load_rows(p_k, o_t0, m_t0, o_k, m_k, H * K)
-            b_nk0 += tl.sum(b_x * b_x, axis=1)
-            b_x = _load_rows(p_k, o_t1, m_t1, o_k, m_k, H * K)
-            b_nk1 += tl.sum(b_x * b_x, axis=1)
-            b_x = _load_rows(p_k, o_t2, m_t2, o_k, m_k, H * K)
-            b_nk2 += tl.sum(b_x * b_x, axis=1)
-            b_x = _load_rows(p_k, o_t3, m_t3, o_k, m_k, H * K)
-            b_nk3 += tl.sum(b_x * b_x, axis=1)
-        b_rq0, b_rq1 = tl.rsqrt(b_nq0 + 1e-6), tl.rsqrt(b_nq1 + 1e-6)
-        b_rq2, b_rq3 = tl.rsqrt(b_nq2 + 1e-6), tl.rsqrt(b_nq3 + 1e-6)
-        b_rk0, b_rk1 = tl.rsqrt(b_nk0 + 1e-6), tl.rsqrt(b_nk1 + 1e-6)
-        b_rk2, b_rk3 = tl.rsqrt(b_nk2 + 1e-6), tl.rsqrt(b_nk3 + 1e-6)
-
-    # [BC, BC] blocks A_IJ of A_qk and A_kk (rows of sub-chunk I, columns of sub-chunk J)
-    b_Aqk00 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Aqk10, b_Aqk11 = b_Aqk00, b_Aqk00
-    b_Aqk20, b_Aqk21, b_Aqk22 = b_Aqk00, b_Aqk00, b_Aqk00
-    b_Aqk30, b_Aqk31, b_Aqk32, b_Aqk33 = b_Aqk00, b_Aqk00, b_Aqk00, b_Aqk00
-    b_Akk00, b_Akk10, b_Akk11 = b_Aqk00, b_Aqk00, b_Aqk00
-    b_Akk20, b_Akk21, b_Akk22 = b_Aqk00, b_Aqk00, b_Aqk00
-    b_Akk30, b_Akk31, b_Akk32, b_Akk33 = b_Aqk00, b_Aqk00, b_Aqk00, b_Aqk00
+        b_kb *= tl.load(rqk + (o_t * H + i_h) * 2 + 1, mask=m_t, other=0.0)
+    # w = T (beta k e^G), per K tile
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        # [BC, BK] x 4: chunk-local cumulative gate, carried across sub-chunks
-        b_G0 = tl.cumsum(_load_rows(p_g, o_t0, m_t0, o_k, m_k, H * K), axis=0)
-        b_G1 = _row(b_G0, o_c, BC - 1)[None, :] + tl.cumsum(_load_rows(p_g, o_t1, m_t1, o_k, m_k, H * K), axis=0)
-        b_G2 = _row(b_G1, o_c, BC - 1)[None, :] + tl.cumsum(_load_rows(p_g, o_t2, m_t2, o_k, m_k, H * K), axis=0)
-        b_G3 = _row(b_G2, o_c, BC - 1)[None, :] + tl.cumsum(_load_rows(p_g, o_t3, m_t3, o_k, m_k, H * K), axis=0)
-        # [BC, BK] x 8: q and k rows (normalised if asked)
-        b_q0 = _load_rows(p_q, o_t0, m_t0, o_k, m_k, H * K)
-        b_q1 = _load_rows(p_q, o_t1, m_t1, o_k, m_k, H * K)
-        b_q2 = _load_rows(p_q, o_t2, m_t2, o_k, m_k, H * K)
-        b_q3 = _load_rows(p_q, o_t3, m_t3, o_k, m_k, H * K)
-        b_k0 = _load_rows(p_k, o_t0, m_t0, o_k, m_k, H * K)
-        b_k1 = _load_rows(p_k, o_t1, m_t1, o_k, m_k, H * K)
-        b_k2 = _load_rows(p_k, o_t2, m_t2, o_k, m_k, H * K)
-        b_k3 = _load_rows(p_k, o_t3, m_t3, o_k, m_k, H * K)
-        if USE_QK_L2NORM:
-            b_q0, b_q1, b_q2, b_q3 = b_q0 * b_rq0[:, None], b_q1 * b_rq1[:, None], b_q2 * b_rq2[:, None], b_q3 * b_rq3[:, None]
-            b_k0, b_k1, b_k2, b_k3 = b_k0 * b_rk0[:, None], b_k1 * b_rk1[:, None], b_k2 * b_rk2[:, None], b_k3 * b_rk3[:, None]
-
-        # diagonal sub-chunks: exact elementwise exponentials
-        b_Aqk00, b_Akk00 = _diag_block(b_q0, b_k0, b_G0, b_Aqk00, b_Akk00, o_c)
-        b_Aqk11, b_Akk11 = _diag_block(b_q1, b_k1, b_G1, b_Aqk11, b_Akk11, o_c)
-        b_Aqk22, b_Akk22 = _diag_block(b_q2, b_k2, b_G2, b_Aqk22, b_Akk22, o_c)
-        b_Aqk33, b_Akk33 = _diag_block(b_q3, b_k3, b_G3, b_Aqk33, b_Akk33, o_c)
-
-        # off-diagonal sub-chunks, anchored at the first row of the row sub-chunk
-        b_a = _row(b_G1, o_c, 0)  # [BK]
-        b_e = tl.exp(b_G1 - b_a[None, :])  # [BC, BK] e^(G_i - G_a) <= 1
-        b_qe, b_ke = b_q1 * b_e, b_k1 * b_e
-        b_Aqk10, b_Akk10 = _off_block(b_qe, b_ke, b_k0, b_a, b_G0, b_Aqk10, b_Akk10)
-        b_a = _row(b_G2, o_c, 0)
-        b_e = tl.exp(b_G2 - b_a[None, :])
-        b_qe, b_ke = b_q2 * b_e, b_k2 * b_e
-        b_Aqk20, b_Akk20 = _off_block(b_qe, b_ke, b_k0, b_a, b_G0, b_Aqk20, b_Akk20)
-        b_Aqk21, b_Akk21 = _off_block(b_qe, b_ke, b_k1, b_a, b_G1, b_Aqk21, b_Akk21)
-        b_a = _row(b_G3, o_c, 0)
-        b_e = tl.exp(b_G3 - b_a[None, :])
-        b_qe, b_ke = b_q3 * b_e, b_k3 * b_e
-        b_Aqk30, b_Akk30 = _off_block(b_qe, b_ke, b_k0, b_a, b_G0, b_Aqk30, b_Akk30)
-        b_Aqk31, b_Akk31 = _off_block(b_qe, b_ke, b_k1, b_a, b_G1, b_Aqk31, b_Akk31)
-        b_Aqk32, b_Akk32 = _off_block(b_qe, b_ke, b_k2, b_a, b_G2, b_Aqk32, b_Akk32)
-
-    # A_qk: scale, lower triangle incl. diagonal; stored per token row as [BT] columns
-    m_incl = o_c[:, None] >= o_c[None, :]
-    p_a = aqk + i_h * BT
-    _store_rows(p_a, tl.where(m_incl, b_Aqk00 * scale, 0.0), o_t0, m_t0, o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_Aqk10 * scale, o_t1, m_t1, o_c, o_c < BC, H * BT)
-    _store_rows(p_a, tl.where(m_incl, b_Aqk11 * scale, 0.0), o_t1, m_t1, BC + o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_Aqk20 * scale, o_t2, m_t2, o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_Aqk21 * scale, o_t2, m_t2, BC + o_c, o_c < BC, H * BT)
-    _store_rows(p_a, tl.where(m_incl, b_Aqk22 * scale, 0.0), o_t2, m_t2, 2 * BC + o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_Aqk30 * scale, o_t3, m_t3, o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_Aqk31 * scale, o_t3, m_t3, BC + o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_Aqk32 * scale, o_t3, m_t3, 2 * BC + o_c, o_c < BC, H * BT)
-    _store_rows(p_a, tl.where(m_incl, b_Aqk33 * scale, 0.0), o_t3, m_t3, 3 * BC + o_c, o_c < BC, H * BT)
-
-    # [BC] x 4: beta (zero past the sequence end)
-    b_b0 = tl.load(beta + o_t0 * H + i_h, mask=m_t0, other=0.0).to(tl.float32)
-    b_b1 = tl.load(beta + o_t1 * H + i_h, mask=m_t1, other=0.0).to(tl.float32)
-    b_b2 = tl.load(beta + o_t2 * H + i_h, mask=m_t2, other=0.0).to(tl.float32)
-    b_b3 = tl.load(beta + o_t3 * H + i_h, mask=m_t3, other=0.0).to(tl.float32)
-
-    # T = (I + A_kk)^-1, A_kk = beta_i * (strictly lower part)
-    m_strict = o_c[:, None] > o_c[None, :]
-    b_T00 = _invert_diag(tl.where(m_strict, b_Akk00, 0.0) * b_b0[:, None], o_c, BC)
-    b_T11 = _invert_diag(tl.where(m_strict, b_Akk11, 0.0) * b_b1[:, None], o_c, BC)
-    b_T22 = _invert_diag(tl.where(m_strict, b_Akk22, 0.0) * b_b2[:, None], o_c, BC)
-    b_T33 = _invert_diag(tl.where(m_strict, b_Akk33, 0.0) * b_b3[:, None], o_c, BC)
-    b_Akk10 *= b_b1[:, None]
-    b_Akk20 *= b_b2[:, None]
-    b_Akk21 *= b_b2[:, None]
-    b_Akk30 *= b_b3[:, None]
-    b_Akk31 *= b_b3[:, None]
-    b_Akk32 *= b_b3[:, None]
-    # T_IJ = -T_II sum_{J <= M < I} A_IM T_MJ
-    b_T10 = -_mm(b_T11, _mm(b_Akk10, b_T00))
-    b_T21 = -_mm(b_T22, _mm(b_Akk21, b_T11))
-    b_T32 = -_mm(b_T33, _mm(b_Akk32, b_T22))
-    b_T20 = -_mm(b_T22, _mm(b_Akk20, b_T00) + _mm(b_Akk21, b_T10))
-    b_T31 = -_mm(b_T33, _mm(b_Akk31, b_T11) + _mm(b_Akk32, b_T21))
-    b_T30 = -_mm(b_T33, _mm(b_Akk30, b_T00) + _mm(b_Akk31, b_T10) + _mm(b_Akk32, b_T20))
-
-    # w = T (beta k e^G), qg = scale q e^G, kg = k e^(G_last - G), e^(G_last); per K tile
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_G0 = tl.cumsum(_load_rows(p_g, o_t0, m_t0, o_k, m_k, H * K), axis=0)
-        b_G1 = _row(b_G0, o_c, BC - 1)[None, :] + tl.cumsum(_load_rows(p_g, o_t1, m_t1, o_k, m_k, H * K), axis=0)
-        b_G2 = _row(b_G1, o_c, BC - 1)[None, :] + tl.cumsum(_load_rows(p_g, o_t2, m_t2, o_k, m_k, H * K), axis=0)
-        b_G3 = _row(b_G2, o_c, BC - 1)[None, :] + tl.cumsum(_load_rows(p_g, o_t3, m_t3, o_k, m_k, H * K), axis=0)
-        b_gl = _row(b_G3, o_c, BC - 1)  # [BK] G_last (padded rows add g = 0)
-        tl.store(gl + (i_s * H + i_h).to(tl.int64) * K + o_k, tl.exp(b_gl), mask=m_k)
-
-        b_k0 = _load_rows(p_k, o_t0, m_t0, o_k, m_k, H * K)
-        b_k1 = _load_rows(p_k, o_t1, m_t1, o_k, m_k, H * K)
-        b_k2 = _load_rows(p_k, o_t2, m_t2, o_k, m_k, H * K)
-        b_k3 = _load_rows(p_k, o_t3, m_t3, o_k, m_k, H * K)
-        b_q0 = _load_rows(p_q, o_t0, m_t0, o_k, m_k, H * K)
-        b_q1 = _load_rows(p_q, o_t1, m_t1, o_k, m_k, H * K)
-        b_q2 = _load_rows(p_q, o_t2, m_t2, o_k, m_k, H * K)
-        b_q3 = _load_rows(p_q, o_t3, m_t3, o_k, m_k, H * K)
-        if USE_QK_L2NORM:
-            b_q0, b_q1, b_q2, b_q3 = b_q0 * b_rq0[:, None], b_q1 * b_rq1[:, None], b_q2 * b_rq2[:, None], b_q3 * b_rq3[:, None]
-            b_k0, b_k1, b_k2, b_k3 = b_k0 * b_rk0[:, None], b_k1 * b_rk1[:, None], b_k2 * b_rk2[:, None], b_k3 * b_rk3[:, None]
-
-        p_x = qg + i_h * K
-        _store_rows(p_x, b_q0 * scale * tl.exp(b_G0), o_t0, m_t0, o_k, m_k, H * K)
-        _store_rows(p_x, b_q1 * scale * tl.exp(b_G1), o_t1, m_t1, o_k, m_k, H * K)
-        _store_rows(p_x, b_q2 * scale * tl.exp(b_G2), o_t2, m_t2, o_k, m_k, H * K)
-        _store_rows(p_x, b_q3 * scale * tl.exp(b_G3), o_t3, m_t3, o_k, m_k, H * K)
-        p_x = kg + i_h * K
-        _store_rows(p_x, b_k0 * tl.exp(b_gl[None, :] - b_G0), o_t0, m_t0, o_k, m_k, H * K)
-        _store_rows(p_x, b_k1 * tl.exp(b_gl[None, :] - b_G1), o_t1, m_t1, o_k, m_k, H * K)
-        _store_rows(p_x, b_k2 * tl.exp(b_gl[None, :] - b_G2), o_t2, m_t2, o_k, m_k, H * K)
-        _store_rows(p_x, b_k3 * tl.exp(b_gl[None, :] - b_G3), o_t3, m_t3, o_k, m_k, H * K)
-
-        # [BC, BK] x 4: beta k e^G
-        b_x0 = b_k0 * b_b0[:, None] * tl.exp(b_G0)
-        b_x1 = b_k1 * b_b1[:, None] * tl.exp(b_G1)
-        b_x2 = b_k2 * b_b2[:, None] * tl.exp(b_G2)
-        b_x3 = b_k3 * b_b3[:, None] * tl.exp(b_G3)
-        p_x = w + i_h * K
-        _store_rows(p_x, tl.dot(b_T00, b_x0), o_t0, m_t0, o_k, m_k, H * K)
-        _store_rows(p_x, tl.dot(b_T10, b_x0) + tl.dot(b_T11, b_x1), o_t1, m_t1, o_k, m_k, H * K)
-        b_y = tl.dot(b_T20, b_x0) + tl.dot(b_T21, b_x1) + tl.dot(b_T22, b_x2)
-        _store_rows(p_x, b_y, o_t2, m_t2, o_k, m_k, H * K)
-        b_y = tl.dot(b_T30, b_x0) + tl.dot(b_T31, b_x1) + tl.dot(b_T32, b_x2) + tl.dot(b_T33, b_x3)
-        _store_rows(p_x, b_y, o_t3, m_t3, o_k, m_k, H * K)
-
+        b_G = _load_rows(gc + i_h * K, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
+        b_k = _load_rows(k + i_h * K, o_t, m_t, o_k, m_k, H * K) * b_kb[:, None]
+        _store_rows(w + i_h * K, tl.dot(b_T, b_k * tl.exp(b_G)), o_t, m_t, o_k, m_k, H * K)
     # u = T (beta v), per V tile
-    p_v, p_u = v + i_h * V, u + i_h * V
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        b_x0 = _load_rows(p_v, o_t0, m_t0, o_v, m_v, H * V) * b_b0[:, None]
-        b_x1 = _load_rows(p_v, o_t1, m_t1, o_v, m_v, H * V) * b_b1[:, None]
-        b_x2 = _load_rows(p_v, o_t2, m_t2, o_v, m_v, H * V) * b_b2[:, None]
-        b_x3 = _load_rows(p_v, o_t3, m_t3, o_v, m_v, H * V) * b_b3[:, None]
-        _store_rows(p_u, tl.dot(b_T00, b_x0), o_t0, m_t0, o_v, m_v, H * V)
-        _store_rows(p_u, tl.dot(b_T10, b_x0) + tl.dot(b_T11, b_x1), o_t1, m_t1, o_v, m_v, H * V)
-        b_y = tl.dot(b_T20, b_x0) + tl.dot(b_T21, b_x1) + tl.dot(b_T22, b_x2)
-        _store_rows(p_u, b_y, o_t2, m_t2, o_v, m_v, H * V)
-        b_y = tl.dot(b_T30, b_x0) + tl.dot(b_T31, b_x1) + tl.dot(b_T32, b_x2) + tl.dot(b_T33, b_x3)
-        _store_rows(p_u, b_y, o_t3, m_t3, o_v, m_v, H * V)
+        b_v = _load_rows(v + i_h * V, o_t, m_t, o_v, m_v, H * V) * b_beta[:, None]
+        _store_rows(u + i_h * V, tl.dot(b_T, b_v), o_t, m_t, o_v, m_v, H * V)
 
 
 @triton.jit
@@ -410,9 +393,8 @@ def chunk_kda_fwd_scan_kernel(
         b_qg = tl.load(qg + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
         b_kg = tl.load(kg + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
         b_u = tl.load(u + (o_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)  # [BT, BV] fp32
-        m_a = m_t[:, None] & (o_i[:, None] >= o_i[None, :])
-        b_A = tl.load(aqk + (o_t[:, None] * H + i_h) * BT + o_i[None, :], mask=m_a, other=0.0)  # [BT, BT] fp32
-        b_gl = tl.load(gl + ((i_s0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)  # [BK]
+        b_A = tl.load(aqk + (o_t[:, None] * H + i_h) * BT + o_i[None, :], mask=m_t[:, None], other=0.0)  # [BT, BT] fp32
+        b_gl = tl.load(gl + ((i_s0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)  # [BK] G_last
 
         # [BK, BV] the state as an operand in the input dtype (its rounding costs little: w, qg
         # are small next to u and A_qk v_new)
@@ -424,7 +406,7 @@ def chunk_kda_fwd_scan_kernel(
         b_o = tl.dot(b_qg, b_hc) + tl.dot(b_A, b_vn)
         tl.store(o + (o_t[:, None] * H + i_h) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
         # [BK, BV] decay the state to the chunk end and add the chunk's writes
-        b_h = b_h * b_gl[:, None] + tl.dot(tl.trans(b_kg.to(tl.float32)), b_vn)
+        b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kg.to(tl.float32)), b_vn)
 
     if STORE_FINAL_STATE:
         tl.store(ht + p_h, b_h, mask=m_kv)
@@ -432,11 +414,15 @@ def chunk_kda_fwd_scan_kernel(
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block sizes and warps of the two kernels; a pure function of (K, V, dtype)."""
+    """Block sizes and warps of the four kernels; a pure function of (K, V, dtype)."""
 
+    prep_bk: int
+    prep_warps: int
     intra_bk: int
-    intra_bv: int
     intra_warps: int
+    wy_bk: int
+    wy_bv: int
+    wy_warps: int
     scan_bk: int
     scan_bv: int
     scan_warps: int
@@ -450,17 +436,20 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     16 for tl.dot) and takes BV = 16: its programs are sequential over chunks, so the number of
     programs, B·H·V/16, matters more than the work per program. Its three [BT, BK] operand tiles
     are double-buffered while they fit in shared memory (K <= 128), single-buffered above.
-    The intra kernel tiles K by 32 (its four sub-chunks of q, k and G plus the [16, 16, BK]
-    diagonal broadcast stay in registers).
+    The parallel kernels tile K and V by 32 or 64 to keep their [64, BK] tiles in registers.
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
     return LaunchConfig(
+        prep_bk=min(64, scan_bk),
+        prep_warps=4,
         intra_bk=min(32, scan_bk),
-        intra_bv=min(32, max(16, triton.next_power_of_2(V))),
         intra_warps=4,
+        wy_bk=min(32, scan_bk),
+        wy_bv=min(32, max(16, triton.next_power_of_2(V))),
+        wy_warps=4,
         scan_bk=scan_bk,
-        scan_bv=16,
+        scan_bv=32,
         scan_warps=4,
         scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
     )
@@ -531,15 +520,25 @@ def chunk_kda_fwd_triton(
     u = torch.empty((B, T, H, V), dtype=f32, device=q.device)
     aqk = torch.empty((B, T, H, BT), dtype=f32, device=q.device)
     gl = torch.empty((slots, H, K), dtype=f32, device=q.device)
+    # scratch: the cumulative gate, A_kk then its inverse, the q/k norms (unused without them)
+    gc = torch.empty((B, T, H, K), dtype=f32, device=q.device)
+    akk = torch.empty((B, T, H, BT), dtype=f32, device=q.device)
+    rqk = torch.empty((B, T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=q.device)
 
-    grid_intra = (NT, B * H) if not is_varlen else (slots, H)
-    launch(chunk_kda_fwd_intra_kernel)[grid_intra](
-        q, k, v, g, beta, w, u, qg, kg, aqk, gl,
-        cu_seqlens, chunk_seq, chunk_offsets,
-        T, N, NT, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.intra_bk, BV=cfg.intra_bv,
-        IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
-        num_warps=cfg.intra_warps,
+    rows = NT if not is_varlen else slots  # program rows: chunks, or chunk slots when varlen
+    common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
+    index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
+    launch(chunk_kda_fwd_prep_kernel)[(rows, B * H)](
+        q, k, g, gc, qg, kg, gl, rqk, *index, scale,
+        H=H, K=K, BT=BT, BK=cfg.prep_bk, num_warps=cfg.prep_warps, **common,
+    )
+    launch(chunk_kda_fwd_intra_kernel)[(rows, BT // BC, B * H)](
+        q, k, beta, gc, rqk, aqk, akk, *index, scale,
+        H=H, K=K, BT=BT, BC=BC, BK=cfg.intra_bk, num_warps=cfg.intra_warps, **common,
+    )
+    launch(chunk_kda_fwd_wy_kernel)[(rows, B * H)](
+        k, v, beta, gc, rqk, akk, w, u, *index,
+        H=H, K=K, V=V, BT=BT, BC=BC, NB=BT // BC, BK=cfg.wy_bk, BV=cfg.wy_bv, num_warps=cfg.wy_warps, **common,
     )
     store_final = final_state.dim() == 4
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)

@@ -16,9 +16,13 @@ not the kernels.
 
 import os
 import sys
+import warnings
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     sys.exit("interpret_chunk_kda_fwd.py needs TRITON_INTERPRET=1 in its environment")
+
+# the kernels must not overflow anywhere, masked lanes included (numpy warns on inf/NaN)
+warnings.simplefilter("error", RuntimeWarning)
 
 import torch
 
