@@ -8,5 +8,6 @@ from .kda_decode import causal_conv1d, causal_conv1d_update, kda_decode
 from .mla_decode import mla_decode
 from .config import KimiLinearConfig
 from .model import KimiLinearForCausalLM
+from .export import export_model, load_exported
 
-__all__ = ["causal_conv1d", "causal_conv1d_update", "kda_decode", "chunk_kda", "mla_decode", "KimiLinearConfig", "KimiLinearForCausalLM"]
+__all__ = ["causal_conv1d", "causal_conv1d_update", "kda_decode", "chunk_kda", "mla_decode", "KimiLinearConfig", "KimiLinearForCausalLM", "export_model", "load_exported"]

@@ -8,6 +8,7 @@ import time
 import torch
 
 from .config import KimiLinearConfig
+from .export import add_export_arguments, run_export_command
 from .model import KimiLinearForCausalLM
 
 DEMO_PROMPT_LENGTHS = (5, 17, 40, 64)
@@ -103,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--compile-backend", help="torch.compile backend (default: inductor on CUDA, aot_eager on CPU)")
     d.add_argument("--compile-prefill", action="store_true", help="also compile the prefill (dynamic token count)")
     d.add_argument("--seed", type=int, default=0)
+    e = commands.add_parser("export", help="write torch.export programs and AOTInductor packages for deployment")
+    add_export_arguments(e)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo(args)
+    if args.command == "export":
+        return run_export_command(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
