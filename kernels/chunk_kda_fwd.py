@@ -7,8 +7,9 @@ Chunk length BT = 64, split into four sub-chunks of BC = 16 rows. Four kernels:
    q/k L2 norms, qg = scale·q⊙e^G and kg = k⊙e^(G_last−G).
 2. `chunk_kda_fwd_intra_kernel`, per (chunk, row sub-chunk, head): those 16 rows of A_qk (with
    scale) and A_kk (with beta), whole rows with zeros above the diagonal.
-3. `chunk_kda_fwd_wy_kernel`, per (chunk, head): T = (I + A_kk)^-1 on 16×16 blocks (written
-   over A_kk), then w = T(β⊙k⊙e^G) and u = T(β⊙v) with T as one [64, 64] operand.
+3. `chunk_kda_fwd_wy_kernel`, per (chunk, head): T = (I + A_kk)^-1 (A_kk stays in its
+   scratch for the backward), then w = T(β⊙k⊙e^G) and u = T(β⊙v) with T as one [64, 64]
+   tensor-core operand.
 4. `chunk_kda_fwd_scan_kernel`, per (sequence, head, V tile), sequential over the sequence's
    chunks with the state tile S [K, BV] in registers (fp32). Per chunk it forms
    v_new = u − w·S, writes o = qg·S + A_qk·v_new and updates S ← e^(G_last)⊙S + kgᵀ·v_new.
@@ -19,9 +20,11 @@ Chunk length BT = 64, split into four sub-chunks of BC = 16 rows. Four kernels:
 Why this split (H100, B1 T8192 H16 K=V=128, bf16): one kernel per (chunk, head) doing all of
 1–3 with the four sub-chunks of q, k, G in registers needed 255 registers with hundreds spilled
 and took 1.9 ms; split, the parallel part is ~0.8 ms (prep ~120 µs, near its bytes; intra
-~400 µs, issue-bound on the exact diagonal blocks; wy ~300 µs). Tried and slower: the diagonal
-as a [16, 16, BK] broadcast or as a loop over channels (vs the loop over columns here), the
-inverse as (I − M)(I + M²)·D^-1 in tf32x3, BV = 32/64 in the scan at this shape.
+~400 µs, issue-bound on the exact diagonal blocks; wy ~340 µs, latency-bound at 12% occupancy;
+the scan ~210 µs). Tried and slower: the diagonal as a [16, 16, BK] broadcast or as a loop over
+channels (vs the loop over columns here), BV = 32/64 in the scan at this shape. Inverting on
+16×16 blocks with the off-diagonal blocks merged by 16×16 products measured ~300 µs for wy but
+writes T over A_kk, which the backward reads.
 
 Precision: u and A_qk are stored in fp32 (rounding either to bf16 costs as much relative error
 as rounding o itself), w, qg, kg in the input dtype; the scan's w·S and qg·S use the input dtype,
@@ -35,17 +38,19 @@ factorised form e^(G_i − G_a)·e^(G_a − G_j), anchored at a = the first row 
 exact: i ≥ a > j, so both exponents are ≤ 0, and if one factor underflows the true product
 (smaller than either factor) underflows too. The anchor is never a later row than i, so no
 rounding leaks from future tokens. The diagonal 16×16 block is computed elementwise, one
-column j at a time ([16, BK] tiles of e^(G_i − G_j), masked to j ≤ i before exponentiating). G_last is read off the last row of G exactly (a masked sum adds zeros).
-The L2 norm is a row scaling, applied to A's rows and columns and to the stored tiles.
+column j at a time ([16, BK] tiles of e^(G_i − G_j), masked to j ≤ i before exponentiating).
+G_last is read off the last row of G exactly (a masked sum adds zeros). The L2 norm is a row
+scaling, applied to A's rows and columns and to the stored tiles.
 
-The inverse: forward substitution inside each 16×16 diagonal block, then the off-diagonal blocks
-T_IJ = −T_II Σ_{J≤M<I} A_IM T_MJ (fp32 products in full precision). Rows past the end of a
-sequence are loaded as q = k = v = 0, beta = 0, g = 0, which leaves the state unchanged and
-keeps G_last equal to G at the last real row.
+The inverse: forward substitution inside the four 16×16 diagonal blocks (D), then with E the
+rest of A_kk and M = D^-1·E (strictly block-lower, M^4 = 0): T = (I − M)(I + M²)·D^-1, products
+in tf32x3 (fp32-accurate on tensor cores). Rows past the end of a sequence are loaded as
+q = k = v = 0, beta = 0, g = 0, which leaves the state unchanged and keeps G_last equal to G
+at the last real row.
 
 Varlen (B = 1, device `cu_seqlens`, N sequences): the parallel kernels run over an upper bound
 of chunk slots, (T + (BT−1)·N) // BT ≥ Σ_n cdiv(len_n, BT), from shapes only; a device-side table
-built with torch ops (cumsum, searchsorted; no host read) maps each slot to its sequence, and
+built with torch ops (cumsum, scatter-add; no host read) maps each slot to its sequence, and
 slots past the last chunk exit at once. The scan reads its sequence's bounds from cu_seqlens.
 """
 
@@ -77,30 +82,6 @@ def _load_rows(p_base, o_t, m_t, o_d, m_d, STRIDE: tl.constexpr):
 def _store_rows(p_base, b_x, o_t, m_t, o_d, m_d, STRIDE: tl.constexpr):
     p = p_base + o_t[:, None] * STRIDE + o_d[None, :]
     tl.store(p, b_x.to(p_base.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
-
-
-@triton.jit
-def _invert_diag(b_A, o_c, BC: tl.constexpr):
-    """(I + A)^-1 of a [BC, BC] strictly lower-triangular A by forward substitution (fp32)."""
-    # rows < i already hold rows of X = (I + A)^-1 - I; rows >= i still hold -A
-    b_X = -b_A
-    for i in range(1, BC):
-        b_a = _row(b_X, o_c, i)  # [BC] row i of -A, zero at columns >= i
-        b_a += tl.sum(b_a[:, None] * b_X, axis=0)  # X_i = -A_i - sum_{j<i} A_ij X_j
-        b_X = tl.where(o_c[:, None] == i, b_a[None, :], b_X)
-    return b_X + (o_c[:, None] == o_c[None, :]).to(tl.float32)
-
-
-@triton.jit
-def _mm(b_a, b_b):
-    """fp32 16x16 product in full fp32 precision (for the inverse)."""
-    return tl.dot(b_a, b_b, input_precision="ieee")
-
-
-@triton.jit
-def _load_block(p_base, o_r, m_r, o_c, ROW_STRIDE: tl.constexpr):
-    """[16, 16] block of a [*, ROW_STRIDE] fp32 buffer (rows o_r, columns o_c), zero where masked."""
-    return tl.load(p_base + o_r[:, None] * ROW_STRIDE + o_c[None, :], mask=m_r[:, None], other=0.0)
 
 
 @triton.jit
@@ -305,13 +286,13 @@ def chunk_kda_fwd_wy_kernel(
     V: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
+    NB: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
 ):
-    """Per (chunk, head): T = (I + A_kk)^-1 (written over A_kk in akk), then
-    w = T(β⊙k⊙e^G) and u = T(β⊙v)."""
+    """Per (chunk, head): T = (I + A_kk)^-1, then w = T(β⊙k⊙e^G) and u = T(β⊙v)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
@@ -324,40 +305,29 @@ def chunk_kda_fwd_wy_kernel(
     m_t = o_t < eos
     p_a = akk + i_h * BT
 
-    # T on 16x16 blocks: forward substitution on the diagonal, then
-    # T_IJ = -T_II sum_{J <= M < I} A_IM T_MJ
-    o_r0, o_r1, o_r2, o_r3 = t0 + o_c, t0 + BC + o_c, t0 + 2 * BC + o_c, t0 + 3 * BC + o_c
-    m_r0, m_r1, m_r2, m_r3 = o_r0 < eos, o_r1 < eos, o_r2 < eos, o_r3 < eos
-    b_T00 = _invert_diag(_load_block(p_a, o_r0, m_r0, o_c, H * BT), o_c, BC)
-    b_T11 = _invert_diag(_load_block(p_a, o_r1, m_r1, BC + o_c, H * BT), o_c, BC)
-    b_T22 = _invert_diag(_load_block(p_a, o_r2, m_r2, 2 * BC + o_c, H * BT), o_c, BC)
-    b_T33 = _invert_diag(_load_block(p_a, o_r3, m_r3, 3 * BC + o_c, H * BT), o_c, BC)
-    b_A10 = _load_block(p_a, o_r1, m_r1, o_c, H * BT)
-    b_A20 = _load_block(p_a, o_r2, m_r2, o_c, H * BT)
-    b_A21 = _load_block(p_a, o_r2, m_r2, BC + o_c, H * BT)
-    b_A30 = _load_block(p_a, o_r3, m_r3, o_c, H * BT)
-    b_A31 = _load_block(p_a, o_r3, m_r3, BC + o_c, H * BT)
-    b_A32 = _load_block(p_a, o_r3, m_r3, 2 * BC + o_c, H * BT)
-    b_T10 = -_mm(b_T11, _mm(b_A10, b_T00))
-    b_T21 = -_mm(b_T22, _mm(b_A21, b_T11))
-    b_T32 = -_mm(b_T33, _mm(b_A32, b_T22))
-    b_T20 = -_mm(b_T22, _mm(b_A20, b_T00) + _mm(b_A21, b_T10))
-    b_T31 = -_mm(b_T33, _mm(b_A31, b_T11) + _mm(b_A32, b_T21))
-    b_T30 = -_mm(b_T33, _mm(b_A30, b_T00) + _mm(b_A31, b_T10) + _mm(b_A32, b_T20))
-    # every A block is in registers before T overwrites it (blocks above the diagonal stay 0)
-    tl.debug_barrier()
-    _store_rows(p_a, b_T00, o_r0, m_r0, o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_T10, o_r1, m_r1, o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_T11, o_r1, m_r1, BC + o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_T20, o_r2, m_r2, o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_T21, o_r2, m_r2, BC + o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_T22, o_r2, m_r2, 2 * BC + o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_T30, o_r3, m_r3, o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_T31, o_r3, m_r3, BC + o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_T32, o_r3, m_r3, 2 * BC + o_c, o_c < BC, H * BT)
-    _store_rows(p_a, b_T33, o_r3, m_r3, 3 * BC + o_c, o_c < BC, H * BT)
-    tl.debug_barrier()
-    b_T = _load_rows(p_a, o_t, m_t, o_i, o_i < BT, H * BT)  # [BT, BT] one tensor-core operand
+    # T = (I + A)^-1 with A = E + (diagonal blocks): D^-1 of the four unit lower-triangular 16x16
+    # diagonal blocks by forward substitution, all four at once ([NB, BC, BC]); then with
+    # M = D^-1 E (strictly block-lower, M^4 = 0): T = (I - M)(I + M^2) D^-1
+    o_b = tl.arange(0, NB)
+    o_rb = t0 + o_b[:, None] * BC + o_c[None, :]  # [NB, BC] token rows of each block
+    p_d = p_a + o_rb[:, :, None] * (H * BT) + (o_b[:, None] * BC + o_c[None, :])[:, None, :]
+    b_X = -tl.load(p_d, mask=(o_rb < eos)[:, :, None], other=0.0)  # [NB, BC, BC]
+    for i in range(1, BC):
+        # [NB, BC] row i of each block: X_i = -A_i - sum_{j<i} A_ij X_j (rows < i final)
+        o_ri = t0 + o_b * BC + i
+        p_ri = p_a + o_ri[:, None] * (H * BT) + o_b[:, None] * BC + o_c[None, :]
+        b_a = -tl.load(p_ri, mask=(o_ri < eos)[:, None], other=0.0)
+        b_a += tl.sum(b_a[:, :, None] * b_X, axis=1)
+        b_X = tl.where((o_c == i)[None, :, None], b_a[:, None, :], b_X)
+    b_X += (o_c[:, None] == o_c[None, :]).to(tl.float32)[None, :, :]
+    m_own = (o_b[:, None, None, None] == o_b[None, None, :, None])  # [NB, 1, NB, 1]
+    b_Dinv = tl.reshape(tl.where(m_own, b_X[:, :, None, :], 0.0), (BT, BT))  # block diagonal
+    b_A = _load_rows(p_a, o_t, m_t, o_i, o_i < BT, H * BT)  # [BT, BT]
+    b_E = tl.where((o_i // BC)[:, None] > (o_i // BC)[None, :], b_A, 0.0)
+    b_I = (o_i[:, None] == o_i[None, :]).to(tl.float32)
+    b_M = tl.dot(b_Dinv, b_E, input_precision="tf32x3")
+    b_M2 = tl.dot(b_M, b_M, input_precision="tf32x3")
+    b_T = tl.dot(tl.dot(b_I - b_M, b_I + b_M2, input_precision="tf32x3"), b_Dinv, input_precision="tf32x3")
 
     b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
     b_kb = b_beta
@@ -585,7 +555,7 @@ def chunk_kda_fwd_triton(
     )
     launch(chunk_kda_fwd_wy_kernel)[(rows, B * H)](
         k, v, beta, gc, rqk, akk, w, u, *index,
-        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.wy_bk, BV=cfg.wy_bv, num_warps=cfg.wy_warps, **common,
+        H=H, K=K, V=V, BT=BT, BC=BC, NB=BT // BC, BK=cfg.wy_bk, BV=cfg.wy_bv, num_warps=cfg.wy_warps, **common,
     )
     store_final = final_state.dim() == 4
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
