@@ -121,8 +121,8 @@ def train(task: Task, model: nn.Module, settings: TrainingSettings, eval_lengths
         raise ValueError(f"train: eval_lengths {eval_lengths} must include the training length {settings.seq_len}")
     device = torch.device(settings.device)
     model.to(device).train()
-    train_stream = torch.Generator(device).manual_seed(2 * settings.seed)
-    eval_stream = torch.Generator(device).manual_seed(2 * settings.seed + 1)
+    train_stream = torch.Generator(device=device).manual_seed(2 * settings.seed)
+    eval_stream = torch.Generator(device=device).manual_seed(2 * settings.seed + 1)
     held_out = {
         str(length): [task.sample(settings.batch_size, length, eval_stream) for _ in range(settings.eval_batches)]
         for length in eval_lengths
