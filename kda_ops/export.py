@@ -331,7 +331,7 @@ def export_model(
     ops_in_programs: set[str] = set()
     ops_called_back: set[str] = set()
 
-    def write(name: str, program: nn.Module, args: tuple, dynamic_shapes=None) -> None:
+    def export_program(name: str, program: nn.Module, args: tuple, dynamic_shapes=None) -> None:
         start = time.perf_counter()
         exported = torch.export.export(program, args, dynamic_shapes=dynamic_shapes)
         path = os.path.join(out_dir, exported_file(name))
@@ -354,12 +354,14 @@ def export_model(
         say(f"prefill: up to {max_batch} sequences, {max_batch * max_len} tokens")
         with _moe_path_fixed_for_any_token_count(model):
             example = _prefill_example(max_batch, max_len, model.config.vocab_size, device)
-            write(PREFILL_NAME, PrefillProgram(model, names), (*example, caches), _prefill_dynamic_shapes(max_batch, max_len, len(caches)))
+            export_program(
+                PREFILL_NAME, PrefillProgram(model, names), (*example, caches), _prefill_dynamic_shapes(max_batch, max_len, len(caches))
+            )
         for batch in buckets:
             say(f"decode step: batch {batch}")
             tokens = torch.zeros(batch, dtype=torch.long, device=device)
             slots = torch.arange(batch, device=device)
-            write(decode_name(batch), DecodeProgram(model, names), (tokens, slots, caches))
+            export_program(decode_name(batch), DecodeProgram(model, names), (tokens, slots, caches))
 
     for name in [PREFILL_NAME] + [decode_name(b) for b in buckets]:
         for file in [exported_file(name)] + ([aoti_file(name)] if aoti else []):
