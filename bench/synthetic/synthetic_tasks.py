@@ -14,9 +14,10 @@ host synchronisation and no Python loop over positions.
 Formats (token ids are task-local; `vocab_size` is one more than the largest id):
 
 Palindrome(alphabet_size A): ids 0 = SEP, 1..A = symbols. With n = T/2 random symbols x,
-    input   = x_0 ... x_{n-1}  SEP  x_{n-1} ... x_1
-    targets =  -       -        x_{n-1} ... x_1  x_0
-  i.e. after SEP the model writes x backwards; every position from SEP on is scored (n targets).
+    position  0 .. n-1           n        n+1 .. 2n-1
+    input     x_0 .. x_{n-1}     SEP      x_{n-1} .. x_1
+    target    (none)             x_{n-1}  x_{n-2} .. x_0
+  i.e. from SEP on the model writes x backwards; the n positions from SEP on are scored.
 
 MultiQueryAssociativeRecall(num_pairs D, num_keys NK, num_values NV): ids 0..NK-1 = keys,
   NK..NK+NV-1 = values. D key-value pairs with distinct keys, then Q = T/2 - D queries, each a key
@@ -153,5 +154,3 @@ class Stack:
         targets = torch.stack([pop_target, torch.full_like(value, IGNORE_INDEX)], dim=2).view(batch_size, seq_len)
         return _batch(input_ids, targets)
 
-
-TASK_NAMES = ("palindrome", "mqar", "stack")
