@@ -114,7 +114,7 @@ def test_lengths_the_format_cannot_fill_are_rejected(task, seq_len):
 # ---------------------------------------------------------------------------- models and schedule
 
 
-def test_scalar_gate_is_kda_with_the_head_gate_on_every_channel():
+def test_scalar_gate_is_kda_with_the_head_gate_on_every_channel(one_cpu_thread):
     """ScalarGateDeltaAttention equals KimiDeltaAttention whose gate projection and dt_bias repeat
     the head's row K times: outputs and gradients (the per-head gradient is the sum over the
     head's K channel rows), through chunk_kda's backward."""
