@@ -50,7 +50,7 @@ at the last real row.
 
 Varlen (B = 1, device `cu_seqlens`, N sequences): the parallel kernels run over an upper bound
 of chunk slots, (T + (BT−1)·N) // BT ≥ Σ_n cdiv(len_n, BT), from shapes only; a device-side table
-built with torch ops (cumsum, scatter-add; no host read) maps each slot to its sequence, and
+built by a small kernel (no host read) maps each slot to its sequence, and
 slots past the last chunk exit at once. The scan reads its sequence's bounds from cu_seqlens.
 """
 
@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 BT = 64  # chunk length
 BC = 16  # sub-chunk length (tl.dot needs M, N, K >= 16)
@@ -473,24 +474,50 @@ def _direct(kernel):
     return kernel
 
 
-def chunk_table(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Device-side chunk index for packed sequences, from shapes and device ops only.
+@triton.jit
+def chunk_kda_fwd_table_kernel(cu_seqlens, chunk_seq, chunk_offsets, N, SLOTS, BT: tl.constexpr, BLOCK: tl.constexpr):
+    """Per block of BLOCK chunk slots (and of BLOCK entries of chunk_offsets):
+    chunk_offsets[n] = Σ_{m<n} cdiv(len_m, BT) and chunk_seq[c] = #{n : chunk_offsets[n+1] <= c},
+    i.e. the sequence of slot c, N for slots past the last chunk. Every program scans all N
+    sequences itself, so programs do not depend on each other."""
+    i_p = tl.program_id(0)
+    o_x = i_p * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] slots, and indices into chunk_offsets
+    b_seq = tl.zeros([BLOCK], dtype=tl.int32)
+    b_carry = tl.zeros([], dtype=tl.int32)  # chunks of the sequences before this block
+    for i_n0 in range(0, N, BLOCK):
+        o_n = i_n0 + tl.arange(0, BLOCK)
+        m_n = o_n < N
+        b_len = tl.load(cu_seqlens + o_n + 1, mask=m_n, other=0) - tl.load(cu_seqlens + o_n, mask=m_n, other=0)
+        b_cnt = (b_len.to(tl.int32) + BT - 1) // BT  # [BLOCK] chunks per sequence
+        b_end = b_carry + tl.cumsum(b_cnt, axis=0)  # [BLOCK] chunk_offsets[o_n + 1]
+        m_end = (b_end[None, :] <= o_x[:, None]) & m_n[None, :]  # [BLOCK, BLOCK]
+        b_seq += tl.sum(m_end.to(tl.int32), axis=1)
+        m_own = m_n & (o_n + 1 >= i_p * BLOCK) & (o_n + 1 < (i_p + 1) * BLOCK)
+        tl.store(chunk_offsets + o_n + 1, b_end, mask=m_own)
+        b_carry += tl.sum(b_cnt, axis=0)
+    tl.store(chunk_seq + o_x, b_seq, mask=o_x < SLOTS)
+    tl.store(chunk_offsets + o_x, tl.zeros([BLOCK], dtype=tl.int32), mask=o_x == 0)
+
+
+def chunk_table(
+    cu_seqlens: torch.Tensor, T: int, launch: Callable = wrap_triton
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Device-side chunk index for packed sequences, from shapes and one small kernel.
 
     Returns (chunk_seq [slots] int32: the sequence of each chunk slot, N for unused slots;
     chunk_offsets [N + 1] int32: the first slot of each sequence; slots), where
     slots = (T + (BT − 1)·N) // BT bounds Σ_n cdiv(len_n, BT) for any lengths summing to T.
-    chunk_seq[c] counts the sequences whose chunks end at or before slot c (a scatter-add of
-    the end offsets, then a cumsum: torch.searchsorted compiled by Inductor in torch 2.11 gave
-    results off by one here).
+    A Triton kernel rather than torch ops: Inductor (torch 2.11) compiled torch.searchsorted on
+    this table off by one, and the kernels then read out of bounds.
     """
     N = cu_seqlens.shape[0] - 1
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    ends = torch.div(lens + (BT - 1), BT, rounding_mode="floor").cumsum(0)  # [N]
-    chunk_offsets = torch.cat([ends.new_zeros(1), ends])
     slots = (T + (BT - 1) * N) // BT
-    marks = ends.new_zeros(slots + 1).scatter_add(0, ends.clamp(max=slots), torch.ones_like(ends))
-    chunk_seq = marks.cumsum(0)[:slots]
-    return chunk_seq.to(torch.int32), chunk_offsets.to(torch.int32), slots
+    chunk_seq = torch.empty((slots,), dtype=torch.int32, device=cu_seqlens.device)
+    chunk_offsets = torch.empty((N + 1,), dtype=torch.int32, device=cu_seqlens.device)
+    block = 128
+    grid = (triton.cdiv(max(slots, N + 1), block),)
+    launch(chunk_kda_fwd_table_kernel)[grid](cu_seqlens, chunk_seq, chunk_offsets, N, slots, BT=BT, BLOCK=block)
+    return chunk_seq, chunk_offsets, slots
 
 
 def chunk_kda_fwd_triton(
@@ -521,7 +548,7 @@ def chunk_kda_fwd_triton(
     is_varlen = cu_seqlens is not None
     if is_varlen:
         N = cu_seqlens.shape[0] - 1
-        chunk_seq, chunk_offsets, slots = chunk_table(cu_seqlens, T)
+        chunk_seq, chunk_offsets, slots = chunk_table(cu_seqlens, T, launch)
         NT = slots
     else:
         N = B

@@ -26,7 +26,7 @@ warnings.simplefilter("error", RuntimeWarning)
 
 import torch
 
-from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton
+from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton, chunk_table
 from kda_ops.meta.chunk_kda import chunk_kda_fwd_reference
 from kda_ops.meta.kda_recurrent import l2norm
 
@@ -94,9 +94,31 @@ def run_case(case, gen) -> list[str]:
     return failures
 
 
+def check_chunk_table(gen) -> list[str]:
+    """The varlen slot -> sequence table against host-built lists, including empty sequences
+    and more sequences than one block of the table kernel (128)."""
+    many = torch.randint(0, 150, (200,), generator=gen)
+    many[::7] = 0
+    cases = [[0, 15, 100, 300], [0, 0, 15, 100, 300, 1200, 2000], [0, 64, 128, 129, 129]]
+    cases.append([0] + many.cumsum(0).tolist())
+    failures = []
+    for cu in cases:
+        lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        counts = [-(-n_len // 64) for n_len in lens]
+        want_seq = [n for n, c in enumerate(counts) for _ in range(c)]
+        want_offsets = [sum(counts[:n]) for n in range(len(counts) + 1)]
+        chunk_seq, chunk_offsets, slots = chunk_table(torch.tensor(cu, dtype=torch.int64), cu[-1], lambda kernel: kernel)
+        want_seq += [len(lens)] * (slots - len(want_seq))
+        if chunk_seq.tolist() != want_seq or chunk_offsets.tolist() != want_offsets:
+            failures.append(f"chunk table of {len(lens)} sequences differs from the host-built one")
+    print(f"chunk table: {len(cases)} cases, {len(failures)} failures")
+    return failures
+
+
 def main() -> int:
     gen = torch.Generator().manual_seed(0)
-    failures = [f for case in CASES for f in run_case(case, gen)]
+    failures = check_chunk_table(gen)
+    failures += [f for case in CASES for f in run_case(case, gen)]
     for f in failures:
         print("FAIL", f)
     return 1 if failures else 0

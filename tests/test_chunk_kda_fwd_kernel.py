@@ -17,7 +17,7 @@ import torch
 from kda_inputs import rel_rms
 
 from kda_ops import chunk_kda
-from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton, chunk_table
+from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton
 from kda_ops.meta.chunk_kda import chunk_kda_fwd_reference
 from kda_ops.meta.kda_recurrent import l2norm, recurrent_kda
 
@@ -31,33 +31,6 @@ def test_interpreted_kernels_match_reference():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-
-
-@pytest.mark.parametrize(
-    "cu",
-    [
-        pytest.param([0, 15, 100, 300], id="3-seqs"),
-        pytest.param([0, 0, 15, 100, 300, 1200, 2000], id="empty-first"),
-        pytest.param([0, 64, 128, 129, 129], id="exact-chunks-empty-last"),
-    ],
-)
-def test_chunk_table_eager_and_compiled(cu):
-    """Slot -> sequence table of the varlen kernels, eager and under Inductor (whose
-    searchsorted was off by one here), against a host-built list."""
-    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
-    T = cu[-1]
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    want_seq = [n for n, n_len in enumerate(lens) for _ in range(-(-n_len // 64))]
-    want_offsets = [0] + [sum(-(-n_len // 64) for n_len in lens[: n + 1]) for n in range(len(lens))]
-    chunk_seq, chunk_offsets, slots = chunk_table(cu_seqlens, T)
-    assert slots >= len(want_seq)
-    want_seq += [len(lens)] * (slots - len(want_seq))
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda x: chunk_table(x, T)[:2], fullgraph=True)(cu_seqlens)
-    for got_seq, got_offsets in ((chunk_seq, chunk_offsets), compiled):
-        assert got_seq.dtype == torch.int32 and got_offsets.dtype == torch.int32
-        assert got_seq.tolist() == want_seq
-        assert got_offsets.tolist() == want_offsets
 
 
 def _inputs(B, T, H, K, V, *, n_seqs, initial_state, l2norm_in_op, gate_floor, dtype=torch.bfloat16,
