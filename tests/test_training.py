@@ -1,20 +1,24 @@
-"""The synthetic-task experiments (bench/synthetic): each generator's targets against a direct
+"""The synthetic-task experiments (kda_ops.synthetic, driven by bench/synthetic/train.py): each generator's targets against a direct
 Python simulation of its task, the scalar (per-head) gate as the tiled special case of KDA's
 per-channel gate, and a micro model trained by train.py's compiled path on MQAR, on CPU."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from kda_ops.layers import KimiDeltaAttention
 
-# bench/synthetic, on the path through pyproject's [tool.pytest.ini_options] pythonpath.
-import train as train_script
-from synthetic_models import ScalarGateDeltaAttention, synthetic_config, synthetic_model
-from synthetic_tasks import IGNORE_INDEX, MultiQueryAssociativeRecall, Palindrome, Stack
-from synthetic_training import TrainingSettings, learning_rate, masked_metrics
+from kda_ops.synthetic.models import ScalarGateDeltaAttention, synthetic_config, synthetic_model
+from kda_ops.synthetic.tasks import IGNORE_INDEX, MultiQueryAssociativeRecall, Palindrome, Stack
+from kda_ops.synthetic.training import TrainingSettings, learning_rate, masked_metrics
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "synthetic" / "train.py"
 
 
 @pytest.fixture
@@ -184,7 +188,7 @@ def test_compiled_bf16_step_matches_eager_for_the_scalar_gate_hybrid(one_cpu_thr
 # ---------------------------------------------------------------------------- training
 
 
-def test_compiled_training_learns_mqar(tmp_path, one_cpu_thread):
+def test_compiled_training_learns_mqar(tmp_path):
     """A micro model (1 KDA layer, 2 heads of dim 16) trained by train.py for 80 steps on MQAR
     (4 pairs, 16 keys, 16 values, T = 32), compiled with fullgraph=True (aot_eager backend), fp32.
     Across seeds 0-9 the held-out loss fell to 0.26-0.62 of its initial value (ln 32) and token
@@ -198,7 +202,9 @@ def test_compiled_training_learns_mqar(tmp_path, one_cpu_thread):
         "--seed", "0", "--device", "cpu", "--dtype", "fp32", "--compile", "aot_eager",
         "--out", str(tmp_path), "--no-plot",
     ]  # fmt: skip
-    train_script.main(argv)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: see one_cpu_thread
+    run = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
     with open(tmp_path / "mqar_T32_channel_kda_seed0.json") as f:
         result = json.load(f)
     curve = result["curve"]

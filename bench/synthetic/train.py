@@ -11,7 +11,7 @@ Example (repository root):
       --out bench/results/h100/synthetic
 
 The JSON holds the arguments, the task's settings, the model config and parameter count, the
-machine (GPU, torch, triton, commit) and the record of synthetic_training.train (curve,
+machine (GPU, torch, triton, commit) and the record of kda_ops.synthetic.training.train (curve,
 steps_to_converge, train_seconds, first_step_seconds, step_ms).
 """
 
@@ -25,9 +25,9 @@ import torch
 import triton
 
 from plot_curves import plot_runs
-from synthetic_models import GATE_KINDS, LAYER_KINDS, synthetic_config, synthetic_model
-from synthetic_tasks import MultiQueryAssociativeRecall, Palindrome, Stack
-from synthetic_training import Task, TrainingSettings, train
+from kda_ops.synthetic.models import GATE_KINDS, LAYER_KINDS, synthetic_config, synthetic_model
+from kda_ops.synthetic.tasks import MultiQueryAssociativeRecall, Palindrome, Stack
+from kda_ops.synthetic.training import Task, TrainingSettings, train
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 TASK_NAMES = ("palindrome", "mqar", "stack")

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kda_ops import KimiLinearConfig, KimiLinearForCausalLM
-from kda_ops.layers import KimiDeltaAttention
-from kda_ops.meta.kda_recurrent import accumulation_dtype
+from ..config import KimiLinearConfig
+from ..layers import KimiDeltaAttention
+from ..meta.kda_recurrent import accumulation_dtype
+from ..model import KimiLinearForCausalLM
 
 LAYER_KINDS = ("kda", "mla")
 GATE_KINDS = ("channel", "head")

@@ -1,4 +1,4 @@
-"""Training and evaluation of a model on a synthetic task (synthetic_tasks): AdamW with linear warmup
+"""Training and evaluation of a model on a synthetic task (kda_ops.synthetic.tasks): AdamW with linear warmup
 and cosine decay, the loss and accuracy on the scored positions only, the forward + loss compiled
 with torch.compile(fullgraph=True), bf16 autocast over fp32 weights, and held-out evaluation at
 several sequence lengths.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from synthetic_tasks import Batch
+from .tasks import Batch
 
 
 class Task(Protocol):
