@@ -301,6 +301,7 @@ def export_model(
     batch_buckets: Sequence[int] | None = None,
     block_size: int = 64,
     aoti: bool = True,
+    aoti_configs: dict | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
@@ -316,6 +317,8 @@ def export_model(
         max_batch); a batch runs in the smallest bucket that holds it, padded with idle slots.
     aoti: also compile every program with AOTInductor (the slow part: tens of seconds per
         program on a small CPU).
+    aoti_configs: Inductor config overrides for those compiles (aoti_compile_and_package's
+        inductor_configs), recorded in the metadata.
     The model is left as it was (its own caches, if any, are restored)."""
     say = progress or (lambda message: None)
     buckets = _validate_bounds(max_batch, max_len, batch_buckets, block_size)
@@ -344,7 +347,7 @@ def export_model(
 
             start = time.perf_counter()
             package = os.path.join(out_dir, aoti_file(name))
-            aoti_compile_and_package(exported, package_path=package)
+            aoti_compile_and_package(exported, package_path=package, inductor_configs=aoti_configs)
             seconds[aoti_file(name)] = time.perf_counter() - start
             ops_called_back.update(_ops_called_back_by_package(package))
             say(f"  {aoti_file(name)}: compiled by AOTInductor in {seconds[aoti_file(name)]:.1f} s")
@@ -385,6 +388,7 @@ def export_model(
             },
         ),
         kda_ops=dict(in_programs=sorted(ops_in_programs), aoti_runtime=sorted(ops_called_back)),
+        aoti_configs=aoti_configs or {},
         load_requirements="import kda_ops before loading (kda_ops.load_exported does): the programs call kda:: ops",
         files=files,
         export_seconds={k: round(v, 2) for k, v in seconds.items()},
