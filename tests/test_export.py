@@ -24,7 +24,9 @@ MAX_BATCH, MAX_LEN = 3, 32
 BUCKETS = (1, 3)  # a batch of 2 runs in bucket 3 with one idle slot
 DECODE_STEPS = 3
 NEW_TOKENS = 16
-LOGIT_PROMPT_LENGTHS = {"prompt_len_5": 5, "prompt_len_13": 13}
+# Export traces with 2 sequences of 5 tokens in all (a dim of example size 0 or 1 would be
+# specialised); a single 1-token prompt checks that sizes of 1 run correctly too.
+LOGIT_PROMPT_LENGTHS = {"prompt_len_1": 1, "prompt_len_5": 5, "prompt_len_13": 13}
 GENERATE_PROMPT_LENGTHS = (5, 13)
 
 
