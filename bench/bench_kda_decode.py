@@ -18,6 +18,7 @@ the same state bytes. fla is skipped when fla-core is not installed.
 import pytest
 import torch
 import triton
+from common import capture_cuda_graph, rel_rms
 
 import kda_ops
 from kda_ops.meta.kda_recurrent import recurrent_kda
@@ -31,10 +32,6 @@ H, K, V = 32, 128, 128
 BATCHES = [pytest.param(B, id=f"B{B}") for B in (1, 8, 64, 256)]
 PROVIDERS = [pytest.param("kda_ops", id="kda_ops"), pytest.param("fla", id="fla")]
 
-
-def _rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def _inputs(B: int):
@@ -81,21 +78,9 @@ def _check_correct(provider: str, B: int) -> None:
     o_ref, state_ref = recurrent_kda(
         q.float(), k.float(), v.float(), g, beta.float(), initial_state=state, output_final_state=True, use_qk_l2norm=True
     )
-    errors = {"o": _rel_rms(o, o_ref), "state": _rel_rms(new_state, state_ref)}
+    errors = {"o": rel_rms(o, o_ref), "state": rel_rms(new_state, state_ref)}
     assert all(e <= 0.005 for e in errors.values()), f"{provider} B={B}: rel RMS {errors} > 0.005"
 
-
-def _graphed(step):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # JIT compile and allocator warm-up before capture
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -103,7 +88,7 @@ def _graphed(step):
 def test_kda_decode(benchmark, provider, B):
     _check_correct(provider, B)
     step, _ = _step_fn(provider, *_inputs(B))
-    graph = _graphed(step)
+    graph = capture_cuda_graph(step)
     ms = triton.testing.do_bench(graph.replay, return_mode="median")
     state_bytes = 2 * B * H * K * V * 4
 

@@ -19,6 +19,7 @@ fp32 softmax, probabilities in bf16 times the bf16 values (the kernel's own roun
 import pytest
 import torch
 import triton
+from common import capture_cuda_graph, rel_rms
 
 import kda_ops
 
@@ -32,10 +33,6 @@ SHAPES = [
 PROVIDERS = [pytest.param("kda_ops", id="kda_ops"), pytest.param("torch", id="torch")]
 REFERENCE_BATCH = 8  # sequences per fp32 reference call (bounds its gathered copy of the cache)
 
-
-def _rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def _inputs(H: int, B: int, L: int):
@@ -76,21 +73,9 @@ def _check_correct(provider: str, H: int, B: int, L: int) -> None:
         for i in range(0, B, REFERENCE_BATCH)
     ]
     ref_o, ref_lse = torch.cat([r[0] for r in ref]), torch.cat([r[1] for r in ref])
-    errors = {"o": _rel_rms(o, ref_o), "lse": _rel_rms(lse, ref_lse)}
+    errors = {"o": rel_rms(o, ref_o), "lse": rel_rms(lse, ref_lse)}
     assert errors["o"] <= 0.005 and errors["lse"] <= 0.001, f"{provider} H={H} B={B} L={L}: rel RMS {errors}"
 
-
-def _graphed(step):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # JIT compile and allocator warm-up before capture
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -99,7 +84,7 @@ def test_mla_decode(benchmark, provider, H, B, L):
     _check_correct(provider, H, B, L)
     args = _inputs(H, B, L)
     fn = _provider(provider)
-    graph = _graphed(lambda: fn(*args))
+    graph = capture_cuda_graph(lambda: fn(*args))
     ms = triton.testing.do_bench(graph.replay, return_mode="median")
     total_bytes = (B * L * D_QK + B * H * D_QK + B * H * V_DIM) * 2
 

@@ -16,6 +16,7 @@ import sys
 
 import torch
 import triton
+from common import capture_cuda_graph, rel_rms
 
 from kda_ops.kernels.kda_decode import DecodeConfig, kda_decode_fwd
 from kda_ops.meta.kda_decode import kda_decode_reference
@@ -34,10 +35,6 @@ BV_CHOICES = (8, 16, 32, 64)
 WARP_CHOICES = (1, 2, 4, 8)
 STAGE_CHOICES = (1, 2)
 
-
-def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm()).item()
 
 
 def inputs(B, T, K, V):
@@ -63,14 +60,7 @@ def time_config(B, T, K, V, cfg: DecodeConfig) -> float | None:
     step()
     if max(rel_rms(o, o_ref), rel_rms(pool, ref_pool)) > 0.005:
         return None
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_cuda_graph(step, warmup=1)
     return triton.testing.do_bench(graph.replay, return_mode="median")
 
 
