@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from expecttest import assert_expected_inline
 from torch._dynamo.testing import CompileCounter
 
 from kda_ops import KimiLinearConfig, KimiLinearForCausalLM
@@ -461,3 +462,39 @@ def test_sampling_is_seeded_and_stops_at_eos():
     stopped = model.generate(prompts, 24, eos_token_id=eos, stop_check_interval=4, **options)
     assert stopped[0] == first[0][: first[0].index(eos) + 1]
     assert all(row.count(eos) <= 1 and (eos not in row or row[-1] == eos) for row in stopped)
+
+
+# ---------------------------------------------------------------------------- which kda ops run
+
+
+def _kda_ops_in_compiled_graph(fn, *args) -> str:
+    """The kda:: ops (with call counts) of the graph torch.compile(fullgraph=True) captures."""
+    calls = {}
+
+    def record(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "kda":
+                calls[node.target.name()] = calls.get(node.target.name(), 0) + 1
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=record, fullgraph=True)(*args)
+    return "\n".join(f"{name} x{count}" for name, count in sorted(calls.items()))
+
+
+def test_compiled_graphs_call_the_kda_ops():
+    """Snapshot of the ops each compiled path hands to the compiler (micro preset: 3 KDA layers,
+    1 MLA layer). Regenerate with EXPECTTEST_ACCEPT=1 when the model's op use changes on purpose."""
+    model = micro_model(dtype=torch.float32)
+    model.allocate_caches(max_batch=2, max_len=32, block_size=8)
+    slots = torch.arange(2)
+    forward = _kda_ops_in_compiled_graph(model, random_ids(1, 20))
+    assert_expected_inline(forward, """kda::chunk_kda_fwd x3""")
+    prefill = _kda_ops_in_compiled_graph(model.prefill, random_ids(12), torch.tensor([0, 5, 12], dtype=torch.int32), slots)
+    assert_expected_inline(prefill, """kda::chunk_kda_fwd x3""")
+    decode = _kda_ops_in_compiled_graph(model.decode_step, random_ids(2), slots)
+    assert_expected_inline(decode, """\
+kda::causal_conv1d_update x9
+kda::kda_decode x3
+kda::mla_decode x1""")
