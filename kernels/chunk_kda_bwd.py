@@ -16,17 +16,19 @@ BT = 64 in sub-chunks of BC = 16 rows; the forward's three parallel kernels, the
    dtype) and dv_new = A_qkᵀ·dO + kg·dS₁ (fp32), steps dS₀ = e^(G_last)⊙dS₁ + qgᵀ·dO − wᵀ·dv_new
    and writes dh0.
 4. `chunk_kda_bwd_chunk_kernel`, one program per (chunk, head), fully parallel, everything else
-   on [64, *] tiles, starting from T = (I + A_kk)^-1, inverted from A_kk as the forward's wy
+   on [64, *] tiles, starting from Tᵀ, T = (I + A_kk)^-1, inverted from A_kk as the forward's wy
    kernel does (which keeps T in registers only):
    (a) over V tiles: dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the dβ term Σ_v dv_b⊙v, and the two C×C
        gradients dA_qk = dO·v_newᵀ and dA_kk = −dv_b·v_newᵀ (strictly lower). The latter is the
        reference's −Tᵀ·dT·Tᵀ simplified: dT = dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is
        T⁻¹·v_new, so −Tᵀ·dT·Tᵀ = −Tᵀ·dv_new·v_newᵀ. It needs no pass over K, so dA_kk is
-       complete before the K pass that consumes it;
-   (b) over K tiles, each with an inner loop over V tiles of h and dh: dO·S₀ᵀ, dv_new·S₀ᵀ (→ the
-       WY gradient Tᵀ·dw, dw = −dv_new·S₀ᵀ), v_new·dS₁ᵀ and Σ_v dS₁⊙S₀; the intra-chunk backward
-       of A_qk and A_kk with the per-channel gate; from all of it dq, dk, dβ and dG, and dg, the
-       reverse chunk-local cumsum of dG, in registers: a K tile holds every row of the chunk;
+       complete before the K pass that consumes it. dv_b goes back over dv_new, and the two
+       masked C×C matrices M_qk, M_kk of the intra-chunk backward over A_qk's and A_kk's rows;
+   (b) over K tiles, each with an inner loop over V tiles of h and dh: dO·S₀ᵀ, dv_b·S₀ᵀ (the WY
+       gradient Tᵀ·dw with dw = −dv_new·S₀ᵀ, associated as −(Tᵀ·dv_new)·S₀ᵀ so that T is done
+       with after (a)), v_new·dS₁ᵀ and Σ_v dS₁⊙S₀; the intra-chunk backward of A_qk and A_kk with
+       the per-channel gate; from all of it dq, dk, dβ and dG, and dg, the reverse chunk-local
+       cumsum of dG, in registers: a K tile holds every row of the chunk;
    (c) with the in-kernel L2 norm, a last pass over K applies its backward,
        dx = r·(dy − y·(y·dy)), to the dy that (b) parked in fp32 workspaces (the row dot y·dy
        needs every K tile first).
@@ -35,9 +37,10 @@ BT = 64 in sub-chunks of BC = 16 rows; the forward's three parallel kernels, the
 
 Saved vs recomputed. Nothing but the op's inputs survives the forward (fla keeps A_qk and T
 from forward to backward). The backward holds, besides inputs and gradients: w, qg, kg (input
-dtype) and A_qk (fp32) until the reverse scan is done; u (fp32) until the forward scan is done;
-G (fp32, [B, T, H, K]), A_kk (fp32, [B, T, H, 64]), h and dh (per chunk K×V, input dtype), v_new
-and dv_new (fp32, [B, T, H, V]) until the end; with the L2 norm the row norms (fp32
+dtype) until the reverse scan is done; u (fp32) until the forward scan is done; G (fp32,
+[B, T, H, K]), A_qk and A_kk (fp32, [B, T, H, 64], the chunk kernel's M_qk and M_kk after the
+reverse scan), h and dh (per chunk K×V, input dtype), v_new and dv_new (fp32, [B, T, H, V]) until
+the end; with the L2 norm the row norms (fp32
 [B, T, H, 2]) and two fp32 [B, T, H, K] workspaces. fla's backward materialises w, u, qg, kg, h, dh, v_new and fp32 dq, dk, dg, dA
 workspaces as well; bench/bench_chunk_kda_bwd.py records both peaks.
 
@@ -54,8 +57,13 @@ of I: both factors are ≤ 1 and exact, for the row sums (Σ_j, the left factor 
 product) and the column sums (Σ_i, the right factor applied after it) alike. The diagonal
 sub-blocks are exact and elementwise: row jj of every row's own sub-chunk is gathered from
 memory at a time (the forward intra kernel's scheme), masked to j ≤ i before exponentiating, and
-serves as column c ≤ i of the row sums and row r ≥ j of the column sums. Gates of −1000 stay
-exact.
+serves as column c ≤ i of the row sums and row r ≥ j of the column sums; the matching entries of
+M_qk and M_kk are gathered from the rows parked after (a). Gates of −1000 stay exact.
+
+Resources (sm_90, checked offline by bench/check_kernel_resources.py for every launch config of
+launch_config, see its docstring): the chunk kernel keeps one shared-memory copy each of M_qk,
+M_kk and their transposes for the off-diagonal products of every anchor, and T only through (a),
+and parks the diagonal entries in memory rather than holding [64, 16] extracts in registers.
 
 Varlen (B = 1, device `cu_seqlens`): the forward's chunk table (slot → sequence, from device
 ops, no host read) drives the parallel kernels; the scans read their sequence's bounds and first
@@ -92,13 +100,17 @@ def _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, STRIDE: tl.constexpr):
 
 
 @triton.jit
-def _wy_inverse(p_A, t0, eos, BT: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, STRIDE: tl.constexpr):
-    """[BT, BT] T = (I + A)^-1 for a chunk's strictly lower A_kk (rows t0.. of a [*, STRIDE] fp32
-    buffer; rows past eos read as zero, i.e. identity rows of T).
+def _wy_inverse_t(p_A, t0, eos, BT: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, STRIDE: tl.constexpr):
+    """[BT, BT] Tᵀ, T = (I + A)^-1 for a chunk's strictly lower A_kk (rows t0.. of a [*, STRIDE]
+    fp32 buffer; rows past eos read as zero, i.e. identity rows of T).
 
     D = I + (A's diagonal 16×16 blocks) is inverted by forward substitution, the NB blocks at
     once; with E the rest of A and M = D^-1·E (strictly block lower, so M^NB = 0 for NB = 4),
-    T = (I + M)^-1·D^-1 = (I − M)(I + M²)·D^-1, in products of fp32 accuracy (tf32x3).
+    T = (I + M)^-1·D^-1 = (I − M)(I + M²)·D^-1, in products of fp32 accuracy (tf32x3). The last
+    product is formed transposed, Tᵀ = D^-ᵀ·((I − M)(I + M²))ᵀ, which is also the form the
+    callers use: with D^-1 as the right operand, ptxas spilled ~1.2 KB per thread on sm_90 (the
+    block-diagonal D^-1 is built by a reshape whose layout made the operand expensive); as the
+    left operand it costs nothing extra (it already is one in D^-1·E).
     """
     o_i = tl.arange(0, BT)
     o_b = tl.arange(0, NB)
@@ -122,21 +134,8 @@ def _wy_inverse(p_A, t0, eos, BT: tl.constexpr, BC: tl.constexpr, NB: tl.constex
     b_I = (o_i[:, None] == o_i[None, :]).to(tl.float32)
     b_M = tl.dot(b_Dinv, b_E, input_precision="tf32x3")
     b_M2 = tl.dot(b_M, b_M, input_precision="tf32x3")
-    return tl.dot(tl.dot(b_I - b_M, b_I + b_M2, input_precision="tf32x3"), b_Dinv, input_precision="tf32x3")
-
-
-@triton.jit
-def _diag_cols(b_M, o_i, BT: tl.constexpr, BC: tl.constexpr):
-    """[BT, BC]: each row's entries in the columns of its own sub-chunk, M[i, a(i) + jj] with a(i) the
-    first row of row i's sub-chunk."""
-    m_own = (o_i // BC)[:, None, None] == tl.arange(0, BT // BC)[None, :, None]
-    return tl.sum(tl.where(m_own, tl.reshape(b_M, (BT, BT // BC, BC)), 0.0), axis=1)
-
-
-@triton.jit
-def _col(b_D, o_c, jj):
-    """Column jj of a [R, C] block as [R], exactly."""
-    return tl.sum(tl.where(o_c[None, :] == jj, b_D, 0.0), axis=1)
+    b_P = tl.dot(b_I - b_M, b_I + b_M2, input_precision="tf32x3")
+    return tl.dot(tl.trans(b_Dinv), tl.trans(b_P), input_precision="tf32x3")
 
 
 @triton.jit
@@ -201,18 +200,20 @@ def chunk_kda_bwd_state_kernel(
         m_t = o_t < eos
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        # loads that do not depend on the state (pipelined across iterations)
-        b_w = tl.load(w + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
-        b_kg = tl.load(kg + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+        # Loads do not depend on the state (the pipeliner prefetches them when num_stages > 1).
+        # Each [BT, BK] operand is loaded next to its product: its shared-memory copy then is
+        # dead before the next one is made (at K = 256 in fp32 they are 64 KB each)
         b_u = tl.load(u + (o_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)  # [BT, BV] fp32
         b_gl = tl.load(gl + ((i_s0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)  # [BK] G_last
 
         # [BK, BV] the state entering the chunk, rounded as the forward rounds it for its products
-        b_hc = b_h.to(b_w.dtype)
+        b_hc = b_h.to(h.dtype.element_ty)
         tl.store(h + ((i_s0 + i_t) * H + i_h) * K * V + o_kv, b_hc, mask=m_kv)
         # [BT, BV] v_new = u − w·S₀ (fp32: it enters dA_qk, dA_kk and dk)
+        b_w = tl.load(w + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
         b_vn = b_u - tl.dot(b_w, b_hc)
         tl.store(v_new + (o_t[:, None] * H + i_h) * V + o_v[None, :], b_vn, mask=m_tv)
+        b_kg = tl.load(kg + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
         # [BK, BV] decay to the chunk end and add the chunk's writes
         b_h = b_h * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_kg.to(tl.float32)), b_vn)
 
@@ -275,23 +276,26 @@ def chunk_kda_bwd_dstate_kernel(
         m_t = o_t < eos
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        # loads that do not depend on dS (pipelined across iterations)
-        b_qg = tl.load(qg + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
-        b_kg = tl.load(kg + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
-        b_w = tl.load(w + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+        # Loads do not depend on dS (the pipeliner prefetches them when num_stages > 1). Each
+        # [BT, BK] operand is loaded next to its product: its shared-memory copy then is dead
+        # before the next one is made (at K = 256 in fp32 they are 64 KB each)
         b_do = tl.load(do + (o_t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)  # [BT, BV]
         m_a = m_t[:, None] & (o_i[:, None] >= o_i[None, :])
         b_A = tl.load(aqk + (o_t[:, None] * H + i_h) * BT + o_i[None, :], mask=m_a, other=0.0)  # [BT, BT] fp32
         b_gl = tl.load(gl + ((i_s0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)  # [BK] G_last
 
         # [BK, BV] dS₁ rounded once: stored for the chunk kernel and used here, consistently
-        b_dhc = b_dh.to(b_kg.dtype)
+        b_dhc = b_dh.to(dh.dtype.element_ty)
         tl.store(dh + ((i_s0 + i_t) * H + i_h) * K * V + o_kv, b_dhc, mask=m_kv)
         # [BT, BV] dv_new = A_qkᵀ·dO + kg·dS₁ (fp32)
+        b_kg = tl.load(kg + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
         b_dvn = tl.dot(tl.trans(b_A), b_do.to(tl.float32)) + tl.dot(b_kg, b_dhc)
         tl.store(dv_new + (o_t[:, None] * H + i_h) * V + o_v[None, :], b_dvn, mask=m_tv)
         # [BK, BV] dS₀ = e^(G_last)⊙dS₁ + qgᵀ·dO − wᵀ·dv_new
-        b_dh = b_dh * tl.exp(b_gl)[:, None] + tl.dot(tl.trans(b_qg), b_do) - tl.dot(tl.trans(b_w.to(tl.float32)), b_dvn)
+        b_qg = tl.load(qg + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+        b_qgdo = tl.dot(tl.trans(b_qg), b_do)
+        b_w = tl.load(w + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)  # [BT, BK]
+        b_dh = b_dh * tl.exp(b_gl)[:, None] + b_qgdo - tl.dot(tl.trans(b_w.to(tl.float32)), b_dvn)
 
     if USE_INITIAL_STATE:
         tl.store(dh0 + p_state, b_dh, mask=m_kv)
@@ -306,6 +310,7 @@ def chunk_kda_bwd_chunk_kernel(
     do,
     gc,
     akk,
+    mqk,
     gl,
     rqk,
     h,
@@ -345,14 +350,15 @@ def chunk_kda_bwd_chunk_kernel(
 
     t0 = bos + i_c * BT  # first token of the chunk
     o_i = tl.arange(0, BT)
-    o_c = tl.arange(0, BC)
     o_t = t0 + o_i  # [BT] token rows
     m_t = o_t < eos
-    o_ta = t0 + (o_i // BC) * BC  # [BT] anchor row: first row of the row's sub-chunk
+    o_ia = (o_i // BC) * BC  # [BT] anchor: first row of the row's sub-chunk, within the chunk
+    o_ta = t0 + o_ia  # [BT] its token row
     m_ta = o_ta < eos
     m_incl = o_i[:, None] >= o_i[None, :]
     m_strict = o_i[:, None] > o_i[None, :]
     p_q, p_k, p_G = q + i_h * K, k + i_h * K, gc + i_h * K
+    p_Mq, p_Mk = mqk + i_h * BT, akk + i_h * BT  # [*, H * BT] rows of M_qk (scratch), M_kk (over A_kk)
     p_gl = gl + (i_s * H + i_h).to(tl.int64) * K
     p_state = (i_s * H + i_h).to(tl.int64) * K * V  # this chunk's S₀ in h, dS₁ in dh
     b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
@@ -366,8 +372,10 @@ def chunk_kda_bwd_chunk_kernel(
         b_rk = b_rq
 
     # (a) per V tile: dv = β⊙dv_b with dv_b = Tᵀ·dv_new (the gradient of β⊙v), dβ's v term, and
-    # the C×C gradients dA_qk = dO·v_newᵀ and −dA_kk = dv_b·v_newᵀ
-    b_T = _wy_inverse(akk + i_h * BT, t0, eos, BT, BC, NB, H * BT)  # [BT, BT] T = (I + A_kk)^-1
+    # the C×C gradients dA_qk = dO·v_newᵀ and −dA_kk = dv_b·v_newᵀ. dv_b is also written over
+    # dv_new (this chunk's rows, which no other program reads): pass (b) needs Tᵀ·dv_new·S₀ᵀ and
+    # takes it as dv_b·S₀ᵀ, so T is not held across the K loop
+    b_Tt = _wy_inverse_t(akk + i_h * BT, t0, eos, BT, BC, NB, H * BT)  # [BT, BT] Tᵀ, T = (I + A_kk)^-1
     b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dAkk = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
@@ -375,22 +383,21 @@ def chunk_kda_bwd_chunk_kernel(
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_vn = _load_rows(v_new + i_h * V, o_t, m_t, o_v, m_v, H * V)  # [BT, BV]
-        b_dvb = tl.dot(tl.trans(b_T), _load_rows(dv_new + i_h * V, o_t, m_t, o_v, m_v, H * V))  # [BT, BV]
+        b_dvb = tl.dot(b_Tt, _load_rows(dv_new + i_h * V, o_t, m_t, o_v, m_v, H * V))  # [BT, BV]
         _store_rows(dv + i_h * V, b_dvb * b_beta[:, None], o_t, m_t, o_v, m_v, H * V)
+        _store_rows(dv_new + i_h * V, b_dvb, o_t, m_t, o_v, m_v, H * V)
         b_db += tl.sum(b_dvb * _load_rows(v + i_h * V, o_t, m_t, o_v, m_v, H * V), axis=1)
         b_dAqk += tl.dot(_load_rows(do + i_h * V, o_t, m_t, o_v, m_v, H * V), tl.trans(b_vn))
         b_dAkk -= tl.dot(b_dvb, tl.trans(b_vn))
     # [BT, BT] the intra-chunk backward's M: zero where the forward's A is (above the diagonal,
-    # and on it for A_kk)
+    # and on it for A_kk). Also parked in memory, M_kk over this chunk's A_kk (whose every load
+    # is behind T), for the diagonal sub-blocks' entries that the exact loop below gathers
     b_Mqk = tl.where(m_incl, b_dAqk * scale, 0.0)
     b_Mkk = tl.where(m_strict, b_dAkk, 0.0)
-    # [BT, BC] x 4: the diagonal sub-blocks' entries, with the norm (and β) of the row that is
-    # gathered from memory in the exact loop below folded in: row sums Σ_c M[i, c] k̂_c E_ic and
-    # column sums Σ_r (Mqk[r, j] q̂_r + β_r Mkk[r, j] k̂_r) E_rj
-    b_Dq = _diag_cols(b_Mqk * b_rk[None, :], o_i, BT, BC)
-    b_Dk = _diag_cols(b_Mkk * b_rk[None, :], o_i, BT, BC)
-    b_Eq = _diag_cols(tl.trans(b_Mqk * b_rq[:, None]), o_i, BT, BC)
-    b_Ek = _diag_cols(tl.trans(b_Mkk * (b_beta * b_rk)[:, None]), o_i, BT, BC)
+    tl.debug_barrier()
+    _store_rows(p_Mq, b_Mqk, o_t, m_t, o_i, o_i < BT, H * BT)
+    _store_rows(p_Mk, b_Mkk, o_t, m_t, o_i, o_i < BT, H * BT)
+    tl.debug_barrier()  # other threads of the program read them
 
     # (b) per K tile
     b_sq = tl.zeros([BT], dtype=tl.float32)  # [BT] x 2: Σ_d y·dy for the L2 norm's backward
@@ -405,7 +412,7 @@ def chunk_kda_bwd_chunk_kernel(
         b_gl = tl.load(p_gl + o_k, mask=m_k, other=0.0)  # [BK] G_last
         b_G = _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, H * K)  # [BT, BK]
 
-        # [BT, BK] x 3: dO·S₀ᵀ, dv_new·S₀ᵀ, v_new·dS₁ᵀ; [BK] Σ_v dS₁⊙S₀
+        # [BT, BK] x 3: dO·S₀ᵀ, dv_b·S₀ᵀ (dv_b now in dv_new), v_new·dS₁ᵀ; [BK] Σ_v dS₁⊙S₀
         b_Pq = tl.zeros([BT, BK], dtype=tl.float32)
         b_Pw = tl.zeros([BT, BK], dtype=tl.float32)
         b_Pl = tl.zeros([BT, BK], dtype=tl.float32)
@@ -430,13 +437,18 @@ def chunk_kda_bwd_chunk_kernel(
         b_eG = tl.exp(b_G)
         b_el = tl.exp(b_gl[None, :] - b_G)  # e^(G_last − G) <= 1
         b_Aq = scale * b_Pq * b_eG
-        # dk_g = Tᵀ·dw with dw = −dv_new·S₀ᵀ: the gradient of β⊙k̂⊙e^G through w
-        b_Ay = -tl.dot(tl.trans(b_T), b_Pw) * b_eG
+        # dk_g = Tᵀ·dw with dw = −dv_new·S₀ᵀ, i.e. −(Tᵀ·dv_new)·S₀ᵀ = −dv_b·S₀ᵀ: the gradient of
+        # β⊙k̂⊙e^G through w
+        b_Ay = -b_Pw * b_eG
         b_Al = b_Pl * b_el
         b_Ac = tl.zeros([BT, BK], dtype=tl.float32)
 
         # intra-chunk backward, off-diagonal sub-block pairs on tensor cores: rows of sub-chunk
-        # i_a against columns j < a = its first row, e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j)
+        # i_a against columns j < a = its first row, e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j).
+        # The products take the whole M (one shared-memory copy each of M and Mᵀ for all three
+        # anchors): a product's row i only involves M's row i, so the rows of sub-chunk i_a are
+        # selected after it for the row sums, and before it, on the right operand, for the
+        # column sums
         b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * b_rq[:, None]  # [BT, BK] q̂
         b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]  # [BT, BK] k̂
         b_e = tl.exp(b_G - _load_gate(p_G, o_ta, m_ta, o_k, m_k, b_gl, H * K))  # [BT, BK] e^(G_i − G_a(i)) <= 1
@@ -448,12 +460,11 @@ def chunk_kda_bwd_chunk_kernel(
             b_ga = tl.where(t_a < eos, tl.load(p_G + t_a * H * K + o_k, mask=m_k & (t_a < eos), other=0.0), b_gl)
             b_r = tl.exp(tl.where((o_i < i_a * BC)[:, None], b_ga[None, :] - b_G, float("-inf")))  # [BT, BK] <= 1
             m_r = (o_i // BC == i_a)[:, None]  # rows of sub-chunk i_a only
-            b_Mq = tl.where(m_r, b_Mqk, 0.0)
-            b_Mk = tl.where(m_r, b_Mkk, 0.0)
             b_kr = b_k * b_r
-            b_Aq += b_e * tl.dot(b_Mq, b_kr)
-            b_Ay += b_e * tl.dot(b_Mk, b_kr)
-            b_Ac += b_r * (tl.dot(tl.trans(b_Mq), b_qe) + tl.dot(tl.trans(b_Mk), b_ke))
+            b_Aq += tl.where(m_r, b_e * tl.dot(b_Mqk, b_kr), 0.0)
+            b_Ay += tl.where(m_r, b_e * tl.dot(b_Mkk, b_kr), 0.0)
+            b_Ac += b_r * (tl.dot(tl.trans(b_Mqk), tl.where(m_r, b_qe, 0.0))
+                           + tl.dot(tl.trans(b_Mkk), tl.where(m_r, b_ke, 0.0)))
         # diagonal sub-blocks, exactly: row jj of every row's sub-chunk at a time, gathered from
         # memory; it is a column c <= i for the row sums and a row r >= j for the column sums
         for jj in range(BC):
@@ -462,13 +473,29 @@ def chunk_kda_bwd_chunk_kernel(
             b_qc = _load_rows(p_q, o_tc, m_c, o_k, m_k, H * K)  # [BT, BK] raw (norms are in D, E)
             b_kc = _load_rows(p_k, o_tc, m_c, o_k, m_k, H * K)
             b_Gc = _load_gate(p_G, o_tc, m_c, o_k, m_k, b_gl, H * K)
+            # [BT] x 4: the entries M[i, c] (row sums) and M[c, i] (column sums), c = a(i) + jj,
+            # gathered from the rows parked after (a), with the norm (and β) of the gathered row c
+            # folded in: row sums Σ_c M[i, c] k̂_c E_ic and column sums Σ_r (Mqk[r, j] q̂_r +
+            # β_r Mkk[r, j] k̂_r) E_rj
+            b_Dq = tl.load(p_Mq + o_t * (H * BT) + o_ia + jj, mask=m_t, other=0.0)
+            b_Dk = tl.load(p_Mk + o_t * (H * BT) + o_ia + jj, mask=m_t, other=0.0)
+            b_Eq = tl.load(p_Mq + o_tc * (H * BT) + o_i, mask=m_c, other=0.0)
+            b_Ek = tl.load(p_Mk + o_tc * (H * BT) + o_i, mask=m_c, other=0.0)
+            b_bc = tl.load(beta + o_tc * H + i_h, mask=m_c, other=0.0).to(tl.float32)  # [BT] β_c
+            if USE_QK_L2NORM:
+                b_rkc = tl.load(rqk + (o_tc * H + i_h) * 2 + 1, mask=m_c, other=0.0)
+                b_Dq *= b_rkc
+                b_Dk *= b_rkc
+                b_Eq *= tl.load(rqk + (o_tc * H + i_h) * 2, mask=m_c, other=0.0)
+                b_bc *= b_rkc
+            b_Ek *= b_bc
             m_lo = ((o_i % BC) >= jj)[:, None]
             m_hi = ((o_i % BC) <= jj)[:, None]
             # masked before exp so no positive exponent is ever formed
             b_kE = b_kc * tl.exp(tl.where(m_lo, b_G - b_Gc, float("-inf")))
-            b_Aq += _col(b_Dq, o_c, jj)[:, None] * b_kE
-            b_Ay += _col(b_Dk, o_c, jj)[:, None] * b_kE
-            b_x = _col(b_Eq, o_c, jj)[:, None] * b_qc + _col(b_Ek, o_c, jj)[:, None] * b_kc
+            b_Aq += b_Dq[:, None] * b_kE
+            b_Ay += b_Dk[:, None] * b_kE
+            b_x = b_Eq[:, None] * b_qc + b_Ek[:, None] * b_kc
             b_Ac += b_x * tl.exp(tl.where(m_hi, b_Gc - b_G, float("-inf")))
 
         b_bAy = b_beta[:, None] * b_Ay
@@ -508,6 +535,7 @@ class LaunchConfig:
     chunk_bk: int
     chunk_bv: int
     chunk_warps: int
+    chunk_stages: int
 
 
 def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
@@ -515,13 +543,19 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
 
     The scans hold the whole key dimension of their state tile (BK = next power of two >= K, at
     least 16 for tl.dot) with BV = 16: they are sequential over chunks, so the number of programs,
-    B·H·V/16, matters more than the work per program. Their three [BT, BK] operand tiles are
-    double-buffered while they fit (K <= 128 in half precision), and take 8 warps at K = 256 to
-    spread the registers. The chunk kernel keeps three [64, 64] fp32 matrices (T, dA_qk, dA_kk) and
-    four [64, 16] diagonal-block extracts live across its K loop, and about fifteen [64, BK] fp32 tiles
-    inside it (G, the four gradient accumulators, q, k, the anchor factors, the gathered rows):
-    K and V tiles of 32 over 8 warps put that near 200 registers a thread, under the 255 limit.
-    Untuned on hardware yet: BK = 16 is the alternative if it spills.
+    B·H·V/16, matters more than the work per program. Their [BT, BK] operand tiles are loaded
+    next to their products (one shared-memory copy live at a time), double-buffered while that
+    fits (K <= 128 in half precision), and take 8 warps at K = 256 to spread the registers.
+
+    The chunk kernel holds M_qk, M_kk (and their transposes) in shared memory across its K loop
+    and about fifteen [64, BK] fp32 tiles in registers inside it (G, the four gradient
+    accumulators, q, k, the anchor factors, the gathered rows), next to [64, 64] fp32 tensor-core
+    operands whose register copies the 8 warps replicate. BK = 16 and BV = 16 over 8 warps with
+    2 stages is the largest tiling ptxas (CUDA 12.8, sm_90a) fits in 255 registers without spills
+    at K = V = 64, 128, 256 (a few bytes at 64 and in fp32); K = 100 spills 50–80 bytes a thread
+    (its masked tails), K and V tiles of 32 spill 0.5–1 KB. Shared memory: 88–92 KB, from every
+    dtype. bench/check_kernel_resources.py compiles all of these for sm_90 and prints the table.
+    Untuned on hardware yet.
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
@@ -530,9 +564,10 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
         scan_bv=16,
         scan_warps=4 if scan_bk <= 128 else 8,
         scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
-        chunk_bk=min(32, scan_bk),
-        chunk_bv=min(32, max(16, triton.next_power_of_2(V))),
+        chunk_bk=16,
+        chunk_bv=16,
         chunk_warps=8,
+        chunk_stages=2,
     )
 
 
@@ -576,7 +611,7 @@ def chunk_kda_bwd_triton(
     is_varlen = cu_seqlens is not None
     if is_varlen:
         N = cu_seqlens.shape[0] - 1
-        chunk_seq, chunk_offsets, slots = chunk_table(cu_seqlens, T)
+        chunk_seq, chunk_offsets, slots = chunk_table(cu_seqlens, T, launch)
         NT = slots
     else:
         N = B
@@ -645,7 +680,7 @@ def chunk_kda_bwd_triton(
         num_warps=cfg.scan_warps,
         num_stages=cfg.scan_stages,
     )
-    del qg, kg, w, aqk
+    del qg, kg, w
 
     # 4. everything else, per chunk
     if use_qk_l2norm:
@@ -653,12 +688,14 @@ def chunk_kda_bwd_triton(
         dkn = torch.empty((B, T, H, K), dtype=f32, device=dev)
     else:
         dqn = dkn = None
+    # A_qk's buffer takes M_qk, A_kk's M_kk, dv_new's dv_b (each program its own rows)
     launch(chunk_kda_bwd_chunk_kernel)[grid_chunks](
-        q, k, v, beta, do, gc, akk, gl, rqk, h, dh, v_new, dv_new,
+        q, k, v, beta, do, gc, akk, aqk, gl, rqk, h, dh, v_new, dv_new,
         dq, dk, dv, dg, dbeta, dqn, dkn,
         cu_seqlens, chunk_seq, chunk_offsets,
         T, N, NT, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, NB=BT // BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv,
         IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
         num_warps=cfg.chunk_warps,
+        num_stages=cfg.chunk_stages,
     )
