@@ -16,7 +16,8 @@ Each op runs in two variants: `plain` (dense batch, every optional feature off) 
 multi-token step), so both sides of every constexpr feature switch are compiled.
 
 Exits 1 when a kernel fails to compile or needs more shared memory per block than --max-shared
-(default: the H100's 232448 bytes), or, with --no-spills, when ptxas spills registers.
+(default: the H100's 232448 bytes), or, with --no-spills, when ptxas spills registers; 2 when
+there is nothing to check (no ptxas, or no launch matched the filters).
 
     python bench/check_kernel_resources.py                       # everything (minutes)
     python bench/check_kernel_resources.py --kernels chunk_kda_bwd --dims 256 --dtypes bf16,fp32
@@ -274,6 +275,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", default=",".join(map(str, DIMS)), help="K = V values of the KDA ops")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="input dtypes")
     parser.add_argument("--variants", default="plain,full", help="plain and/or full")
+    parser.add_argument("--match", default="", help="only kernels whose name contains this")
     parser.add_argument("--max-shared", type=int, default=H100_SHARED_BYTES, help="bytes of shared memory per block")
     parser.add_argument("--no-spills", action="store_true", help="fail on any register spill")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -289,6 +291,10 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     launches = collect(families, [int(d) for d in args.dims.split(",")], args.dtypes.split(","),
                        args.variants.split(","))
+    launches = [launch for launch in launches if args.match in launch.kernel]
+    if not launches:
+        print("no kernel launches matched", file=sys.stderr)
+        return 2
     print(f"triton {triton.__version__}, target sm_90 (cuda {TARGET.arch}), {len(launches)} compiles, "
           f"shared-memory limit {args.max_shared} B", flush=True)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:

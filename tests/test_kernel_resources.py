@@ -1,0 +1,63 @@
+"""The chunked KDA backward's own Triton kernels fit an H100 (sm_90): compiled offline for sm_90 at
+the launch configurations chunk_kda_bwd_triton uses, each needs at most 200 KB of shared memory
+per block (the hardware allows 232448 bytes; the margin is for other triton versions, the GPU
+machine runs 3.6) — bench/check_kernel_resources.py does the compiling and the ptxas report.
+
+CPU only, ~20 s: the state, dstate and chunk kernels at K = V = 100 (masked tails) and 256 (the
+largest tiles of the scans), bf16 and fp32 (the largest operands), every feature switched on.
+`python bench/check_kernel_resources.py` covers every kernel of the package at every supported
+dim and dtype.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "check_kernel_resources.py"
+MARGIN_SHARED = 200 * 1024
+KERNELS = ("chunk_kda_bwd_state_kernel", "chunk_kda_bwd_dstate_kernel", "chunk_kda_bwd_chunk_kernel")
+ROW = re.compile(r"^(\w+)\s+(.+?)\s+(-?\d+)\s+(-?\d+)\s+(-?\d+)/(-?\d+)\s+(.+)$")
+
+
+def _ptxas() -> str | None:
+    if "nvidia" not in triton.backends.backends:
+        return None
+    try:
+        tool = triton.knobs.nvidia.ptxas
+    except (RuntimeError, AttributeError, OSError):
+        return None
+    return None if tool is None else tool.path
+
+
+def _check(*args) -> subprocess.CompletedProcess:
+    if _ptxas() is None:
+        pytest.skip("no ptxas for sm_90: triton's NVIDIA backend or its bundled ptxas is missing "
+                    "(set TRITON_PTXAS_PATH to a CUDA 12.x ptxas)")
+    cmd = [sys.executable, str(SCRIPT), "--kernels", "chunk_kda_bwd", "--match", "chunk_kda_bwd_", "--jobs", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _rows(stdout: str) -> list[tuple]:
+    return [m.groups() for line in stdout.splitlines() if (m := ROW.match(line)) and m.group(1) in KERNELS]
+
+
+def test_chunk_backward_kernels_fit_sm90_shared_memory():
+    run = _check("--dims", "100,256", "--dtypes", "bf16,fp32", "--variants", "full", "--max-shared", str(MARGIN_SHARED))
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = _rows(run.stdout)
+    assert sorted(r[0] for r in rows) == sorted(KERNELS * 4), run.stdout  # 2 dims x 2 dtypes each
+    for kernel, config, shared, registers, *_ in rows:
+        assert 0 < int(shared) <= MARGIN_SHARED, f"{kernel} {config}: {shared} bytes of shared memory"
+        assert 0 < int(registers) <= 255, f"{kernel} {config}: {registers} registers"
+
+
+def test_check_fails_over_the_shared_memory_limit():
+    """The exit status the test above relies on: a limit below what a kernel needs fails the run."""
+    run = _check("--dims", "64", "--dtypes", "bf16", "--variants", "plain", "--max-shared", "4096")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert re.search(r"shared \d+ > 4096", run.stdout), run.stdout
