@@ -42,7 +42,7 @@ dtype) until the reverse scan is done; u (fp32) until the forward scan is done; 
 reverse scan), h and dh (per chunk K×V, input dtype), v_new and dv_new (fp32, [B, T, H, V]) until
 the end; with the L2 norm the row norms (fp32
 [B, T, H, 2]) and two fp32 [B, T, H, K] workspaces. fla's backward materialises w, u, qg, kg, h, dh, v_new and fp32 dq, dk, dg, dA
-workspaces as well; bench/bench_chunk_kda_bwd.py records both peaks.
+workspaces as well; bench/bench_chunk_kda.py records both peaks.
 
 Precision. h and dh are stored in the input dtype: they are only ever operands of tl.dot, which
 takes bf16 operands anyway, and the scans form v_new and dv_new from the same rounded states, so
