@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     if not launches:
         print("no kernel launches matched", file=sys.stderr)
         return 2
-    print(f"triton {triton.__version__}, target sm_90 (cuda {TARGET.arch}), {len(launches)} compiles, "
+    print(f"triton {triton.__version__}, ptxas {triton.knobs.nvidia.ptxas.version} (sm_90a), {len(launches)} compiles, "
           f"shared-memory limit {args.max_shared} B", flush=True)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(compile_one, launches))
