@@ -81,6 +81,7 @@ from .chunk_kda_fwd import (
     BC,
     BT,
     _chunk,
+    _sequence,
     _load_rows,
     _store_rows,
     chunk_kda_fwd_intra_kernel,
@@ -173,14 +174,7 @@ def chunk_kda_bwd_state_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        i_s0 = tl.load(chunk_offsets + i_n).to(tl.int64)  # slot of the sequence's first chunk
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-        i_s0 = i_n.to(tl.int64) * NT
+    bos, eos, i_s0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
 
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -246,14 +240,7 @@ def chunk_kda_bwd_dstate_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        i_s0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-        i_s0 = i_n.to(tl.int64) * NT
+    bos, eos, i_s0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
 
     o_k = tl.arange(0, BK)
     m_k = o_k < K

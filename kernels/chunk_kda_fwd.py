@@ -109,6 +109,20 @@ def _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN: 
 
 
 @triton.jit
+def _sequence(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN: tl.constexpr):
+    """(first token, end token, slot of the first chunk) of sequence i_n, for the scans."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        i_s0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+        i_s0 = i_n.to(tl.int64) * NT
+    return bos, eos, i_s0
+
+
+@triton.jit
 def chunk_kda_fwd_prep_kernel(
     q,
     k,
@@ -376,14 +390,7 @@ def chunk_kda_fwd_scan_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        i_s0 = tl.load(chunk_offsets + i_n).to(tl.int64)  # slot of the sequence's first chunk
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-        i_s0 = i_n.to(tl.int64) * NT
+    bos, eos, i_s0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
 
     o_k = tl.arange(0, BK)
     m_k = o_k < K
