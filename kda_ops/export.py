@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import PRESETS, KimiLinearConfig
-from .generation import _as_prompt_lists, _trim_at_eos, sample_tokens
+from .generation import _as_prompt_lists, sampling_loop
 from .model import KimiLinearForCausalLM
 from .moe import MoE
 
@@ -564,40 +564,10 @@ class ExportedKimiLinear:
         device = self.device
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         sampling = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        N = len(prompt_lists)
-        out = torch.empty(N, max_new_tokens, dtype=torch.long, device=device)
-        _synchronize(device)
-        start = time.perf_counter()
-        tokens = sample_tokens(self.prefill(prompt_lists), **sampling)
-        out[:, 0] = tokens
-        finished = torch.zeros(N, dtype=torch.bool, device=device) if eos_token_id is None else tokens == eos_token_id
-        _synchronize(device)
-        prefill_done = time.perf_counter()
-        steps = 1
-        for step in range(1, max_new_tokens):
-            if step % stop_check_interval == 0 and eos_token_id is not None and bool(finished.all()):
-                break
-            tokens = sample_tokens(self.decode_step(tokens), **sampling)
-            if eos_token_id is not None:
-                tokens = torch.where(finished, eos_token_id, tokens)
-                finished = finished | (tokens == eos_token_id)
-            out[:, step] = tokens
-            steps += 1
-        _synchronize(device)
-        if timings is not None:
-            timings.update(
-                prefill_s=prefill_done - start,
-                prefill_tokens=sum(len(p) for p in prompt_lists),
-                decode_s=time.perf_counter() - prefill_done,
-                decode_steps=steps - 1,
-                decode_tokens=N * (steps - 1),
-            )
-        return [_trim_at_eos(row[:steps], eos_token_id) for row in out.tolist()]
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        return sampling_loop(
+            lambda: self.prefill(prompt_lists), self.decode_step, len(prompt_lists), max_new_tokens, device,
+            sampling, eos_token_id, stop_check_interval, sum(len(p) for p in prompt_lists), timings,
+        )
 
 
 def load_exported(directory: str | os.PathLike, *, use_aoti: bool = True, verify_checksums: bool = True) -> ExportedKimiLinear:

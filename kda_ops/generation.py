@@ -5,7 +5,7 @@ torch.cuda.CUDAGraph. Sampling stays on the device; the host only looks at the t
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -179,20 +179,41 @@ def generate(
 
     flat = torch.tensor([t for p in prompt_lists for t in p], dtype=torch.long).to(device)
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-    out = torch.empty(N, max_new_tokens, dtype=torch.long, device=device)
     model.reset_sequences(slots)
+    return sampling_loop(
+        lambda: prefill(flat, cu, slots), runner, N, max_new_tokens, device, sampling, eos_token_id,
+        stop_check_interval, sum(lengths), timings,
+    )
+
+
+def sampling_loop(
+    prefill: Callable[[], Tensor],
+    decode_step: Callable[[Tensor], Tensor],
+    batch: int,
+    max_new_tokens: int,
+    device: torch.device,
+    sampling: dict,
+    eos_token_id: int | None,
+    stop_check_interval: int,
+    prompt_tokens: int,
+    timings: dict | None,
+) -> list[list[int]]:
+    """Samples the first token from prefill() [batch, vocab] logits, then one token per
+    decode_step(tokens) call; reads tokens on the host only every stop_check_interval steps (to
+    stop once every row has emitted eos) and at the end. Rows that finished keep emitting eos."""
+    out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     _synchronize(device)
     start = time.perf_counter()
-    tokens = sample_tokens(prefill(flat, cu, slots), **sampling)
+    tokens = sample_tokens(prefill(), **sampling)
     out[:, 0] = tokens
-    finished = torch.zeros(N, dtype=torch.bool, device=device) if eos_token_id is None else tokens == eos_token_id
+    finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos_token_id is None else tokens == eos_token_id
     _synchronize(device)
     prefill_done = time.perf_counter()
     steps = 1
     for step in range(1, max_new_tokens):
         if step % stop_check_interval == 0 and eos_token_id is not None and bool(finished.all()):
             break
-        tokens = sample_tokens(runner(tokens), **sampling)
+        tokens = sample_tokens(decode_step(tokens), **sampling)
         if eos_token_id is not None:
             tokens = torch.where(finished, eos_token_id, tokens)
             finished = finished | (tokens == eos_token_id)
@@ -202,9 +223,9 @@ def generate(
     if timings is not None:
         timings.update(
             prefill_s=prefill_done - start,
-            prefill_tokens=sum(lengths),
+            prefill_tokens=prompt_tokens,
             decode_s=time.perf_counter() - prefill_done,
             decode_steps=steps - 1,
-            decode_tokens=N * (steps - 1),
+            decode_tokens=batch * (steps - 1),
         )
     return [_trim_at_eos(row[:steps], eos_token_id) for row in out.tolist()]
