@@ -2,6 +2,8 @@
 
 import torch
 
+from kda_ops.meta.kda_recurrent import l2norm
+
 
 def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative RMS error ||x - ref|| / ||ref|| in fp64."""
@@ -43,3 +45,39 @@ def kda_inputs(
             if x is not None:
                 x.requires_grad_(True)
     return inputs
+
+
+def kernel_check_inputs(
+    B: int,
+    T: int,
+    H: int,
+    K: int,
+    V: int,
+    *,
+    n_seqs: int,
+    initial_state: bool,
+    l2norm_in_op: bool,
+    gate_floor: bool,
+    dtype: torch.dtype = torch.bfloat16,
+    beta_dtype: torch.dtype | None = None,
+    device: str = "cuda",
+) -> dict:
+    """Inputs for the GPU kernel checks: q, k, v in `dtype`; g fp32 log-decay in [-0.5, 0) with, if `gate_floor`, two channels of
+    every head and ~2% of all entries at -1000; k unit-norm unless the op normalises it (the
+    delta rule needs ||k|| <= 1 to stay bounded)."""
+    q = torch.randn(B, T, H, K, device=device)
+    k = torch.randn(B, T, H, K, device=device)
+    if not l2norm_in_op:
+        k = l2norm(k)
+    g = -torch.rand(B, T, H, K, device=device) * 0.5
+    if gate_floor:
+        g[..., :2] = -1000.0
+        g = torch.where(torch.rand_like(g) < 0.02, torch.full_like(g, -1000.0), g)
+    return dict(
+        q=q.to(dtype),
+        k=k.to(dtype),
+        v=torch.randn(B, T, H, V, device=device).to(dtype),
+        g=g,
+        beta=torch.rand(B, T, H, device=device).to(beta_dtype or dtype),
+        initial_state=torch.randn(n_seqs, H, K, V, device=device) if initial_state else None,
+    )

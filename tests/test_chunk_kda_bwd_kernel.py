@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from kda_inputs import rel_rms
+from kda_inputs import kernel_check_inputs, rel_rms
 
 from kda_ops import chunk_kda
 from kda_ops.kernels.chunk_kda_bwd import chunk_kda_bwd_triton
 from kda_ops.meta.chunk_kda import chunk_kda_bwd_meta
 from kda_ops.meta.chunk_kda_bwd import chunk_kda_bwd_reference
-from kda_ops.meta.kda_recurrent import l2norm, recurrent_kda
+from kda_ops.meta.kda_recurrent import recurrent_kda
 
 NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 BARS = dict(dq=0.008, dk=0.008, dv=0.008, dh0=0.008, dg=0.02, dbeta=0.02)  # DESIGN.md
@@ -39,29 +39,13 @@ def test_interpreted_kernels_match_reference():
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def _inputs(B, T, H, K, V, *, n_seqs, initial_state, dht, l2norm_in_op, gate_floor, dtype=torch.bfloat16,
-            beta_dtype=None, device="cuda"):
-    """Op inputs (q, k, v in `dtype`; g fp32 log-decay in [-0.5, 0) with, if `gate_floor`, two
-    channels of every head and ~2% of all entries at -1000; k unit-norm unless the op normalises
-    it) and the cotangents do (v's dtype) and dht (fp32 [N, H, K, V] or None)."""
-    q = torch.randn(B, T, H, K, device=device)
-    k = torch.randn(B, T, H, K, device=device)
-    if not l2norm_in_op:
-        k = l2norm(k)
-    g = -torch.rand(B, T, H, K, device=device) * 0.5
-    if gate_floor:
-        g[..., :2] = -1000.0
-        g = torch.where(torch.rand_like(g) < 0.02, torch.full_like(g, -1000.0), g)
-    return dict(
-        q=q.to(dtype),
-        k=k.to(dtype),
-        v=torch.randn(B, T, H, V, device=device).to(dtype),
-        g=g,
-        beta=torch.rand(B, T, H, device=device).to(beta_dtype or dtype),
-        initial_state=torch.randn(n_seqs, H, K, V, device=device) if initial_state else None,
-        do=torch.randn(B, T, H, V, device=device).to(dtype),
-        dht=torch.randn(n_seqs, H, K, V, device=device) if dht else None,
-    )
+def _inputs(B, T, H, K, V, *, n_seqs, dht, dtype=torch.bfloat16, device="cuda", **options):
+    """The forward's inputs (kda_inputs.kernel_check_inputs) plus the cotangents do (v's dtype)
+    and dht (fp32 [N, H, K, V] or None)."""
+    x = kernel_check_inputs(B, T, H, K, V, n_seqs=n_seqs, dtype=dtype, device=device, **options)
+    x["do"] = torch.randn(B, T, H, V, device=device).to(dtype)
+    x["dht"] = torch.randn(n_seqs, H, K, V, device=device) if dht else None
+    return x
 
 
 def _op_args(x, cu_seqlens, scale, l2):

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from kda_inputs import rel_rms
+from kda_inputs import kernel_check_inputs, rel_rms
 
 from kda_ops import chunk_kda
 from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton
 from kda_ops.meta.chunk_kda import chunk_kda_fwd_reference
-from kda_ops.meta.kda_recurrent import l2norm, recurrent_kda
+from kda_ops.meta.kda_recurrent import recurrent_kda
 
 BAR = 0.005  # o and final state, bf16 inputs vs the fp32 recurrence (DESIGN.md)
 NAIVE_MAX_T = 2048  # longer sequences are checked against the chunked fp32 reference
@@ -31,29 +31,6 @@ def test_interpreted_kernels_match_reference():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-
-
-def _inputs(B, T, H, K, V, *, n_seqs, initial_state, l2norm_in_op, gate_floor, dtype=torch.bfloat16,
-            beta_dtype=None, device="cuda"):
-    """q, k, v in `dtype`; g fp32 log-decay in [-0.5, 0) with, if `gate_floor`, two channels of
-    every head and ~2% of all entries at -1000; k unit-norm unless the op normalises it (the
-    delta rule needs ||k|| <= 1 to stay bounded)."""
-    q = torch.randn(B, T, H, K, device=device)
-    k = torch.randn(B, T, H, K, device=device)
-    if not l2norm_in_op:
-        k = l2norm(k)
-    g = -torch.rand(B, T, H, K, device=device) * 0.5
-    if gate_floor:
-        g[..., :2] = -1000.0
-        g = torch.where(torch.rand_like(g) < 0.02, torch.full_like(g, -1000.0), g)
-    return dict(
-        q=q.to(dtype),
-        k=k.to(dtype),
-        v=torch.randn(B, T, H, V, device=device).to(dtype),
-        g=g,
-        beta=torch.rand(B, T, H, device=device).to(beta_dtype or dtype),
-        initial_state=torch.randn(n_seqs, H, K, V, device=device) if initial_state else None,
-    )
 
 
 def _reference(x, cu_seqlens, scale, l2):
@@ -95,7 +72,7 @@ CASES = [
 def test_forward_bf16_within_bar(B, T, H, K, V, cu, initial_state, l2, gate_floor):
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
     n = B if cu is None else len(cu) - 1
-    x = _inputs(B, T, H, K, V, n_seqs=n, initial_state=initial_state, l2norm_in_op=l2, gate_floor=gate_floor)
+    x = kernel_check_inputs(B, T, H, K, V, n_seqs=n, initial_state=initial_state, l2norm_in_op=l2, gate_floor=gate_floor)
     o, final_state = chunk_kda(
         **x, output_final_state=True, use_qk_l2norm=l2, cu_seqlens=cu_seqlens
     )
@@ -117,7 +94,7 @@ DTYPE_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, beta_dtype", DTYPE_CASES)
 def test_forward_other_dtypes_within_bar(dtype, beta_dtype):
-    x = _inputs(2, 300, 2, 128, 128, n_seqs=2, initial_state=True, l2norm_in_op=True, gate_floor=True,
+    x = kernel_check_inputs(2, 300, 2, 128, 128, n_seqs=2, initial_state=True, l2norm_in_op=True, gate_floor=True,
                 dtype=dtype, beta_dtype=beta_dtype)
     o, final_state = chunk_kda(**x, output_final_state=True, use_qk_l2norm=True)
     ref_o, ref_final = _reference(x, None, 128**-0.5, True)
@@ -139,7 +116,7 @@ def test_chunked_reference_matches_recurrence(T, K, cu):
     must sit far below the bar it is used to check."""
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
     n = 1 if cu is None else len(cu) - 1
-    x = _inputs(1, T, 2, K, K, n_seqs=n, initial_state=True, l2norm_in_op=True, gate_floor=True, dtype=torch.float32)
+    x = kernel_check_inputs(1, T, 2, K, K, n_seqs=n, initial_state=True, l2norm_in_op=True, gate_floor=True, dtype=torch.float32)
     o, final_state = chunk_kda_fwd_reference(*x.values(), cu_seqlens, K**-0.5, True, True)
     x64 = {name: t.double() for name, t in x.items()}
     ref_o, ref_final = recurrent_kda(
@@ -165,7 +142,7 @@ def test_launcher_writes_every_element(B, T, K, V, cu, final):
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int64, device="cuda")
     n = B if cu is None else len(cu) - 1
     H = 2
-    x = _inputs(B, T, H, K, V, n_seqs=n, initial_state=True, l2norm_in_op=True, gate_floor=True)
+    x = kernel_check_inputs(B, T, H, K, V, n_seqs=n, initial_state=True, l2norm_in_op=True, gate_floor=True)
     o = torch.full((B, T, H, V), float("nan"), dtype=torch.bfloat16, device="cuda")
     final_state = torch.full((n, H, K, V) if final else (0,), float("nan"), device="cuda")
     chunk_kda_fwd_triton(*x.values(), cu_seqlens, K**-0.5, True, o, final_state)
@@ -188,7 +165,7 @@ def test_opcheck_cuda(cu, initial_state, final):
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
     B, T = (2, 70) if cu is None else (1, 75)
     n = B if cu is None else len(cu) - 1
-    x = _inputs(B, T, 2, 64, 64, n_seqs=n, initial_state=initial_state, l2norm_in_op=True, gate_floor=True)
+    x = kernel_check_inputs(B, T, 2, 64, 64, n_seqs=n, initial_state=initial_state, l2norm_in_op=True, gate_floor=True)
     torch.library.opcheck(torch.ops.kda.chunk_kda_fwd.default, (*x.values(), cu_seqlens, 0.125, final, True))
 
 
@@ -200,7 +177,7 @@ def test_compile_fullgraph_emits_the_kernels(varlen):
     torch._dynamo.reset()
     cu_seqlens = torch.tensor([0, 15, 100, 300], dtype=torch.int32, device="cuda") if varlen else None
     B, n = (1, 3) if varlen else (2, 2)
-    x = _inputs(B, 300, 2, 128, 128, n_seqs=n, initial_state=True, l2norm_in_op=True, gate_floor=True)
+    x = kernel_check_inputs(B, 300, 2, 128, 128, n_seqs=n, initial_state=True, l2norm_in_op=True, gate_floor=True)
 
     def f(q, k, v, g, beta, initial_state):
         o, s = chunk_kda(q, k, v, g, beta, initial_state=initial_state, output_final_state=True,
