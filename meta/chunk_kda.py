@@ -16,17 +16,11 @@ INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def check_chunk_kda_inputs(
-    op: str,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    initial_state: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-) -> int:
-    """Validates the inputs shared by forward and backward; returns N, the number of sequences."""
+def check_kda_token_inputs(
+    op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
+) -> None:
+    """The per-token KDA inputs every KDA op takes: q, k [B, T, H, K] and v [B, T, H, V] in one
+    input dtype, g [B, T, H, K] in the accumulation dtype, beta [B, T, H] in either."""
     check_tensor(op, "q", q, ndim=4, dtypes=INPUT_DTYPES)
     device, acc = q.device, accumulation_dtype(q.dtype)
     B, T, H, K = q.shape
@@ -38,6 +32,22 @@ def check_chunk_kda_inputs(
     check_shape(op, "g", g, (B, T, H, K), "(the shape of q)")
     check_tensor(op, "beta", beta, ndim=3, dtypes=(q.dtype, acc) if q.dtype != acc else (acc,), device=device)
     check_shape(op, "beta", beta, (B, T, H), "([B, T, H] of q)")
+
+
+def check_chunk_kda_inputs(
+    op: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> int:
+    """Validates the inputs shared by forward and backward; returns N, the number of sequences."""
+    check_kda_token_inputs(op, q, k, v, g, beta)
+    device, acc = q.device, accumulation_dtype(q.dtype)
+    B, H, K = q.shape[0], q.shape[2], q.shape[3]
     if cu_seqlens is None:
         n = B
     else:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ._contract import check_shape, check_tensor, fail
-from .chunk_kda import INDEX_DTYPES, INPUT_DTYPES
+from .chunk_kda import INDEX_DTYPES, INPUT_DTYPES, check_kda_token_inputs
 from .kda_recurrent import accumulation_dtype, l2norm
 
 MAX_DECODE_TOKENS = 8
@@ -65,17 +65,10 @@ def check_kda_decode_inputs(
 ) -> None:
     op = "kda_decode"
     check_tensor(op, "q", q, ndim=4, dtypes=INPUT_DTYPES)
+    _check_decode_tokens(op, "q", q)  # before k, v, ... are compared with q: q's length is the error
+    check_kda_token_inputs(op, q, k, v, g, beta)
     device, acc = q.device, accumulation_dtype(q.dtype)
     B, T, H, K = q.shape
-    _check_decode_tokens(op, "q", q)
-    check_tensor(op, "k", k, ndim=4, dtypes=(q.dtype,), device=device)
-    check_shape(op, "k", k, (B, T, H, K), "(the shape of q)")
-    check_tensor(op, "v", v, ndim=4, dtypes=(q.dtype,), device=device)
-    check_shape(op, "v", v, (B, T, H, None), "([B, T, H, V] with B, T, H of q)")
-    check_tensor(op, "g", g, ndim=4, dtypes=(acc,), device=device)
-    check_shape(op, "g", g, (B, T, H, K), "(the shape of q)")
-    check_tensor(op, "beta", beta, ndim=3, dtypes=(q.dtype, acc) if q.dtype != acc else (acc,), device=device)
-    check_shape(op, "beta", beta, (B, T, H), "([B, T, H] of q)")
     V = v.shape[3]
     _check_pool(op, "state", state, (None, H, K, V), "([S, H, K, V] with H, K of q and V of v)", acc, device)
     _check_state_indices(op, "state", state, state_indices, B, device)
