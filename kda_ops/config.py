@@ -111,6 +111,18 @@ class KimiLinearConfig:
     def kda_projection_size(self) -> int:
         return self.kda_num_heads * self.kda_head_dim
 
+    def latent_cache_bytes_per_token(self, element_size: int = 2) -> int:
+        """Bytes one cached token takes: a latent-cache row in every MLA layer (KDA layers cache
+        nothing per token)."""
+        return len(self.full_attn_layers) * self.mla_cache_dim * element_size
+
+    def kda_state_bytes_per_sequence(self, element_size: int = 2) -> int:
+        """Bytes one sequence's KDA caches take whatever its length: per KDA layer the fp32
+        recurrent state [H, K, K] and the q, k, v conv states [H*K, W-1] in the model's dtype."""
+        state = self.kda_num_heads * self.kda_head_dim**2 * 4
+        conv = 3 * self.kda_projection_size * (self.short_conv_kernel_size - 1) * element_size
+        return len(self.kda_layers) * (state + conv)
+
     # ------------------------------------------------------------------ json
     @classmethod
     def from_dict(cls, raw: dict) -> "KimiLinearConfig":
