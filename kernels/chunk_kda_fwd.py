@@ -281,6 +281,166 @@ def chunk_kda_fwd_intra_kernel(
 
 
 @triton.jit
+def _halves(b_x, R: tl.constexpr, C: tl.constexpr):
+    """The top and bottom [R // 2, C] halves of an [R, C] block."""
+    return tl.split(tl.permute(tl.reshape(b_x, (2, R // 2, C)), (1, 2, 0)))
+
+
+@triton.jit
+def chunk_kda_fwd_chunk_kernel(
+    q,
+    k,
+    g,
+    beta,
+    gc,
+    qg,
+    kg,
+    gl,
+    rqk,
+    aqk,
+    akk,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+):
+    """Per (chunk, head): G = chunk-local cumsum of g (to gc), G_last (to gl), the q/k norms (to
+    rqk), qg = scale·q⊙e^G, kg = k⊙e^(G_last − G), and A_qk (scale, incl. diagonal), A_kk (beta,
+    strictly lower) as whole rows with zeros above the diagonal (to aqk, akk).
+
+    A's strictly lower pairs (i, j) are split by the highest bit where i and j differ (level b,
+    i has bit b set, j not, both in one aligned block of 2^(b+1) rows) and each level runs on
+    tensor cores with the exact factorisation e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j), a the
+    last row of the block's lower half: j ≤ a < i, so both factors are ≤ 1. One exponential per
+    element and level (six levels for BT = 64): levels 0-3 (inside the 16-row sub-chunks) as
+    batched [16, 16] products in tf32x3 (fp32-accurate), levels 4-5 (across sub-chunks) in tf32.
+    """
+    tl.static_assert(BT == 4 * BC)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
+    if i_n >= N:
+        return
+    o_i = tl.arange(0, BT)
+    o_t = bos + i_c * BT + o_i  # [BT] token rows
+    m_t = o_t < eos
+    p_q, p_k, p_g = q + i_h * K, k + i_h * K, g + i_h * K
+
+    # [BT] x 2: 1 / sqrt(sum(x^2) + 1e-6) of the q and k rows (ones without the norm)
+    b_rq = tl.zeros([BT], dtype=tl.float32)
+    b_rk = tl.zeros([BT], dtype=tl.float32)
+    if USE_QK_L2NORM:
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_x = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K)
+            b_rq += tl.sum(b_x * b_x, axis=1)
+            b_x = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K)
+            b_rk += tl.sum(b_x * b_x, axis=1)
+        b_rq = tl.rsqrt(b_rq + 1e-6)
+        b_rk = tl.rsqrt(b_rk + 1e-6)
+        tl.store(rqk + (o_t * H + i_h) * 2, b_rq, mask=m_t)
+        tl.store(rqk + (o_t * H + i_h) * 2 + 1, b_rk, mask=m_t)
+    else:
+        b_rq += 1.0
+        b_rk += 1.0
+
+    H2: tl.constexpr = BT // 2
+    b_dqk = tl.zeros([BT], dtype=tl.float32)  # A_qk's diagonal, q_i . k_i
+    b_Dqk = tl.zeros([4, BC, BC], dtype=tl.float32)  # the four diagonal 16x16 blocks (levels 0-3)
+    b_Dkk = tl.zeros([4, BC, BC], dtype=tl.float32)
+    b_Pqk = tl.zeros([2, H2, H2], dtype=tl.float32)  # level 4, per 32-row half (rows >= 16, cols < 16)
+    b_Pkk = tl.zeros([2, H2, H2], dtype=tl.float32)
+    b_Lqk = tl.zeros([H2, H2], dtype=tl.float32)  # level 5: rows 32-63 x columns 0-31
+    b_Lkk = tl.zeros([H2, H2], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_G = tl.cumsum(_load_rows(p_g, o_t, m_t, o_k, m_k, H * K), axis=0)  # [BT, BK]
+        _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
+        # padded rows add g = 0, so the last row is G at the last real row
+        b_gl = _row(b_G, o_i, BT - 1)  # [BK]
+        tl.store(gl + (i_s * H + i_h).to(tl.int64) * K + o_k, b_gl, mask=m_k)
+        b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * b_rq[:, None]  # [BT, BK]
+        b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]  # [BT, BK]
+        _store_rows(qg + i_h * K, scale * b_q * tl.exp(b_G), o_t, m_t, o_k, m_k, H * K)
+        _store_rows(kg + i_h * K, b_k * tl.exp(b_gl[None, :] - b_G), o_t, m_t, o_k, m_k, H * K)
+        b_dqk += tl.sum(b_q * b_k, axis=1)
+        for b in tl.static_range(6):
+            m_hi = ((o_i >> b) & 1) == 1  # [BT] rows on the upper side of their level-b block
+            o_a = ((o_i >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BT] anchor rows
+            b_Ga = tl.gather(b_G, tl.broadcast_to(o_a[:, None], (BT, BK)), axis=0)  # [BT, BK]
+            b_e = tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))  # [BT, BK] all <= 1
+            b_qr = tl.where(m_hi[:, None], b_q * b_e, 0.0)  # rows i of the pairs
+            b_kr = tl.where(m_hi[:, None], b_k * b_e, 0.0)
+            b_kc = tl.where(m_hi[:, None], 0.0, b_k * b_e)  # columns j of the pairs
+            if b < 4:
+                b_qr3 = tl.reshape(b_qr, (4, BC, BK))
+                b_kr3 = tl.reshape(b_kr, (4, BC, BK))
+                b_kc3 = tl.permute(tl.reshape(b_kc, (4, BC, BK)), (0, 2, 1))
+                o_c = tl.arange(0, BC)
+                m_blk = ((o_c[:, None] >> (b + 1)) == (o_c[None, :] >> (b + 1)))[None, :, :]
+                b_Dqk += tl.where(m_blk, tl.dot(b_qr3, b_kc3, input_precision="tf32x3"), 0.0)
+                b_Dkk += tl.where(m_blk, tl.dot(b_kr3, b_kc3, input_precision="tf32x3"), 0.0)
+            elif b == 4:
+                b_qr3 = tl.reshape(b_qr, (2, H2, BK))
+                b_kr3 = tl.reshape(b_kr, (2, H2, BK))
+                b_kc3 = tl.permute(tl.reshape(b_kc, (2, H2, BK)), (0, 2, 1))
+                b_Pqk += tl.dot(b_qr3, b_kc3)
+                b_Pkk += tl.dot(b_kr3, b_kc3)
+            else:
+                b_kc_top, _ = _halves(b_kc, BT, BK)
+                _, b_qr_bot = _halves(b_qr, BT, BK)
+                _, b_kr_bot = _halves(b_kr, BT, BK)
+                b_Lqk += tl.dot(b_qr_bot, tl.trans(b_kc_top))
+                b_Lkk += tl.dot(b_kr_bot, tl.trans(b_kc_top))
+
+    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+    p_aqk, p_akk = aqk + i_h * BT, akk + i_h * BT
+    # diagonal blocks [4, BC, BC]: rows and columns 16c + r
+    o_c = tl.arange(0, BC)
+    o_r3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, :, None]  # [4, BC, 1] chunk rows
+    o_j3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, None, :]  # [4, 1, BC] chunk columns
+    m_r3 = (bos + i_c * BT + o_r3) < eos
+    b_dqk3 = tl.reshape(b_dqk, (4, BC))[:, :, None]
+    b_Dqk = tl.where(o_r3 == o_j3, b_dqk3, b_Dqk)
+    b_beta3 = tl.reshape(b_beta, (4, BC))[:, :, None]
+    p_row3 = (bos + i_c * BT + o_r3) * H * BT
+    tl.store(p_aqk + p_row3 + o_j3, b_Dqk * scale, mask=m_r3)
+    tl.store(p_akk + p_row3 + o_j3, b_Dkk * b_beta3, mask=m_r3)
+    # level 4 blocks: rows 32c + 16 + r, columns 32c + r'
+    o_h = tl.arange(0, H2)
+    o_p3 = tl.arange(0, 2)[:, None, None] * H2 + o_h[None, :, None]  # [2, H2, 1] chunk rows
+    o_q3 = tl.arange(0, 2)[:, None, None] * H2 + o_h[None, None, :]  # [2, 1, H2] chunk columns
+    m_p3 = ((bos + i_c * BT + o_p3) < eos) & (o_h[None, :, None] >= BC) & (o_h[None, None, :] < BC)
+    b_beta_p = tl.reshape(b_beta, (2, H2))[:, :, None]
+    p_row_p = (bos + i_c * BT + o_p3) * H * BT
+    tl.store(p_aqk + p_row_p + o_q3, b_Pqk * scale, mask=m_p3)
+    tl.store(p_akk + p_row_p + o_q3, b_Pkk * b_beta_p, mask=m_p3)
+    # level 5: rows 32 + r, columns r'
+    o_tl = bos + i_c * BT + H2 + o_h  # [H2]
+    m_tl = o_tl < eos
+    _, b_beta_bot = tl.split(tl.permute(tl.reshape(b_beta, (2, H2)), (1, 0)))
+    _store_rows(p_aqk, b_Lqk * scale, o_tl, m_tl, o_h, o_h < H2, H * BT)
+    _store_rows(p_akk, b_Lkk * b_beta_bot[:, None], o_tl, m_tl, o_h, o_h < H2, H * BT)
+    # zeros above the diagonal blocks
+    m_up = (o_i[None, :] // BC) > (o_i[:, None] // BC)  # [BT, BT]
+    b_zero = tl.zeros([BT, BT], dtype=tl.float32)
+    tl.store(p_aqk + o_t[:, None] * H * BT + o_i[None, :], b_zero, mask=m_t[:, None] & m_up)
+    tl.store(p_akk + o_t[:, None] * H * BT + o_i[None, :], b_zero, mask=m_t[:, None] & m_up)
+
+
+@triton.jit
 def chunk_kda_fwd_wy_kernel(
     k,
     v,
@@ -438,6 +598,8 @@ def chunk_kda_fwd_scan_kernel(
 class LaunchConfig:
     """Block sizes and warps of the four kernels; a pure function of (K, V, dtype)."""
 
+    chunk_bk: int
+    chunk_warps: int
     prep_bk: int
     prep_warps: int
     intra_bk: int
@@ -464,6 +626,8 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
     return LaunchConfig(
+        chunk_bk=min(16, scan_bk),
+        chunk_warps=8,
         prep_bk=min(64, scan_bk),
         prep_warps=4,
         intra_bk=min(32, scan_bk),
@@ -581,13 +745,9 @@ def chunk_kda_fwd_triton(
     rows = NT if not is_varlen else slots  # program rows: chunks, or chunk slots when varlen
     common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
     index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
-    launch(chunk_kda_fwd_prep_kernel)[(rows, B * H)](
-        q, k, g, gc, qg, kg, gl, rqk, *index, scale,
-        H=H, K=K, BT=BT, BK=cfg.prep_bk, num_warps=cfg.prep_warps, **common,
-    )
-    launch(chunk_kda_fwd_intra_kernel)[(rows, BT // BC, B * H)](
-        q, k, beta, gc, rqk, aqk, akk, *index, scale,
-        H=H, K=K, BT=BT, BC=BC, BK=cfg.intra_bk, num_warps=cfg.intra_warps, **common,
+    launch(chunk_kda_fwd_chunk_kernel)[(rows, B * H)](
+        q, k, g, beta, gc, qg, kg, gl, rqk, aqk, akk, *index, scale,
+        H=H, K=K, BT=BT, BC=BC, BK=cfg.chunk_bk, num_warps=cfg.chunk_warps, **common,
     )
     launch(chunk_kda_fwd_wy_kernel)[(rows, B * H)](
         k, v, beta, gc, rqk, akk, w, u, *index,
