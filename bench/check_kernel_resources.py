@@ -178,8 +178,12 @@ def _launches_kda_decode(K, V, dtype, full, rec):
     beta, state = torch.rand(B, T, H).to(dtype), torch.zeros(S, H, K, V)
     slots = torch.tensor([0, -1, 2], dtype=torch.int32)
     o = torch.empty(B, T, H, V, dtype=dtype)
+    if full:  # the gate computed in the kernel from its pre-activation
+        g, A_log, dt_bias = g.to(dtype), torch.zeros(H), torch.zeros(H * K)
+    else:
+        A_log = dt_bias = None
     with mock.patch.object(kda_decode, "_launchable", rec):
-        kda_decode.kda_decode_fwd(q, k, v, g, beta, state, slots, o, K**-0.5, full)
+        kda_decode.kda_decode_fwd(q, k, v, g, beta, state, slots, o, K**-0.5, full, A_log, dt_bias)
         D, W = H * K, 4  # the conv of the key projection: H·K channels, width 4
         xin = torch.randn(B, T, D).to(dtype)
         kda_decode.causal_conv1d_update_fwd(xin, torch.zeros(S, D, W - 1, dtype=dtype), torch.randn(D, W).to(dtype),

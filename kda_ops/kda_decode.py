@@ -48,8 +48,10 @@ def _kda_decode_reference(
     state_indices: Optional[Tensor],
     scale: float,
     use_qk_l2norm: bool,
+    A_log: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None,
 ) -> Tensor:
-    return kda_decode_reference(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm)
+    return kda_decode_reference(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias)
 
 
 _kda_decode_reference.register_fake(kda_decode_meta)
@@ -66,11 +68,16 @@ def kda_decode_op(
     state_indices: Optional[Tensor],
     scale: float,
     use_qk_l2norm: bool,
+    A_log: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None,
 ) -> Tensor:
-    """T recurrent KDA steps per row against the state pool (updated in place); returns o."""
+    """T recurrent KDA steps per row against the state pool (updated in place); returns o. With
+    A_log and dt_bias, g is the gate's pre-activation and the kernel computes the decay."""
     if not _runs_triton(q):
-        return torch.ops.kda.kda_decode_reference(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm)
-    o = kda_decode_meta(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm)
+        return torch.ops.kda.kda_decode_reference(
+            q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias
+        )
+    o = kda_decode_meta(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias)
     kda_decode_fwd(
         q.contiguous(),
         k.contiguous(),
@@ -82,6 +89,8 @@ def kda_decode_op(
         o,
         scale,
         use_qk_l2norm,
+        None if A_log is None else A_log.contiguous(),
+        None if dt_bias is None else dt_bias.contiguous(),
     )
     return o
 
@@ -124,13 +133,18 @@ def kda_decode(
     state_indices: Optional[Tensor] = None,
     scale: Optional[float] = None,
     use_qk_l2norm: bool = False,
+    A_log: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None,
 ) -> Tensor:
     """Recurrent KDA decode: T = 1..8 new tokens per sequence against a state pool, in place.
 
     Args:
         q, k: [B, T, H, K] bf16/fp16/fp32 (fp64 on the reference path, for checks).
         v: [B, T, H, V], q's dtype.
-        g: [B, T, H, K] fp32 log-space per-channel decay (fp64 with fp64 inputs).
+        g: [B, T, H, K] fp32 log-space per-channel decay (fp64 with fp64 inputs); or, when A_log
+            and dt_bias are given, the gate's pre-activation z (q's dtype or fp32), from which the
+            op computes the decay -exp(A_log[h]) * softplus(z + dt_bias) in fp32 (in the kernel
+            on CUDA: no separate gate kernel).
         beta: [B, T, H] write strength, q's dtype or fp32.
         state: [S, H, K, V] fp32 contiguous pool of recurrent states (fp64 with fp64 inputs).
             Row b advances slot state_indices[b] by its T tokens, in place; other slots keep
@@ -141,13 +155,15 @@ def kda_decode(
             undefined (never checked: that would read the indices on the host).
         scale: query scale, default K ** -0.5. Keep it constant per model: a new value recompiles.
         use_qk_l2norm: L2-normalise q and k per head inside the op (x / sqrt(sum x^2 + 1e-6)).
+        A_log: [H] fp32 log of the per-head decay rate (the checkpoint's [1, 1, H, 1] viewed as [H]).
+        dt_bias: [H*K] fp32 per-channel gate bias. Both or neither.
 
     Returns:
         o [B, T, H, V] in v's dtype.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return kda_decode_op(q, k, v, g, beta, state, state_indices, float(scale), use_qk_l2norm)
+    return kda_decode_op(q, k, v, g, beta, state, state_indices, float(scale), use_qk_l2norm, A_log, dt_bias)
 
 
 def causal_conv1d_update(

@@ -4,7 +4,9 @@ kda_decode_kernel: one program per (batch row b, head h, V-tile of BV columns). 
 the [K, BV] fp32 state tile in registers across the T new tokens (K whole: the delta rule's kᵀS
 reduces over all of K, while V columns are independent), so every state byte is read once and
 written once — the op is memory-bound (docs/kda_math.md §5). The slot index is loaded on the device;
-a padding row (index < 0, or >= S) stores zeros to o and neither reads nor writes the pool.
+a padding row (index < 0, or >= S) stores zeros to o and neither reads nor writes the pool. With
+USE_GATE_IN_KERNEL, g holds the gate's pre-activation z and the kernel computes the log-decay
+-exp(A_log[h]) * softplus(z + dt_bias) itself, saving the separate elementwise gate launch.
 
 causal_conv1d_update_kernel: one program per (batch row b, D-tile of BD channels). The last W-1
 inputs of each channel are held in registers, shifted once per new token, and written back to the
@@ -41,6 +43,8 @@ def kda_decode_kernel(
     state,
     state_indices,
     o,
+    A_log,
+    dt_bias,
     scale,
     T,
     S,
@@ -50,6 +54,7 @@ def kda_decode_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
+    USE_GATE_IN_KERNEL: tl.constexpr,
 ):
     i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -65,12 +70,20 @@ def kda_decode_kernel(
     p_h = state + (i_s * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
     # [BK, BV]
     b_h = tl.load(p_h, mask=m_h, other=0.0)
+    if USE_GATE_IN_KERNEL:
+        b_A = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+        # [BK]
+        b_bias = tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     for i_t in range(T):
         i_tok = (i_b * T + i_t) * H + i_h
         # [BK]
         b_q = tl.load(q + i_tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_k = tl.load(k + i_tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_g = tl.load(g + i_tok * K + o_k, mask=m_k, other=0.0)
+        b_g = tl.load(g + i_tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        if USE_GATE_IN_KERNEL:
+            b_g = b_g + b_bias
+            # softplus with torch's threshold: the identity above 20, where log(1 + e^z) rounds to z
+            b_g = -b_A * tl.where(b_g > 20.0, b_g, tl.log(1.0 + tl.exp(b_g)))
         # [BV]
         b_v = tl.load(v + i_tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + i_tok).to(tl.float32)
@@ -122,12 +135,15 @@ def kda_decode_fwd(
     o: torch.Tensor,
     scale: float,
     use_qk_l2norm: bool,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
 ) -> None:
     """Writes o [B, T, H, V] and advances state [S, H, K, V] (fp32) in place at state_indices [B].
 
-    q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] fp32; beta [B, T, H]; all contiguous.
-    config overrides kda_decode_config (bench/tune_kda_decode.py sweeps it).
+    q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] fp32 log-decay, or with A_log [H] and
+    dt_bias [H*K] (fp32) the gate's pre-activation (q's dtype or fp32); beta [B, T, H]; all
+    contiguous. config overrides kda_decode_config (bench/tune_kda_decode.py sweeps it).
     """
     B, T, H, K = q.shape
     V = v.shape[3]
@@ -142,6 +158,8 @@ def kda_decode_fwd(
         state,
         state_indices,
         o,
+        A_log,
+        dt_bias,
         scale,
         T,
         state.shape[0],
@@ -151,6 +169,7 @@ def kda_decode_fwd(
         BK=cfg.BK,
         BV=cfg.BV,
         USE_QK_L2NORM=use_qk_l2norm,
+        USE_GATE_IN_KERNEL=A_log is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

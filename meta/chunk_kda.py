@@ -17,20 +17,22 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_kda_token_inputs(
-    op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor
+    op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *, raw_gate=False
 ) -> None:
     """The per-token KDA inputs every KDA op takes: q, k [B, T, H, K] and v [B, T, H, V] in one
-    input dtype, g [B, T, H, K] in the accumulation dtype, beta [B, T, H] in either."""
+    input dtype, g [B, T, H, K] in the accumulation dtype, beta [B, T, H] in either. raw_gate: g is
+    the gate's pre-activation (kda_decode computes the decay from it), in either dtype."""
     check_tensor(op, "q", q, ndim=4, dtypes=INPUT_DTYPES)
     device, acc = q.device, accumulation_dtype(q.dtype)
+    either = (q.dtype, acc) if q.dtype != acc else (acc,)
     B, T, H, K = q.shape
     check_tensor(op, "k", k, ndim=4, dtypes=(q.dtype,), device=device)
     check_shape(op, "k", k, (B, T, H, K), "(the shape of q)")
     check_tensor(op, "v", v, ndim=4, dtypes=(q.dtype,), device=device)
     check_shape(op, "v", v, (B, T, H, None), "([B, T, H, V] with B, T, H of q)")
-    check_tensor(op, "g", g, ndim=4, dtypes=(acc,), device=device)
+    check_tensor(op, "g", g, ndim=4, dtypes=either if raw_gate else (acc,), device=device)
     check_shape(op, "g", g, (B, T, H, K), "(the shape of q)")
-    check_tensor(op, "beta", beta, ndim=3, dtypes=(q.dtype, acc) if q.dtype != acc else (acc,), device=device)
+    check_tensor(op, "beta", beta, ndim=3, dtypes=either, device=device)
     check_shape(op, "beta", beta, (B, T, H), "([B, T, H] of q)")
 
 

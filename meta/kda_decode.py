@@ -17,6 +17,10 @@ treat it like padding instead of writing outside the pool.
 
 Decode ops take T = 1..8 consecutive new tokens per sequence (a longer run is prefill: chunk_kda and
 causal_conv1d).
+
+The gate. kda_decode takes g either as the log-decay (accumulation dtype) or, when A_log [H] and
+dt_bias [H*K] are given, as the gate's pre-activation z (q's dtype or the accumulation dtype), from
+which the op computes g = -exp(A_log[h]) * softplus(z + dt_bias) (docs/kda_math.md §2; `kda_gate`).
 """
 
 import torch
@@ -54,6 +58,21 @@ def _check_state_indices(
     check_shape(op, "state_indices", state_indices, (B,), "([B], one slot per batch row)")
 
 
+def _check_gate_parameters(op: str, q: torch.Tensor, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None) -> None:
+    if (A_log is None) != (dt_bias is None):
+        given, missing = ("A_log", "dt_bias") if dt_bias is None else ("dt_bias", "A_log")
+        fail(op, missing, f"a tensor when {given} is given (the in-op gate needs both)", "None")
+    if A_log is None:
+        return
+    acc = accumulation_dtype(q.dtype)
+    H, K = q.shape[2:]
+    params = (torch.float32, acc) if acc != torch.float32 else (acc,)
+    check_tensor(op, "A_log", A_log, ndim=1, dtypes=params, device=q.device)
+    check_shape(op, "A_log", A_log, (H,), "([H], H of q)")
+    check_tensor(op, "dt_bias", dt_bias, ndim=1, dtypes=params, device=q.device)
+    check_shape(op, "dt_bias", dt_bias, (H * K,), "([H*K], H, K of q)")
+
+
 def check_kda_decode_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,11 +81,14 @@ def check_kda_decode_inputs(
     beta: torch.Tensor,
     state: torch.Tensor,
     state_indices: torch.Tensor | None,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
 ) -> None:
     op = "kda_decode"
     check_tensor(op, "q", q, ndim=4, dtypes=INPUT_DTYPES)
     _check_decode_tokens(op, "q", q)  # before k, v, ... are compared with q: q's length is the error
-    check_kda_token_inputs(op, q, k, v, g, beta)
+    _check_gate_parameters(op, q, A_log, dt_bias)  # before g: they decide which dtypes g may have
+    check_kda_token_inputs(op, q, k, v, g, beta, raw_gate=A_log is not None)
     device, acc = q.device, accumulation_dtype(q.dtype)
     B, T, H, K = q.shape
     V = v.shape[3]
@@ -84,10 +106,21 @@ def kda_decode_meta(
     state_indices: torch.Tensor | None,
     scale: float,
     use_qk_l2norm: bool,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Validates and allocates o [B, T, H, V] (contiguous, v's dtype)."""
-    check_kda_decode_inputs(q, k, v, g, beta, state, state_indices)
+    check_kda_decode_inputs(q, k, v, g, beta, state, state_indices, A_log, dt_bias)
     return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
+def kda_gate(z: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """g = -exp(A_log[h]) * softplus(z + dt_bias) [B, T, H, K] in the accumulation dtype, from the
+    pre-activation z [B, T, H, K], A_log [H] and dt_bias [H*K] (the operations of the model's gate,
+    in its order, so the values match it bit for bit)."""
+    acc = accumulation_dtype(z.dtype)
+    H, K = z.shape[2:]
+    return -A_log.to(acc).exp()[:, None] * F.softplus(z.to(acc) + dt_bias.to(acc).view(H, K))
 
 
 def slots_and_validity(
@@ -155,13 +188,17 @@ def kda_decode_reference(
     state_indices: torch.Tensor | None,
     scale: float,
     use_qk_l2norm: bool,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The exact recurrence, token by token, in the accumulation dtype; same contract and output as
     kda_decode_meta, and `state` updated in place at the valid slots. No host synchronisation."""
-    o = kda_decode_meta(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm)
+    o = kda_decode_meta(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias)
     acc = accumulation_dtype(q.dtype)
     B, T = q.shape[:2]
     slots, valid = slots_and_validity(state_indices, B, q.device)
+    if A_log is not None:
+        g = kda_gate(g, A_log, dt_bias)
     q, k, v, g, beta = (x.to(acc) for x in (q, k, v, g, beta))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)

@@ -190,6 +190,68 @@ def test_decode_continues_chunked_prefill(cu, steps):
         torch.testing.assert_close(pool[slots[i]], s_ref[0], rtol=1e-10, atol=1e-10)
 
 
+def gate_inputs(B, T, H, K, *, dtype=F64):
+    """The in-op gate's inputs: z [B, T, H, K] in dtype, with channel 0 where exp(z) overflows
+    fp32 (softplus must take its identity branch above 20) and channel 1 far below 0; A_log [H],
+    dt_bias [H*K] in the accumulation dtype."""
+    acc = F64 if dtype == F64 else torch.float32
+    z = torch.randn(B, T, H, K, dtype=acc) * 8
+    z[..., 0] = 100.0
+    z[..., 1] = -40.0
+    return z.to(dtype), torch.randn(H, dtype=acc) * 0.5 - 2, torch.randn(H * K, dtype=acc)
+
+
+def naive_gate(z, A_log, dt_bias):
+    """-exp(A_log[h]) * softplus(z + dt_bias), softplus written out (docs/kda_math.md §2)."""
+    H, K = z.shape[2:]
+    x = z.double() + dt_bias.double().view(H, K)
+    softplus = torch.where(x > 20, x, torch.log1p(torch.exp(x)))
+    return -A_log.double().exp()[:, None] * softplus
+
+
+@pytest.mark.parametrize("T, l2", [pytest.param(1, True, id="T1-l2norm"), pytest.param(5, False, id="T5")])
+def test_decode_in_op_gate_matches_recurrence_fp64(T, l2):
+    """g as the gate's pre-activation with A_log and dt_bias: equal to the recurrence over the gate
+    computed by the written-out formula."""
+    B, H, K, V, S = 3, 2, 10, 6, 5
+    x = decode_inputs(B, T, H, K, V, use_qk_l2norm=l2)
+    z, A_log, dt_bias = gate_inputs(B, T, H, K)
+    pool = random_pool(S, H, K, V, dtype=F64)
+    slots = torch.tensor([4, -1, 1])
+    before = pool.clone()
+    o = kda_ops.kda_decode(
+        **dict(x, g=z), state=pool, state_indices=slots, use_qk_l2norm=l2, A_log=A_log, dt_bias=dt_bias
+    )
+    valid, used = [0, 2], [4, 1]
+    o_ref, s_ref = recurrent_kda(
+        **rows_of(dict(x, g=naive_gate(z, A_log, dt_bias)), valid),
+        initial_state=before[used],
+        output_final_state=True,
+        use_qk_l2norm=l2,
+    )
+    torch.testing.assert_close(o[valid], o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pool[used], s_ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+    unused = [0, 2, 3]
+    assert_bits_equal(pool[unused], before[unused], "unused slots")
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16-z"), pytest.param(torch.float32, id="fp32-z")])
+def test_decode_in_op_gate_is_bitwise_the_models_gate(dtype):
+    """The reference path gives the same bits as precomputing g the way the model does (z cast to
+    fp32, + dt_bias, softplus, times -exp(A_log) of shape [1, 1, H, 1]) and passing it as g."""
+    B, T, H, K, V, S = 2, 2, 3, 16, 8, 2
+    x = decode_inputs(B, T, H, K, V, dtype=dtype)
+    z, A_log, dt_bias = gate_inputs(B, T, H, K, dtype=dtype)
+    pool = random_pool(S, H, K, V)
+    pool_model = pool.clone()
+    g = -A_log.view(1, 1, H, 1).exp() * F.softplus((z.float().view(B, T, -1) + dt_bias).view(B, T, H, K))
+    o = kda_ops.kda_decode(**dict(x, g=z), state=pool, use_qk_l2norm=True, A_log=A_log, dt_bias=dt_bias)
+    o_model = kda_ops.kda_decode(**dict(x, g=g), state=pool_model, use_qk_l2norm=True)
+    assert_bits_equal(o, o_model, "o")
+    assert_bits_equal(pool, pool_model, "state")
+
+
 # ------------------------------------------------------------------------------------------------
 # short convolution: prefill (causal_conv1d) and decode (causal_conv1d_update)
 
@@ -321,9 +383,9 @@ def test_conv_decode_without_indices_uses_slot_b():
 # opcheck
 
 
-def _decode_op_args(with_indices: bool, l2: bool):
+def _decode_op_args(with_indices: bool, l2: bool, dtype=torch.float32):
     B, T, H, K, V, S = 3, 2, 2, 8, 6, 5
-    x = decode_inputs(B, T, H, K, V, dtype=torch.float32, use_qk_l2norm=l2)
+    x = decode_inputs(B, T, H, K, V, dtype=dtype, use_qk_l2norm=l2)
     indices = torch.tensor([4, -1, 1], dtype=torch.int32) if with_indices else None
     return (x["q"], x["k"], x["v"], x["g"], x["beta"], torch.randn(S, H, K, V), indices, 0.35, l2)
 
@@ -334,16 +396,28 @@ def _conv_op_args(with_indices: bool):
     return (torch.randn(B, T, D), torch.randn(S, D, W - 1), torch.randn(D, W), indices)
 
 
+def _gated_decode_op_args(with_indices: bool, l2: bool):
+    """_decode_op_args (bf16 inputs) with a bf16 gate pre-activation in place of g, then A_log and
+    dt_bias."""
+    args = list(_decode_op_args(with_indices, l2, torch.bfloat16))
+    B, T, H, K = args[0].shape
+    z, A_log, dt_bias = gate_inputs(B, T, H, K, dtype=torch.bfloat16)
+    args[3] = z
+    return (*args, A_log, dt_bias)
+
+
 OPCHECK_CASES = [
-    pytest.param(True, True, id="indices-l2norm"),
-    pytest.param(False, False, id="no-indices"),
+    pytest.param(_decode_op_args, True, True, id="indices-l2norm"),
+    pytest.param(_decode_op_args, False, False, id="no-indices"),
+    pytest.param(_gated_decode_op_args, True, True, id="in-op-gate-indices-l2norm"),
+    pytest.param(_gated_decode_op_args, False, False, id="in-op-gate-no-indices"),
 ]
 
 
-@pytest.mark.parametrize("with_indices, l2", OPCHECK_CASES)
-def test_opcheck_kda_decode(with_indices, l2):
-    torch.library.opcheck(torch.ops.kda.kda_decode.default, _decode_op_args(with_indices, l2))
-    torch.library.opcheck(torch.ops.kda.kda_decode_reference.default, _decode_op_args(with_indices, l2))
+@pytest.mark.parametrize("make_args, with_indices, l2", OPCHECK_CASES)
+def test_opcheck_kda_decode(make_args, with_indices, l2):
+    torch.library.opcheck(torch.ops.kda.kda_decode.default, make_args(with_indices, l2))
+    torch.library.opcheck(torch.ops.kda.kda_decode_reference.default, make_args(with_indices, l2))
 
 
 @pytest.mark.parametrize("with_indices", [pytest.param(True, id="indices"), pytest.param(False, id="no-indices")])
@@ -383,6 +457,20 @@ DECODE_CONTRACT_CASES = [
         lambda a: dict(**decode_inputs(4, 2, 2, 4, 6, dtype=torch.float32), state_indices=None),
         "at least B = 4 slots",
         id="no-indices-pool-smaller-than-batch",
+    ),
+    pytest.param("dt_bias", lambda a: dict(A_log=torch.zeros(2)), "a tensor when A_log", id="A_log-without-dt_bias"),
+    pytest.param("A_log", lambda a: dict(dt_bias=torch.zeros(8)), "a tensor when dt_bias", id="dt_bias-without-A_log"),
+    pytest.param("A_log", lambda a: dict(A_log=torch.zeros(1, 1, 2, 1), dt_bias=torch.zeros(8)), "1-d", id="A_log-4d"),
+    pytest.param("A_log", lambda a: dict(A_log=torch.zeros(3), dt_bias=torch.zeros(8)), "shape", id="A_log-H"),
+    pytest.param(
+        "A_log", lambda a: dict(A_log=torch.zeros(2, dtype=torch.bfloat16), dt_bias=torch.zeros(8)), "dtype",
+        id="A_log-bf16",
+    ),
+    pytest.param("dt_bias", lambda a: dict(A_log=torch.zeros(2), dt_bias=torch.zeros(2, 4)), "1-d", id="dt_bias-2d"),
+    pytest.param("dt_bias", lambda a: dict(A_log=torch.zeros(2), dt_bias=torch.zeros(6)), "shape", id="dt_bias-HK"),
+    pytest.param(
+        "g", lambda a: dict(g=a["g"].to(torch.float16), A_log=torch.zeros(2), dt_bias=torch.zeros(8)), "dtype",
+        id="in-op-gate-g-not-q-dtype",
     ),
 ]
 
