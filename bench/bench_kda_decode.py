@@ -17,8 +17,7 @@ the same state bytes. fla is skipped when fla-core is not installed.
 
 import pytest
 import torch
-import triton
-from common import capture_cuda_graph, rel_rms
+from common import capture_cuda_graph, rel_rms, time_graph_replay
 
 import kda_ops
 from kda_ops.meta.kda_recurrent import recurrent_kda
@@ -89,19 +88,12 @@ def test_kda_decode(benchmark, provider, B):
     _check_correct(provider, B)
     step, _ = _step_fn(provider, *_inputs(B))
     graph = capture_cuda_graph(step)
-    ms = triton.testing.do_bench(graph.replay, return_mode="median")
-    state_bytes = 2 * B * H * K * V * 4
-
-    def replay_and_sync():
-        graph.replay()
-        torch.cuda.synchronize()
-
     benchmark.group = f"kda_decode B={B}"
-    benchmark.extra_info.update(
+    time_graph_replay(
+        benchmark,
+        graph,
+        2 * B * H * K * V * 4,
         op="kda_decode",
         provider=provider,
         shape={"B": B, "T": 1, "H": H, "K": K, "V": V},
-        ms=ms,
-        gbps=state_bytes / (ms * 1e-3) / 1e9,
     )
-    benchmark.pedantic(replay_and_sync, rounds=20, warmup_rounds=2)
