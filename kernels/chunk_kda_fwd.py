@@ -290,6 +290,7 @@ def _halves(b_x, R: tl.constexpr, C: tl.constexpr):
 def chunk_kda_fwd_chunk_kernel(
     q,
     k,
+    v,
     g,
     beta,
     gc,
@@ -299,6 +300,8 @@ def chunk_kda_fwd_chunk_kernel(
     rqk,
     aqk,
     akk,
+    w,
+    u,
     cu_seqlens,
     chunk_seq,
     chunk_offsets,
@@ -308,15 +311,18 @@ def chunk_kda_fwd_chunk_kernel(
     scale,
     H: tl.constexpr,
     K: tl.constexpr,
+    V: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
 ):
     """Per (chunk, head): G = chunk-local cumsum of g (to gc), G_last (to gl), the q/k norms (to
-    rqk), qg = scale·q⊙e^G, kg = k⊙e^(G_last − G), and A_qk (scale, incl. diagonal), A_kk (beta,
-    strictly lower) as whole rows with zeros above the diagonal (to aqk, akk).
+    rqk), qg = scale·q⊙e^G, kg = k⊙e^(G_last − G), A_qk (scale, incl. diagonal) and A_kk (beta,
+    strictly lower) as whole rows with zeros above the diagonal (to aqk, akk), then
+    T = (I + A_kk)^-1 in registers and w = T(β⊙k⊙e^G), u = T(β⊙v).
 
     A's strictly lower pairs (i, j) are split by the highest bit where i and j differ (level b,
     i has bit b set, j not, both in one aligned block of 2^(b+1) rows) and each level runs on
@@ -324,6 +330,11 @@ def chunk_kda_fwd_chunk_kernel(
     last row of the block's lower half: j ≤ a < i, so both factors are ≤ 1. One exponential per
     element and level (six levels for BT = 64): levels 0-3 (inside the 16-row sub-chunks) as
     batched [16, 16] products in tf32x3 (fp32-accurate), levels 4-5 (across sub-chunks) in tf32.
+
+    T by the same hierarchy: forward substitution inside the four 16x16 diagonal blocks D, then
+    for each 32-row half H = [[D0, 0], [P, D1]] (P its level-4 block) H^-1 = Dinv − Dinv·P·Dinv,
+    then the chunk: T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]] (L the level-5 block), products in
+    tf32x3. w and u take a second pass over K (g reloaded and summed again) and one over V.
     """
     tl.static_assert(BT == 4 * BC)
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -438,6 +449,46 @@ def chunk_kda_fwd_chunk_kernel(
     b_zero = tl.zeros([BT, BT], dtype=tl.float32)
     tl.store(p_aqk + o_t[:, None] * H * BT + o_i[None, :], b_zero, mask=m_t[:, None] & m_up)
     tl.store(p_akk + o_t[:, None] * H * BT + o_i[None, :], b_zero, mask=m_t[:, None] & m_up)
+
+    # [4, BC, BC] D^-1 - I of the diagonal blocks by forward substitution, row i from row j < i
+    b_N = b_Dkk * b_beta3
+    b_X = -b_N
+    for i in range(1, BC):
+        m_i = (o_c == i)[None, :, None]
+        b_a = -tl.sum(tl.where(m_i, b_N, 0.0), axis=1)  # [4, BC]
+        b_a += tl.sum(b_a[:, :, None] * b_X, axis=1)
+        b_X = tl.where(m_i, b_a[:, None, :], b_X)
+    b_X += (o_c[:, None] == o_c[None, :]).to(tl.float32)[None, :, :]
+    # [2, H2, H2] block-diagonal D^-1 of each half, then the halves' inverses
+    o_2 = tl.arange(0, 2)
+    m_own = (o_2[None, :, None, None, None] == o_2[None, None, None, :, None])  # [1, 2, 1, 2, 1]
+    b_Dinv = tl.reshape(tl.where(m_own, tl.reshape(b_X, (2, 2, BC, 1, BC)), 0.0), (2, H2, H2))
+    b_DP = tl.dot(b_Dinv, b_Pkk * b_beta_p, input_precision="tf32x3")
+    b_Hinv = b_Dinv - tl.dot(b_DP, b_Dinv, input_precision="tf32x3")
+    b_H0, b_H1 = tl.split(tl.permute(b_Hinv, (1, 2, 0)))  # [H2, H2] x 2
+    b_HL = tl.dot(b_H1, b_Lkk * b_beta_bot[:, None], input_precision="tf32x3")
+    b_Tbl = -tl.dot(b_HL, b_H0, input_precision="tf32x3")  # [H2, H2] rows 32-63, columns 0-31
+
+    o_tt = bos + i_c * BT + o_h  # [H2] rows of the top half
+    m_tt = o_tt < eos
+    b_kb = b_beta * b_rk  # [BT]
+    # w = T (beta k e^G), per K tile
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_G = tl.cumsum(_load_rows(p_g, o_t, m_t, o_k, m_k, H * K), axis=0)  # [BT, BK]
+        b_x = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_kb[:, None] * tl.exp(b_G)
+        b_xt, b_xb = _halves(b_x, BT, BK)
+        _store_rows(w + i_h * K, tl.dot(b_H0, b_xt), o_tt, m_tt, o_k, m_k, H * K)
+        _store_rows(w + i_h * K, tl.dot(b_Tbl, b_xt) + tl.dot(b_H1, b_xb), o_tl, m_tl, o_k, m_k, H * K)
+    # u = T (beta v), per V tile
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_x = _load_rows(v + i_h * V, o_t, m_t, o_v, m_v, H * V) * b_beta[:, None]
+        b_xt, b_xb = _halves(b_x, BT, BV)
+        _store_rows(u + i_h * V, tl.dot(b_H0, b_xt), o_tt, m_tt, o_v, m_v, H * V)
+        _store_rows(u + i_h * V, tl.dot(b_Tbl, b_xt) + tl.dot(b_H1, b_xb), o_tl, m_tl, o_v, m_v, H * V)
 
 
 @triton.jit
@@ -599,6 +650,7 @@ class LaunchConfig:
     """Block sizes and warps of the four kernels; a pure function of (K, V, dtype)."""
 
     chunk_bk: int
+    chunk_bv: int
     chunk_warps: int
     prep_bk: int
     prep_warps: int
@@ -627,6 +679,7 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     wide = dtype == torch.float32
     return LaunchConfig(
         chunk_bk=min(16, scan_bk),
+        chunk_bv=min(32, max(16, triton.next_power_of_2(V))),
         chunk_warps=8,
         prep_bk=min(64, scan_bk),
         prep_warps=4,
@@ -705,6 +758,7 @@ def chunk_kda_fwd_triton(
     o: torch.Tensor,
     final_state: torch.Tensor,
     launch: Callable = _direct,
+    config: LaunchConfig | None = None,
 ) -> None:
     """Runs the chunked KDA forward into preallocated outputs.
 
@@ -712,11 +766,12 @@ def chunk_kda_fwd_triton(
     final_state may be an empty [0] tensor (final state not requested). Inputs follow
     meta/chunk_kda.py's contract (validated by the caller). `launch` wraps each kernel before
     its launch: torch.library.wrap_triton inside the op, the identity when tests call directly.
+    `config` overrides launch_config (bench/tune_chunk_kda_fwd.py sweeps it).
     """
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     B, T, H, K = q.shape
     V = v.shape[-1]
-    cfg = launch_config(K, V, q.dtype)
+    cfg = config or launch_config(K, V, q.dtype)
     is_varlen = cu_seqlens is not None
     if is_varlen:
         N = cu_seqlens.shape[0] - 1
@@ -746,12 +801,8 @@ def chunk_kda_fwd_triton(
     common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
     index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
     launch(chunk_kda_fwd_chunk_kernel)[(rows, B * H)](
-        q, k, g, beta, gc, qg, kg, gl, rqk, aqk, akk, *index, scale,
-        H=H, K=K, BT=BT, BC=BC, BK=cfg.chunk_bk, num_warps=cfg.chunk_warps, **common,
-    )
-    launch(chunk_kda_fwd_wy_kernel)[(rows, B * H)](
-        k, v, beta, gc, rqk, akk, w, u, *index,
-        H=H, K=K, V=V, BT=BT, BC=BC, NB=BT // BC, BK=cfg.wy_bk, BV=cfg.wy_bv, num_warps=cfg.wy_warps, **common,
+        q, k, v, g, beta, gc, qg, kg, gl, rqk, aqk, akk, w, u, *index, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv, num_warps=cfg.chunk_warps, **common,
     )
     store_final = final_state.dim() == 4
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
