@@ -35,7 +35,7 @@ REFERENCE_BATCH = 8  # sequences per fp32 reference call (bounds its gathered co
 
 
 
-def _inputs(H: int, B: int, L: int):
+def paged_inputs(H: int, B: int, L: int):
     """Full-length sequences on randomly permuted pages; every table entry is a used page."""
     pages = L // BLOCK_SIZE
     kv_cache = torch.randn(B * pages, BLOCK_SIZE, D_QK, device="cuda", dtype=torch.bfloat16)
@@ -62,17 +62,22 @@ def _provider(name: str):
     return lambda q, kv_cache, block_table, seq_lens: torch_absorbed_decode(q, kv_cache, block_table, seq_lens, SCALE, V_DIM)
 
 
-def _check_correct(provider: str, H: int, B: int, L: int) -> None:
-    q, kv_cache, block_table, seq_lens = _inputs(H, B, L)
-    o, lse = _provider(provider)(q, kv_cache, block_table, seq_lens)
+def reference(q, kv_cache, block_table, seq_lens):
+    """fp32 kda::mla_decode_reference (o, lse), REFERENCE_BATCH sequences per call."""
     kv_cache32 = kv_cache.float()
     ref = [
         torch.ops.kda.mla_decode_reference(
             q[i : i + REFERENCE_BATCH].float(), kv_cache32, block_table[i : i + REFERENCE_BATCH], seq_lens[i : i + REFERENCE_BATCH], SCALE, V_DIM
         )
-        for i in range(0, B, REFERENCE_BATCH)
+        for i in range(0, q.shape[0], REFERENCE_BATCH)
     ]
-    ref_o, ref_lse = torch.cat([r[0] for r in ref]), torch.cat([r[1] for r in ref])
+    return torch.cat([r[0] for r in ref]), torch.cat([r[1] for r in ref])
+
+
+def _check_correct(provider: str, H: int, B: int, L: int) -> None:
+    args = paged_inputs(H, B, L)
+    o, lse = _provider(provider)(*args)
+    ref_o, ref_lse = reference(*args)
     errors = {"o": rel_rms(o, ref_o), "lse": rel_rms(lse, ref_lse)}
     assert errors["o"] <= 0.005 and errors["lse"] <= 0.001, f"{provider} H={H} B={B} L={L}: rel RMS {errors}"
 
@@ -82,7 +87,7 @@ def _check_correct(provider: str, H: int, B: int, L: int) -> None:
 @pytest.mark.parametrize("H, B, L", SHAPES)
 def test_mla_decode(benchmark, provider, H, B, L):
     _check_correct(provider, H, B, L)
-    args = _inputs(H, B, L)
+    args = paged_inputs(H, B, L)
     fn = _provider(provider)
     graph = capture_cuda_graph(lambda: fn(*args))
     ms = triton.testing.do_bench(graph.replay, return_mode="median")

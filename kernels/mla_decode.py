@@ -1,24 +1,27 @@
 """Split-KV (flash-decoding) Triton kernels for absorbed MLA decode over a paged latent cache.
 Math and layouts: docs/mla_decode.md; the op contract and reference: kda_ops.meta.mla_decode.
 
-Two launches with a grid that depends on shapes and the static config only, never on the values
-of seq_lens, so one CUDA graph serves every step:
+Two launches whose grids and fp32 workspace depend on shapes and static configuration only
+(batch size, heads, the launch config and the GPU's SM count), never on the values of seq_lens,
+so one CUDA graph serves every step:
 
-1. `mla_decode_split_kernel`, grid (B * head_blocks, num_splits). A program takes BLOCK_H heads of
-   one sequence (all of them when H <= BLOCK_H) and one contiguous range of that sequence's
-   tokens. Its range is computed on the device from seq_lens: the sequence is cut into
-   min(cdiv(seq_len, MIN_SPLIT_TOKENS), num_splits) splits of equal length rounded up to
-   BLOCK_N, so short sequences use few programs and long ones all of them; a program whose
-   range starts past the sequence's end exits at once. Each [BLOCK_N, D_qk] tile is loaded once
-   through the block table; its first V columns are the values. Online softmax in base 2
-   (log2(e) folded into the scale). Partial o (normalised, fp32) and partial log2-sum-exp go to
-   a workspace [B, num_splits, H, V] / [B, num_splits, H].
-2. `mla_decode_combine_kernel`, grid (B, H): merges the non-empty splits of one (sequence, head)
-   with log-sum-exp and writes o (in o's dtype) and lse (natural log). A sequence of length 0
-   gets o = 0, lse = -inf.
-
-num_splits (the grid's second dimension) is cdiv(target_programs, B * head_blocks) clamped to
-[1, max_splits]: a function of the batch *shape*, symbolic under torch.compile.
+1. `mla_decode_split_kernel`, grid (P, head_blocks) with P = programs_per_sm * SMs / head_blocks.
+   Every sequence is cut into cdiv(seq_len, BLOCK_N) tiles of BLOCK_N tokens and the tiles of all
+   sequences, in batch order, are dealt out evenly: program p takes tiles [p*T // P,
+   (p+1)*T // P) of the T in total, whatever sequences they belong to, so every program streams
+   the same number of cache bytes at any mix of lengths (no wave tail, no idle SMs at B = 1).
+   Each program derives its range from seq_lens on the device. For each sequence its range
+   touches it writes one partial (o normalised in fp32, log2-sum-exp) to workspace row b + p: the
+   ranges are ordered, so (b, p) -> b + p is one-to-one and the workspace has B + P rows.
+   Each [BLOCK_N, D_qk] tile is loaded once through the block table and its first V columns are
+   the values. Two orientations of the two products (config.token_major):
+   - head-major: S = Q K^T [BLOCK_H, BLOCK_N], O += P V [BLOCK_H, V]. MMA M = BLOCK_H, so H < 64
+     compiles to mma.sync unless BLOCK_H pads the heads to 64.
+   - token-major: S^T = K Q^T [BLOCK_N, BLOCK_H], O^T += V^T P^T [V, BLOCK_H]. MMA M = BLOCK_N
+     and V, so wgmma at any head count without padding; the softmax runs along axis 0.
+2. `mla_decode_combine_kernel`, grid (B, H, cdiv(V, BLOCK_VC)): finds the programs that covered
+   sequence b (the inverse of the partition), merges their partials with log-sum-exp and writes
+   o (in o's dtype) and lse (natural log). A sequence of length 0 gets o = 0, lse = -inf.
 """
 
 import math
@@ -30,20 +33,146 @@ import triton
 import triton.language as tl
 
 LN2 = tl.constexpr(math.log(2.0))
+BLOCK_B = 256  # sequence lengths read per step of the on-device tile count
+COMBINE_BLOCK_S = 32  # partials merged per step of the combine kernel
+COMBINE_BLOCK_V = 128  # value columns per combine program
 
 
 @triton.jit
-def _load_seq_len(seq_lens, i_b, stride_sl, capacity):
-    """seq_lens[i_b] clamped to [0, capacity]: a sequence never reads past its block table."""
-    return tl.minimum(tl.maximum(tl.load(seq_lens + i_b * stride_sl), 0), capacity)
+def _tile_counts(seq_lens, o_b, B, stride_sl, capacity, BLOCK_N: tl.constexpr):
+    """[BLOCK_B] tiles of the sequences o_b: cdiv(seq_len clamped to [0, capacity], BLOCK_N);
+    0 past the batch."""
+    b_len = tl.load(seq_lens + o_b * stride_sl, mask=o_b < B, other=0)
+    return tl.cdiv(tl.minimum(tl.maximum(b_len, 0), capacity), BLOCK_N)
 
 
 @triton.jit
-def _split_len(seq_len, num_splits, MIN_SPLIT_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Tokens per split of a sequence of seq_len tokens: a multiple of BLOCK_N, at least BLOCK_N.
-    The sequence's non-empty splits are the first cdiv(seq_len, split_len)."""
-    n_splits = tl.maximum(tl.minimum(tl.cdiv(seq_len, MIN_SPLIT_TOKENS), num_splits), 1)
-    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, n_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
+def _tiles_total_and_before(seq_lens, B, stride_sl, capacity, i_b, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(tiles of the whole batch, tiles of the sequences before i_b)."""
+    b_total = 0
+    b_before = 0
+    for i_b0 in range(0, B, BLOCK_B):
+        o_b = i_b0 + tl.arange(0, BLOCK_B)
+        b_tiles = _tile_counts(seq_lens, o_b, B, stride_sl, capacity, BLOCK_N)  # [BLOCK_B]
+        b_total += tl.sum(b_tiles, 0)
+        b_before += tl.sum(tl.where(o_b < i_b, b_tiles, 0), 0)
+    return b_total, b_before
+
+
+@triton.jit
+def _sequence_of_tile(seq_lens, B, stride_sl, capacity, i_t, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(b, first tile of b) for the sequence b that holds global tile i_t (< the total)."""
+    b_carry = 0
+    i_b = 0
+    b_first = 0
+    for i_b0 in range(0, B, BLOCK_B):
+        o_b = i_b0 + tl.arange(0, BLOCK_B)
+        b_tiles = _tile_counts(seq_lens, o_b, B, stride_sl, capacity, BLOCK_N)  # [BLOCK_B]
+        b_end = b_carry + tl.cumsum(b_tiles, 0)  # [BLOCK_B] one past each sequence's last tile
+        m_before = (b_end <= i_t) & (o_b < B)  # sequences that end at or before i_t
+        i_b += tl.sum(m_before.to(tl.int32), 0)
+        b_first = tl.maximum(b_first, tl.max(tl.where(m_before, b_end, 0), 0))
+        b_carry += tl.sum(b_tiles, 0)
+    return i_b, b_first
+
+
+@triton.jit
+def _program_of_tile(i_t, num_programs, b_total):
+    """The program whose range [p*T // P, (p+1)*T // P) holds tile i_t: the largest p with
+    p*T // P <= i_t, i.e. ((i_t + 1) * P - 1) // T (int64: T * P can pass 2^31)."""
+    return ((i_t.to(tl.int64) + 1) * num_programs - 1) // b_total
+
+
+@triton.jit
+def _load_kv_tile(
+    kv_cache, p_bt, i_n, eos, stride_kv_block, stride_kv_row, stride_bt_n,
+    V: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """(m_n, b_kv, b_kr): tokens [i_n, i_n + BLOCK_N) of a sequence, read through its block table,
+    as their value columns [BLOCK_N, BLOCK_V] and shared-key columns [BLOCK_N, BLOCK_R] (zeros
+    when D_ROPE = 0); rows at or past eos are zeros and never read."""
+    o_n = i_n + tl.arange(0, BLOCK_N)
+    o_v = tl.arange(0, BLOCK_V)
+    o_r = tl.arange(0, BLOCK_R)
+    m_n = o_n < eos
+    b_page = tl.load(p_bt + (o_n // PAGE_SIZE) * stride_bt_n, mask=m_n, other=0).to(tl.int64)  # [BLOCK_N]
+    p_kv = kv_cache + b_page[:, None] * stride_kv_block + (o_n % PAGE_SIZE)[:, None] * stride_kv_row  # [BLOCK_N, 1]
+    b_kv = tl.load(p_kv + o_v[None, :], mask=m_n[:, None] & (o_v < V)[None, :], other=0.0)  # [BLOCK_N, BLOCK_V]
+    b_kr = tl.load(p_kv + V + o_r[None, :], mask=m_n[:, None] & (o_r < D_ROPE)[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
+    return m_n, b_kv, b_kr
+
+
+@triton.jit
+def _attend_head_major(
+    p_q, p_bt, kv_cache, p_o, p_lse, bos, eos, qk_scale, o_h, m_h, H,
+    stride_q_h, stride_kv_block, stride_kv_row, stride_bt_n,
+    V: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Tokens [bos, eos) of one sequence for heads o_h, S = Q K^T; writes the partial to p_o / p_lse."""
+    o_v = tl.arange(0, BLOCK_V)
+    o_r = tl.arange(0, BLOCK_R)
+    m_v = o_v < V
+    m_r = o_r < D_ROPE
+    b_q = tl.load(p_q + o_h[:, None] * stride_q_h + o_v[None, :], mask=m_h[:, None] & m_v[None, :], other=0.0)  # [BLOCK_H, BLOCK_V]
+    b_qr = tl.load(p_q + o_h[:, None] * stride_q_h + V + o_r[None, :], mask=m_h[:, None] & m_r[None, :], other=0.0)  # [BLOCK_H, BLOCK_R]
+
+    b_m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # [BLOCK_H] running max (log2 domain)
+    b_l = tl.zeros([BLOCK_H], dtype=tl.float32)  # [BLOCK_H] running sum of exp2
+    b_acc = tl.zeros([BLOCK_H, BLOCK_V], dtype=tl.float32)  # [BLOCK_H, BLOCK_V]
+    for i_n in range(bos, eos, BLOCK_N):
+        m_n, b_kv, b_kr = _load_kv_tile(kv_cache, p_bt, i_n, eos, stride_kv_block, stride_kv_row, stride_bt_n,
+                                        V, D_ROPE, PAGE_SIZE, BLOCK_N, BLOCK_V, BLOCK_R)
+        b_s = tl.dot(b_q, tl.trans(b_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        b_s += tl.dot(b_qr, tl.trans(b_kr), input_precision=DOT_PRECISION)
+        # Inductor may pass qk_scale as an fp64 scalar: the cast keeps the softmax state fp32.
+        b_s = tl.where(m_n[None, :], (b_s * qk_scale).to(tl.float32), float("-inf"))  # [BLOCK_H, BLOCK_N]
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [BLOCK_H]; finite: every tile holds a token
+        b_alpha = tl.exp2(b_m - b_m_new)  # [BLOCK_H]
+        b_p = tl.exp2(b_s - b_m_new[:, None])  # [BLOCK_H, BLOCK_N]
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_kv.dtype), b_kv, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_V]
+        b_m = b_m_new
+
+    tl.store(p_o + o_h[:, None] * V + o_v[None, :], b_acc / b_l[:, None], mask=m_h[:, None] & m_v[None, :])
+    tl.store(p_lse + o_h, b_m + tl.log2(b_l), mask=m_h)
+
+
+@triton.jit
+def _attend_token_major(
+    p_q, p_bt, kv_cache, p_o, p_lse, bos, eos, qk_scale, o_h, m_h, H,
+    stride_q_h, stride_kv_block, stride_kv_row, stride_bt_n,
+    V: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Tokens [bos, eos) of one sequence for heads o_h, S^T = K Q^T; writes the partial to p_o / p_lse."""
+    o_v = tl.arange(0, BLOCK_V)
+    o_r = tl.arange(0, BLOCK_R)
+    m_v = o_v < V
+    m_r = o_r < D_ROPE
+    b_qt = tl.load(p_q + o_h[None, :] * stride_q_h + o_v[:, None], mask=m_v[:, None] & m_h[None, :], other=0.0)  # [BLOCK_V, BLOCK_H]
+    b_qrt = tl.load(p_q + o_h[None, :] * stride_q_h + V + o_r[:, None], mask=m_r[:, None] & m_h[None, :], other=0.0)  # [BLOCK_R, BLOCK_H]
+
+    b_m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # [BLOCK_H] running max (log2 domain)
+    b_l = tl.zeros([BLOCK_H], dtype=tl.float32)  # [BLOCK_H] running sum of exp2
+    b_acct = tl.zeros([BLOCK_V, BLOCK_H], dtype=tl.float32)  # [BLOCK_V, BLOCK_H]
+    for i_n in range(bos, eos, BLOCK_N):
+        m_n, b_kv, b_kr = _load_kv_tile(kv_cache, p_bt, i_n, eos, stride_kv_block, stride_kv_row, stride_bt_n,
+                                        V, D_ROPE, PAGE_SIZE, BLOCK_N, BLOCK_V, BLOCK_R)
+        b_st = tl.dot(b_kv, b_qt, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
+        b_st += tl.dot(b_kr, b_qrt, input_precision=DOT_PRECISION)
+        # Inductor may pass qk_scale as an fp64 scalar: the cast keeps the softmax state fp32.
+        b_st = tl.where(m_n[:, None], (b_st * qk_scale).to(tl.float32), float("-inf"))  # [BLOCK_N, BLOCK_H]
+        b_m_new = tl.maximum(b_m, tl.max(b_st, 0))  # [BLOCK_H]; finite: every tile holds a token
+        b_alpha = tl.exp2(b_m - b_m_new)  # [BLOCK_H]
+        b_pt = tl.exp2(b_st - b_m_new[None, :])  # [BLOCK_N, BLOCK_H]
+        b_l = b_l * b_alpha + tl.sum(b_pt, 0)
+        b_acct = b_acct * b_alpha[None, :] + tl.dot(tl.trans(b_kv), b_pt.to(b_kv.dtype), input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_H]
+        b_m = b_m_new
+
+    tl.store(p_o + o_h[None, :] * V + o_v[:, None], b_acct / b_l[None, :], mask=m_v[:, None] & m_h[None, :])
+    tl.store(p_lse + o_h, b_m + tl.log2(b_l), mask=m_h)
 
 
 @triton.jit
@@ -52,13 +181,13 @@ def mla_decode_split_kernel(
     kv_cache,
     block_table,
     seq_lens,
-    o_split,
-    lse_split,
+    o_part,
+    lse_part,
     qk_scale,
+    B,
     H,
-    page_size,
     max_blocks,
-    num_splits,
+    num_programs,
     stride_q_b,
     stride_q_h,
     stride_kv_block,
@@ -68,160 +197,175 @@ def mla_decode_split_kernel(
     stride_sl,
     V: tl.constexpr,
     D_ROPE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    MIN_SPLIT_TOKENS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    TOKEN_MAJOR: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
     DOT_PRECISION: tl.constexpr = "ieee" if IEEE_DOT else "tf32"
-    i_bh, i_s = tl.program_id(0), tl.program_id(1)
-    n_hb = tl.cdiv(H, BLOCK_H)
-    i_b, i_hb = i_bh // n_hb, i_bh % n_hb
-    i_b64 = i_b.to(tl.int64)
-
-    seq_len = _load_seq_len(seq_lens, i_b64, stride_sl, max_blocks * page_size)
-    split_len = _split_len(seq_len, num_splits, MIN_SPLIT_TOKENS, BLOCK_N)
-    bos = i_s * split_len
-    if bos >= seq_len:
+    i_p, i_hb = tl.program_id(0), tl.program_id(1)
+    capacity = max_blocks * PAGE_SIZE
+    b_total, _ = _tiles_total_and_before(seq_lens, B, stride_sl, capacity, 0, BLOCK_N, BLOCK_B)
+    i_t = ((i_p.to(tl.int64) * b_total) // num_programs).to(tl.int32)
+    t_end = (((i_p.to(tl.int64) + 1) * b_total) // num_programs).to(tl.int32)
+    if i_t >= t_end:
         return
-    eos = tl.minimum(bos + split_len, seq_len)
+    i_b, b_first = _sequence_of_tile(seq_lens, B, stride_sl, capacity, i_t, BLOCK_N, BLOCK_B)
 
     o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_v = tl.arange(0, BLOCK_V)
-    o_r = tl.arange(0, BLOCK_R)
     m_h = o_h < H
-    m_v = o_v < V
-    m_r = o_r < D_ROPE
-
-    p_q = q + i_b64 * stride_q_b + o_h[:, None] * stride_q_h  # [BLOCK_H, 1]
-    b_q = tl.load(p_q + o_v[None, :], mask=m_h[:, None] & m_v[None, :], other=0.0)  # [BLOCK_H, BLOCK_V]
-    if D_ROPE > 0:
-        b_qr = tl.load(p_q + V + o_r[None, :], mask=m_h[:, None] & m_r[None, :], other=0.0)  # [BLOCK_H, BLOCK_R]
-
-    b_m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # [BLOCK_H] running max (log2 domain)
-    b_l = tl.zeros([BLOCK_H], dtype=tl.float32)  # [BLOCK_H] running sum of exp2
-    b_acc = tl.zeros([BLOCK_H, BLOCK_V], dtype=tl.float32)  # [BLOCK_H, BLOCK_V]
-    p_bt = block_table + i_b64 * stride_bt_b
-    for i_n in range(bos, eos, BLOCK_N):
-        o_n = i_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < eos
-        b_page = tl.load(p_bt + (o_n // page_size) * stride_bt_n, mask=m_n, other=0).to(tl.int64)  # [BLOCK_N]
-        p_kv = kv_cache + b_page[:, None] * stride_kv_block + (o_n % page_size)[:, None] * stride_kv_row  # [BLOCK_N, 1]
-        b_kv = tl.load(p_kv + o_v[None, :], mask=m_n[:, None] & m_v[None, :], other=0.0)  # [BLOCK_N, BLOCK_V]
-        b_s = tl.dot(b_q, tl.trans(b_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-        if D_ROPE > 0:
-            b_kr = tl.load(p_kv + V + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
-            b_s += tl.dot(b_qr, tl.trans(b_kr), input_precision=DOT_PRECISION)
-        # Inductor may pass qk_scale as an fp64 scalar: the cast keeps the softmax state fp32.
-        b_s = tl.where(m_n[None, :], (b_s * qk_scale).to(tl.float32), float("-inf"))  # [BLOCK_H, BLOCK_N]
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [BLOCK_H]; finite: every tile holds a token
-        b_alpha = tl.exp2(b_m - b_m_new)  # [BLOCK_H]
-        b_p = tl.exp2(b_s - b_m_new[:, None])  # [BLOCK_H, BLOCK_N]
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_pv = tl.dot(b_p.to(b_kv.dtype), b_kv, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_V]
-        b_acc = b_acc * b_alpha[:, None] + b_pv
-        b_m = b_m_new
-
-    o_ws = (i_b64 * num_splits + i_s) * H + o_h  # [BLOCK_H] rows of the workspace
-    tl.store(o_split + o_ws[:, None] * V + o_v[None, :], b_acc / b_l[:, None], mask=m_h[:, None] & m_v[None, :])
-    tl.store(lse_split + o_ws, b_m + tl.log2(b_l), mask=m_h)
+    # Walk the sequences the range [i_t, t_end) crosses; an empty one has no tiles and is skipped.
+    while i_t < t_end:
+        i_b64 = i_b.to(tl.int64)
+        seq_len = tl.minimum(tl.maximum(tl.load(seq_lens + i_b64 * stride_sl), 0), capacity)
+        seg_end = tl.minimum(b_first + tl.cdiv(seq_len, BLOCK_N), t_end)
+        if seg_end > i_t:
+            bos = (i_t - b_first) * BLOCK_N
+            eos = tl.minimum((seg_end - b_first) * BLOCK_N, seq_len)
+            p_q = q + i_b64 * stride_q_b
+            p_bt = block_table + i_b64 * stride_bt_b
+            o_ws = (i_b64 + i_p) * H  # workspace row b + p
+            if TOKEN_MAJOR:
+                _attend_token_major(
+                    p_q, p_bt, kv_cache, o_part + o_ws * V, lse_part + o_ws, bos, eos, qk_scale, o_h, m_h, H,
+                    stride_q_h, stride_kv_block, stride_kv_row, stride_bt_n,
+                    V, D_ROPE, PAGE_SIZE, BLOCK_H, BLOCK_N, BLOCK_V, BLOCK_R, DOT_PRECISION,
+                )
+            else:
+                _attend_head_major(
+                    p_q, p_bt, kv_cache, o_part + o_ws * V, lse_part + o_ws, bos, eos, qk_scale, o_h, m_h, H,
+                    stride_q_h, stride_kv_block, stride_kv_row, stride_bt_n,
+                    V, D_ROPE, PAGE_SIZE, BLOCK_H, BLOCK_N, BLOCK_V, BLOCK_R, DOT_PRECISION,
+                )
+            i_t = seg_end
+        b_first += tl.cdiv(seq_len, BLOCK_N)
+        i_b += 1
 
 
 @triton.jit
 def mla_decode_combine_kernel(
-    o_split,
-    lse_split,
+    o_part,
+    lse_part,
     seq_lens,
     o,
     lse,
+    B,
     H,
-    page_size,
     max_blocks,
-    num_splits,
+    num_programs,
     stride_sl,
     stride_o_b,
     stride_o_h,
     stride_lse_b,
     stride_lse_h,
     V: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    MIN_SPLIT_TOKENS: tl.constexpr,
+    BLOCK_VC: tl.constexpr,
 ):
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = i_b.to(tl.int64)
-
-    seq_len = _load_seq_len(seq_lens, i_b64, stride_sl, max_blocks * page_size)
-    n_valid = tl.cdiv(seq_len, _split_len(seq_len, num_splits, MIN_SPLIT_TOKENS, BLOCK_N))
-
-    o_s = tl.arange(0, BLOCK_S)
-    o_v = tl.arange(0, BLOCK_V)
+    capacity = max_blocks * PAGE_SIZE
+    b_total, b_first = _tiles_total_and_before(seq_lens, B, stride_sl, capacity, i_b, BLOCK_N, BLOCK_B)
+    n_tiles = tl.cdiv(tl.minimum(tl.maximum(tl.load(seq_lens + i_b64 * stride_sl), 0), capacity), BLOCK_N)
+    o_v = i_v * BLOCK_VC + tl.arange(0, BLOCK_VC)
     m_v = o_v < V
-    b_lse_s = tl.load(lse_split + (i_b64 * num_splits + o_s) * H + i_h, mask=o_s < n_valid, other=float("-inf"))  # [BLOCK_S]
-    b_m = tl.where(n_valid > 0, tl.max(b_lse_s, 0), 0.0)  # the largest split lse; 0 when there is none
-    b_l = tl.sum(tl.exp2(b_lse_s - b_m), 0)  # exp2(-inf) = 0 for the splits past n_valid
+    p_o = o + i_b64 * stride_o_b + i_h * stride_o_h + o_v
+    if n_tiles == 0:
+        tl.store(p_o, tl.zeros([BLOCK_VC], dtype=tl.float32).to(o.dtype.element_ty), mask=m_v)
+        tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, float("-inf"))
+        return
 
-    b_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # [BLOCK_V]
-    for i_s in range(0, n_valid):
-        i_ws = (i_b64 * num_splits + i_s) * H + i_h
-        b_w = tl.exp2(tl.load(lse_split + i_ws) - b_m)
-        b_acc += b_w * tl.load(o_split + i_ws * V + o_v, mask=m_v, other=0.0)  # [BLOCK_V]
+    b_total = tl.maximum(b_total, 1)
+    i_p0 = _program_of_tile(b_first, num_programs, b_total)
+    n_parts = (_program_of_tile(b_first + n_tiles - 1, num_programs, b_total) - i_p0 + 1).to(tl.int32)
+    # Programs between the first and the last may own no tiles at all (T < P): their rows are unwritten.
+    b_m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)  # [BLOCK_S] running max of the partials' lse
+    for i_s in range(0, n_parts, BLOCK_S):
+        o_p = i_p0 + i_s + tl.arange(0, BLOCK_S)  # [BLOCK_S] programs
+        m_s = (i_s + tl.arange(0, BLOCK_S) < n_parts) & ((o_p * b_total) // num_programs < ((o_p + 1) * b_total) // num_programs)
+        b_lse_s = tl.load(lse_part + (i_b64 + o_p) * H + i_h, mask=m_s, other=float("-inf"))  # [BLOCK_S]
+        b_m = tl.maximum(b_m, b_lse_s)
+    b_mx = tl.max(b_m, 0)
 
-    b_l = tl.where(n_valid > 0, b_l, 1.0)  # an empty sequence sums nothing and divides by 1
-    b_lse = tl.where(n_valid > 0, (b_m + tl.log2(b_l)) * LN2, float("-inf"))
-    tl.store(o + i_b64 * stride_o_b + i_h * stride_o_h + o_v, (b_acc / b_l).to(o.dtype.element_ty), mask=m_v)
-    tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, b_lse)
+    b_l = tl.zeros([BLOCK_S], dtype=tl.float32)  # [BLOCK_S]
+    b_acc = tl.zeros([BLOCK_S, BLOCK_VC], dtype=tl.float32)  # [BLOCK_S, BLOCK_VC]
+    for i_s in range(0, n_parts, BLOCK_S):
+        o_p = i_p0 + i_s + tl.arange(0, BLOCK_S)  # [BLOCK_S] programs
+        m_s = (i_s + tl.arange(0, BLOCK_S) < n_parts) & ((o_p * b_total) // num_programs < ((o_p + 1) * b_total) // num_programs)
+        o_ws = (i_b64 + o_p) * H + i_h  # [BLOCK_S] workspace rows
+        b_w = tl.exp2(tl.load(lse_part + o_ws, mask=m_s, other=float("-inf")) - b_mx)  # [BLOCK_S]
+        b_os = tl.load(o_part + o_ws[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)  # [BLOCK_S, BLOCK_VC]
+        b_l += b_w
+        b_acc += b_w[:, None] * b_os
+    b_lsum = tl.sum(b_l, 0)
+    tl.store(p_o, (tl.sum(b_acc, 0) / b_lsum).to(o.dtype.element_ty), mask=m_v)
+    if i_v == 0:
+        tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, (b_mx + tl.log2(b_lsum)) * LN2)
 
 
 @dataclass(frozen=True)
 class MLADecodeConfig:
-    """Launch configuration of the split kernel (the combine kernel derives its own)."""
+    """Launch configuration of the split kernel (the combine kernel's is fixed)."""
 
-    block_h: int  # heads per program; >= 16 (the smallest MMA tile), extra heads masked
-    block_n: int  # tokens per KV tile
+    block_h: int  # heads per program, >= 16 (the smallest MMA tile); padded heads are masked
+    block_n: int  # tokens per KV tile, also the unit in which the work is dealt out
     num_warps: int
     num_stages: int
-    max_splits: int  # the most programs one sequence's tokens are spread over
-    min_split_tokens: int  # a sequence is split only into ranges of at least this many tokens
-    target_programs: int  # split-kernel programs per launch that num_splits aims at
+    token_major: bool  # S^T = K Q^T (MMA M = tokens) rather than S = Q K^T (MMA M = heads)
+    programs_per_sm: int  # split-kernel programs per SM; the grid is this times the SM count
 
 
-# Rows (most heads or None for any, BLOCK_H, BLOCK_N) by bytes per element, first match wins;
-# 8 warps, 2 stages. Checked offline by compiling for sm_90a with ptxas -v at D_qk = 576,
-# v_dim = 512: no register spills. 16 and 32 heads use mma.sync; 64 heads per program reach
-# wgmma (M = 64). fp32 (exact IEEE dots) keeps 16 heads and 32-token tiles.
-_TILES = {2: ((16, 16, 64), (32, 32, 64), (None, 64, 32)), 4: ((None, 16, 32),)}
+# (arch, dtype, H, D_qk, v_dim) -> config, first entries predicted offline (sm_90a compiles, no
+# spills; token-major compiles to wgmma at every head count); bench/tune_mla_decode.py measures
+# the candidates on the GPU and its winners replace these rows. Other keys take the heuristic.
+_SM90 = (9, 0)
+CONFIGS = {
+    (_SM90, dtype, H, 576, 512): MLADecodeConfig(block_h=max(16, H), block_n=64, num_warps=8, num_stages=2, token_major=True, programs_per_sm=1)
+    for dtype in (torch.bfloat16, torch.float16)
+    for H in (8, 16, 32, 64)
+}
 SMEM_TILE_BYTES = 72 * 1024  # one pipelined [BLOCK_N, D_qk] KV tile: caps BLOCK_N for wide rows
 
 
 @lru_cache(maxsize=None)
-def _target_programs(device: torch.device) -> int:
-    """Two programs per SM on CUDA. The interpreter has no SMs; 8 makes tiny tests split."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+def device_sm_count_and_arch(device: torch.device) -> tuple[int, tuple[int, int] | None]:
+    """(SMs, compute capability) of a CUDA device, static configuration read once. The
+    interpreter (CPU) has no SMs: 4 makes tiny tests deal tiles to several programs."""
+    if device.type != "cuda":
+        return 4, None
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, (props.major, props.minor)
+
+
+def heuristic_config(num_heads: int, head_dim: int, v_dim: int, dtype: torch.dtype) -> MLADecodeConfig:
+    """Token-major, all heads (up to 64; 16 for fp32, whose IEEE dots run on FMA registers) in one
+    program, the widest power-of-two BLOCK_N <= 64 whose tile fits SMEM_TILE_BYTES, 8 warps,
+    2 stages, one program per SM."""
+    padded_row = _block_v(v_dim) + _block_r(head_dim - v_dim)
+    tile_rows = max(16, SMEM_TILE_BYTES // (padded_row * dtype.itemsize))
+    return MLADecodeConfig(
+        block_h=min(64 if dtype.itemsize < 4 else 16, max(16, triton.next_power_of_2(num_heads))),
+        block_n=min(64, 1 << (tile_rows.bit_length() - 1)),
+        num_warps=8,
+        num_stages=2,
+        token_major=True,
+        programs_per_sm=1,
+    )
 
 
 def mla_decode_config(num_heads: int, head_dim: int, v_dim: int, dtype: torch.dtype, device: torch.device) -> MLADecodeConfig:
-    """Deterministic heuristic keyed on heads, head dims, dtype and the device (never on batch or
-    sequence lengths): the _TILES row for the head count, BLOCK_N capped so a KV tile fits
-    SMEM_TILE_BYTES."""
-    block_h, block_n = next((h, n) for max_heads, h, n in _TILES[dtype.itemsize] if max_heads is None or num_heads <= max_heads)
-    padded_row = _block_v(v_dim) + (_block_r(head_dim - v_dim) if head_dim > v_dim else 0)
-    tile_rows = max(1, SMEM_TILE_BYTES // (padded_row * dtype.itemsize))
-    block_n = max(16, min(block_n, 1 << (tile_rows.bit_length() - 1)))  # a power of two <= tile_rows
-    return MLADecodeConfig(
-        block_h=block_h,
-        block_n=block_n,
-        num_warps=8,
-        num_stages=2,
-        max_splits=64,
-        min_split_tokens=2 * block_n,
-        target_programs=_target_programs(device),
-    )
+    """The CONFIGS row for (arch, dtype, heads, head dims), else the heuristic; never keyed on
+    batch or sequence lengths."""
+    _, arch = device_sm_count_and_arch(device)
+    key = (arch, dtype, num_heads, head_dim, v_dim)
+    return CONFIGS[key] if key in CONFIGS else heuristic_config(num_heads, head_dim, v_dim, dtype)
 
 
 def _block_v(v_dim: int) -> int:
@@ -229,6 +373,7 @@ def _block_v(v_dim: int) -> int:
 
 
 def _block_r(rope_dim: int) -> int:
+    """The shared-key tile width; 16 fully masked columns when there is no shared key."""
     return max(16, triton.next_power_of_2(rope_dim))
 
 
@@ -255,31 +400,31 @@ def mla_decode_triton(
     q [B, H, D_qk], kv_cache [num_blocks, block_size, D_qk] (bf16, fp16 or fp32, last dim
     contiguous), block_table [B, max_blocks] int32, seq_lens [B] int32; inputs are assumed to
     satisfy the op contract (kda_ops.meta.mla_decode). `launch` wraps each kernel before its launch
-    (the op passes torch.library.wrap_triton); `config` overrides the heuristic (tests).
-    Allocates only a fixed fp32 workspace sized by shapes; never reads tensor data on the host.
+    (the op passes torch.library.wrap_triton); `config` overrides the table (tests, tuning).
+    Allocates only a fixed fp32 workspace of B + P rows; never reads tensor data on the host.
     """
     B, H, D = q.shape
-    page_size, max_blocks = kv_cache.shape[1], block_table.shape[1]
+    page_size, max_blocks = int(kv_cache.shape[1]), block_table.shape[1]
     if config is None:
         config = mla_decode_config(H, D, v_dim, q.dtype, q.device)
+    sm_count, _ = device_sm_count_and_arch(q.device)
     head_blocks = triton.cdiv(H, config.block_h)
-    programs_per_split = torch.sym_max(B * head_blocks, 1)
-    num_splits = torch.sym_max(1, torch.sym_min(config.max_splits, (config.target_programs + programs_per_split - 1) // programs_per_split))
-    o_split = torch.empty((B, num_splits, H, v_dim), dtype=torch.float32, device=q.device)
-    lse_split = torch.empty((B, num_splits, H), dtype=torch.float32, device=q.device)
+    num_programs = max(1, config.programs_per_sm * sm_count // head_blocks)
+    o_part = torch.empty((B + num_programs, H, v_dim), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B + num_programs, H), dtype=torch.float32, device=q.device)
 
-    launch(mla_decode_split_kernel)[(B * head_blocks, num_splits)](
+    launch(mla_decode_split_kernel)[(num_programs, head_blocks)](
         q,
         kv_cache,
         block_table,
         seq_lens,
-        o_split,
-        lse_split,
+        o_part,
+        lse_part,
         scale * math.log2(math.e),
+        B,
         H,
-        page_size,
         max_blocks,
-        num_splits,
+        num_programs,
         q.stride(0),
         q.stride(1),
         kv_cache.stride(0),
@@ -289,35 +434,38 @@ def mla_decode_triton(
         seq_lens.stride(0),
         V=v_dim,
         D_ROPE=D - v_dim,
+        PAGE_SIZE=page_size,
         BLOCK_H=config.block_h,
         BLOCK_N=config.block_n,
         BLOCK_V=_block_v(v_dim),
         BLOCK_R=_block_r(D - v_dim),
-        MIN_SPLIT_TOKENS=config.min_split_tokens,
+        BLOCK_B=BLOCK_B,
+        TOKEN_MAJOR=config.token_major,
         IEEE_DOT=q.dtype == torch.float32,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    launch(mla_decode_combine_kernel)[(B, H)](
-        o_split,
-        lse_split,
+    launch(mla_decode_combine_kernel)[(B, H, triton.cdiv(v_dim, COMBINE_BLOCK_V))](
+        o_part,
+        lse_part,
         seq_lens,
         o,
         lse,
+        B,
         H,
-        page_size,
         max_blocks,
-        num_splits,
+        num_programs,
         seq_lens.stride(0),
         o.stride(0),
         o.stride(1),
         lse.stride(0),
         lse.stride(1),
         V=v_dim,
+        PAGE_SIZE=page_size,
         BLOCK_N=config.block_n,
-        BLOCK_V=_block_v(v_dim),
-        BLOCK_S=triton.next_power_of_2(config.max_splits),
-        MIN_SPLIT_TOKENS=config.min_split_tokens,
+        BLOCK_B=BLOCK_B,
+        BLOCK_S=COMBINE_BLOCK_S,
+        BLOCK_VC=COMBINE_BLOCK_V,
         num_warps=4,
-        num_stages=1,
+        num_stages=2,
     )

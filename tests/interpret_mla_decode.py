@@ -3,7 +3,9 @@ meta's fp64 reference; exits non-zero on any mismatch.
 
 Run as a script (test_mla_decode_kernel.py starts it in a subprocess, because TRITON_INTERPRET
 must be set before triton is first imported). Tiny shapes, every path: a length-0 row, lengths
-within one tile and over several, several splits with an empty trailing split, two head blocks,
+within one tile and over several, tile ranges that cross sequences, fewer tiles than programs,
+one sequence over all programs, a batch over one chunk of the tile count, both orientations,
+two head blocks,
 no shared-key slice (D_qk = v_dim), non-power-of-two widths, pages smaller than a tile and not a
 power of two, lengths above the table's capacity, strided q / cache / block table. Unowned cache
 rows are NaN and unused table entries out of range; outputs start as NaN. fp32 and fp16 (the
@@ -23,18 +25,25 @@ from mla_inputs import paged_cache
 from kda_ops.kernels.mla_decode import MLADecodeConfig, mla_decode_triton
 from kda_ops.meta.mla_decode import mla_decode_reference
 
-SPLIT4 = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, max_splits=4, min_split_tokens=16, target_programs=64)
+# 4 "SMs" in the interpreter: 8 programs share the tiles of a launch.
+TOKEN_MAJOR = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=True, programs_per_sm=2)
+HEAD_MAJOR = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=False, programs_per_sm=2)
 # id, lens, H, D_qk, v_dim, block_size, dtype, config (None: the heuristic), variant:
 # "strided" inputs, or "over-capacity": a row that fills its table is passed as length 1000
 CASES = [
     ("B3-H4-D80V64-bs16-default", [0, 5, 40], 4, 80, 64, 16, torch.float32, None, ""),
     ("B3-H4-D80V64-bs16-default-fp16", [0, 5, 40], 4, 80, 64, 16, torch.float16, None, ""),
-    ("splits-empty-trailing-split", [0, 5, 40, 68, 17], 4, 80, 64, 16, torch.float32, SPLIT4, ""),
-    ("H20-two-head-blocks-fp16", [33, 0, 70], 20, 48, 32, 16, torch.float16, SPLIT4, ""),
+    ("tiles-across-sequences-token-major", [0, 5, 40, 68, 17], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, ""),
+    ("tiles-across-sequences-head-major", [0, 5, 40, 68, 17], 4, 80, 64, 16, torch.float32, HEAD_MAJOR, ""),
+    ("fewer-tiles-than-programs", [3, 0, 2], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, ""),
+    ("one-sequence-all-programs", [200], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, ""),
+    ("H20-two-head-blocks-fp16", [33, 0, 70], 20, 48, 32, 16, torch.float16, TOKEN_MAJOR, ""),
+    ("H20-two-head-blocks-head-major", [33, 0, 70], 20, 48, 32, 16, torch.float32, HEAD_MAJOR, ""),
+    ("batch-over-one-length-chunk", [i % 3 for i in range(300)], 2, 32, 32, 16, torch.float32, TOKEN_MAJOR, ""),
     ("no-shared-key-D32V32", [1, 33, 16], 3, 32, 32, 16, torch.float32, None, ""),
-    ("non-pow2-V48-D60-page12", [0, 11, 12, 13, 50], 5, 60, 48, 12, torch.float32, SPLIT4, ""),
-    ("strided-q-cache-table", [7, 0, 45], 4, 80, 64, 16, torch.float32, SPLIT4, "strided"),
-    ("over-capacity-length", [48, 5], 4, 80, 64, 16, torch.float32, SPLIT4, "over-capacity"),
+    ("non-pow2-V48-D60-page12", [0, 11, 12, 13, 50], 5, 60, 48, 12, torch.float32, TOKEN_MAJOR, ""),
+    ("strided-q-cache-table", [7, 0, 45], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, "strided"),
+    ("over-capacity-length", [48, 5], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, "over-capacity"),
 ]
 
 

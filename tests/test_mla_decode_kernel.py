@@ -16,7 +16,7 @@ from mla_inputs import paged_cache
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import kda_ops
-from kda_ops.kernels.mla_decode import mla_decode_triton
+from kda_ops.kernels.mla_decode import MLADecodeConfig, mla_decode_triton
 
 SCALE = 192**-0.5  # Kimi Linear: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5
 O_BAR, LSE_BAR = 5e-3, 1e-3  # relative RMS error of bf16 inputs against the fp64 reference
@@ -66,6 +66,25 @@ def test_gpu_mixed_lengths_bf16(H, block_size, d_qk):
     _check_against_reference(o, lse, *args, 512)
     o_op, lse_op = kda_ops.mla_decode(*args, scale=SCALE, v_dim=512)
     assert torch.equal(o_op, o) and torch.equal(lse_op, lse)
+
+
+SWEPT_CONFIGS = [  # both orientations and the padded-head tile that bench/tune_mla_decode.py sweeps
+    pytest.param(MLADecodeConfig(block_h=32, block_n=32, num_warps=4, num_stages=3, token_major=True, programs_per_sm=2), id="token-major-bn32-w4-s3-pps2"),
+    pytest.param(MLADecodeConfig(block_h=32, block_n=64, num_warps=8, num_stages=2, token_major=False, programs_per_sm=1), id="head-major-bh32-bn64"),
+    pytest.param(MLADecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, token_major=False, programs_per_sm=2), id="head-major-bh64-bn32-pps2"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", SWEPT_CONFIGS)
+def test_gpu_swept_configs_mixed_lengths(config):
+    """The tuning sweep's other tiles meet the bars on the mixed-length poisoned batch at H = 32."""
+    cache = paged_cache([0, 1, 63, 64, 65, 4096, 32768], 64, 576, dtype=torch.bfloat16, device="cuda")
+    args = (torch.randn(7, 32, 576, device="cuda").bfloat16(), cache.kv_cache, cache.block_table, cache.seq_lens)
+    o = torch.full((7, 32, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lse = torch.full((7, 32), float("nan"), device="cuda")
+    mla_decode_triton(*args, o, lse, SCALE, 512, config=config)
+    _check_against_reference(o, lse, *args, 512)
 
 
 def _small_cuda_args(lens=(0, 1, 100, 300)):
