@@ -35,3 +35,29 @@ def capture_cuda_graph(step, warmup: int = 3) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         step()
     return graph
+
+
+def median_round_ms(benchmark, run_round, setup=None, rounds: int = 5, warmup_rounds: int = 1) -> float:
+    """Times run_round() with benchmark.pedantic (setup() before each round, untimed) and returns
+    the median round in milliseconds, synchronising the device at the end of every round."""
+
+    def timed_round():
+        run_round()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed_round, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
+    return benchmark.stats.stats.median * 1e3
+
+
+@torch.no_grad()
+def declare_context(model, length: int) -> None:
+    """Makes every cache slot of the model hold `length` tokens without running them: random
+    latent rows and KDA states, seq_lens = length. Decode then reads and attends to exactly what a
+    sequence of that length would leave, so its time at a long context costs milliseconds to take."""
+    for attn in model.mla_layers():
+        attn.latent_cache.normal_()
+    for attn in model.kda_layers():
+        attn.recurrent_state.normal_(0, 0.01)
+        for pool in (attn.q_conv_state, attn.k_conv_state, attn.v_conv_state):
+            pool.normal_()
+    model.seq_lens.fill_(length)
