@@ -82,7 +82,7 @@ def kda_decode_kernel(
         b_g = tl.load(g + i_tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         if USE_GATE_IN_KERNEL:
             b_g = b_g + b_bias
-            # softplus with torch's threshold: the identity above 20, where log(1 + e^z) rounds to z
+            # torch's softplus: the identity above 20 (log(1 + e^z) rounds to z there; e^z overflows past 88)
             b_g = -b_A * tl.where(b_g > 20.0, b_g, tl.log(1.0 + tl.exp(b_g)))
         # [BV]
         b_v = tl.load(v + i_tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)

@@ -3,9 +3,10 @@ against meta's references; exits non-zero on any mismatch.
 
 Run as a script (test_kda_decode_kernel.py starts it in a subprocess, because TRITON_INTERPRET must
 be set before triton is first imported). Tiny shapes: non-power-of-two K, V and D, several V and D
-tiles, T = 1..8, in-kernel L2 norm on/off, bf16/fp16/fp32 inputs, fp32 beta with bf16 inputs,
-the gate computed in the kernel from z, A_log, dt_bias (both softplus branches), conv widths 2..4, padding rows with NaN inputs, an index past the pool (treated as padding),
-outputs pre-filled with NaN, unused slots NaN-poisoned and compared bit-exactly.
+tiles, T = 1..8, in-kernel L2 norm on/off, bf16/fp16/fp32 inputs, fp32 beta with bf16 inputs, the
+gate computed in the kernel from z, A_log, dt_bias (both softplus branches), conv widths 2..4,
+padding rows with NaN inputs, an index past the pool (treated as padding), outputs pre-filled with
+NaN, unused slots NaN-poisoned and compared bit-exactly.
 """
 
 import os
