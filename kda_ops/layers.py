@@ -118,8 +118,10 @@ class KimiDeltaAttention(nn.Module):
         acc = accumulation_dtype(x.dtype)
         f = self.f_b_proj(self.f_a_proj(x)).to(acc) + self.dt_bias.to(acc)
         g = -self.A_log.to(acc).exp() * F.softplus(f.view(B, T, self.num_heads, self.head_dim))
-        beta = torch.sigmoid(self.b_proj(x).to(acc))
-        return g, beta
+        return g, self._beta(x)
+
+    def _beta(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.b_proj(x).to(accumulation_dtype(x.dtype)))
 
     def _output(self, x: Tensor, o: Tensor) -> Tensor:
         """Per-head RMSNorm of o [B, T, H, V] times sigmoid(g_b(g_a(x))), in fp32, then o_proj."""
@@ -167,9 +169,12 @@ class KimiDeltaAttention(nn.Module):
         q = self.q_conv1d.step(self.q_proj(x), self.q_conv_state, batch.slots).view(shape)
         k = self.k_conv1d.step(self.k_proj(x), self.k_conv_state, batch.slots).view(shape)
         v = self.v_conv1d.step(self.v_proj(x), self.v_conv_state, batch.slots).view(shape)
-        g, beta = self._gate_and_beta(x)
+        # the gate's pre-activation: kda_decode computes the gate in its kernel (bench_kda_decode_gate.py)
+        z = self.f_b_proj(self.f_a_proj(x)).view(shape)
+        acc = accumulation_dtype(x.dtype)
         o = kda_decode(
-            q, k, v, g, beta, self.recurrent_state, state_indices=batch.slots, scale=self.scale, use_qk_l2norm=True
+            q, k, v, z, self._beta(x), self.recurrent_state, state_indices=batch.slots, scale=self.scale,
+            use_qk_l2norm=True, A_log=self.A_log.to(acc).view(-1), dt_bias=self.dt_bias.to(acc),
         )
         return self._output(x, o)
 
