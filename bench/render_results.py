@@ -1,0 +1,241 @@
+"""Renders benchmark results (pytest-benchmark JSON with DESIGN.md's extra_info) into README tables
+and SVG plots.
+
+    python bench/render_results.py bench/results/h100 [--readme README.md] [--plots-dir DIR]
+
+Every JSON file under the results folder that holds "benchmarks" becomes one table per op, headed
+by the file's GPU, torch, triton and commit; rows are shapes, columns providers (and modes), a
+cell the median time with its derived figure. Entries of the hybrid-vs-all-MLA suite (extra_info
+"model") get their own side-by-side table. The tables replace what stands between README_BEGIN
+and README_END in the README. Plots (SVG, written by hand: matplotlib is not a dependency) go to
+the plots folder (default: the results folder): speed against sequence length or batch, one line
+per provider and remaining shape.
+"""
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+README_BEGIN = "<!-- results:begin -->"
+README_END = "<!-- results:end -->"
+DERIVED = (("tflops", "TFLOP/s", 1.0, ".3g"), ("gbps", "TB/s", 1e-3, ".3g"), ("tokens_per_s", "tok/s", 1.0, ",.0f"))
+# op -> (x shape key, y extra_info key, y axis label)
+PLOTS = {
+    "chunk_kda_fwd": ("T", "tflops", "TFLOP/s"),
+    "chunk_kda_fwdbwd": ("T", "tflops", "TFLOP/s"),
+    "kda_decode": ("B", "gbps", "GB/s"),
+    "mla_decode": ("B", "gbps", "GB/s"),
+    "model_decode": ("L", "ms_per_token", "ms per output token"),
+}
+
+
+def load_results(folder: Path) -> list[dict]:
+    """[{"file", "machine", "entries"}] for each pytest-benchmark JSON file, sorted by name."""
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        if "benchmarks" not in data:
+            continue
+        runs.append({"file": path.name, "machine": data["machine_info"], "entries": [b["extra_info"] for b in data["benchmarks"]]})
+    return runs
+
+
+def hardware_line(run: dict) -> str:
+    m = run["machine"]
+    return f"{m.get('gpu')}, torch {m.get('torch')}, triton {m.get('triton')}, commit {m.get('kda_ops_commit')} (`{run['file']}`)"
+
+
+def format_ms(ms: float) -> str:
+    if ms < 1:
+        return f"{ms * 1e3:.1f} µs"
+    if ms < 1000:
+        return f"{ms:.2f} ms"
+    return f"{ms / 1e3:.2f} s"
+
+
+def format_cell(entry: dict) -> str:
+    cell = format_ms(entry["ms"])
+    for key, unit, scale, spec in DERIVED:
+        if key in entry:
+            return f"{cell} ({entry[key] * scale:{spec}} {unit})"
+    return cell
+
+
+def format_tokens(n: int) -> str:
+    return f"{n // 2**20}M" if n % 2**20 == 0 else f"{n // 2**10}k" if n % 2**10 == 0 else str(n)
+
+
+def variant(entry: dict) -> str:
+    return " ".join(str(entry[key]) for key in ("provider", "mode") if key in entry)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def op_table(entries: list[dict]) -> str:
+    """Rows: the shape keys that vary (the constant ones go into a caption); columns: variants."""
+    keys = list(dict.fromkeys(k for e in entries for k in e["shape"]))
+    constant = {k: entries[0]["shape"].get(k) for k in keys if len({str(e["shape"].get(k)) for e in entries}) == 1}
+    varying = [k for k in keys if k not in constant]
+    variants = list(dict.fromkeys(variant(e) for e in entries))
+    cells = defaultdict(dict)
+    for e in entries:
+        cells[tuple(str(e["shape"].get(k)) for k in varying)][variant(e)] = format_cell(e)
+    rows = [list(shape) + [by_variant.get(v, "–") for v in variants] for shape, by_variant in cells.items()]
+    caption = ", ".join(f"{k} = {v}" for k, v in constant.items())
+    return (caption + "\n\n" if caption else "") + markdown_table(varying + variants, rows)
+
+
+def hybrid_tables(entries: list[dict]) -> str:
+    """Hybrid vs all-MLA side by side: decode per (L, batch), prefill per T, computed bytes."""
+    by_model = {name: [e for e in entries if e["model"] == name] for name in ("hybrid", "all_mla")}
+    decode = defaultdict(dict)
+    prefill = defaultdict(dict)
+    for name, model_entries in by_model.items():
+        for e in model_entries:
+            if e["op"] == "model_decode":
+                batch = "1" if e["shape"]["B"] == 1 else "largest"
+                decode[(e["shape"]["L"], batch)][name] = e
+            else:
+                prefill[e["shape"]["T"]][name] = e
+    out = []
+    memory = [
+        [name, str(m[0]["latent_bytes_per_token"]), f"{m[0]['kda_state_bytes_per_sequence'] / 2**20:.1f} MiB", f"{m[0]['longest_context_at_batch_1']:,}"]
+        for name, m in by_model.items()
+        if m and "latent_bytes_per_token" in m[0]
+    ]
+    if memory:
+        out.append("Computed from shapes: cached bytes per token, fixed KDA state per sequence, longest context at batch 1 in the free memory.\n")
+        out.append(markdown_table(["model", "bytes/token", "KDA state/sequence", "longest context (B = 1)"], memory))
+    rows = []
+    for (L, batch), pair in sorted(decode.items()):
+        row = [format_tokens(L), batch]
+        for name in ("hybrid", "all_mla"):
+            e = pair.get(name)
+            row += ["–"] * 3 if e is None else [str(e["shape"]["B"]), format_ms(e["ms"]), format_ms(e["ms_per_token"])]
+        both = len(pair) == 2
+        row.append(f"{pair['all_mla']['ms_per_token'] / pair['hybrid']['ms_per_token']:.2f}×" if both else "–")
+        rows.append(row)
+    if rows:
+        out.append("\nMeasured decode (CUDA graph, context declared in the cache; B: batch, computed largest where 'largest'):\n")
+        header = ["L", "batch", "hybrid B", "hybrid step", "hybrid per token", "all-MLA B", "all-MLA step", "all-MLA per token", "all-MLA / hybrid"]
+        out.append(markdown_table(header, rows))
+    rows = []
+    for T, pair in sorted(prefill.items()):
+        times = [format_cell(pair[name]) if name in pair else "–" for name in ("hybrid", "all_mla")]
+        ratio = f"{pair['all_mla']['ms'] / pair['hybrid']['ms']:.2f}×" if len(pair) == 2 else "–"
+        rows.append([str(T)] + times + [ratio])
+    if rows:
+        out.append("\nMeasured prefill, batch 1, eager:\n")
+        out.append(markdown_table(["T", "hybrid", "all-MLA", "all-MLA / hybrid"], rows))
+    return "\n".join(out)
+
+
+def render_markdown(runs: list[dict]) -> str:
+    sections = []
+    for run in runs:
+        by_op = defaultdict(list)
+        for e in run["entries"]:
+            by_op["hybrid_vs_mla" if "model" in e else e["op"]].append(e)
+        for op, entries in by_op.items():
+            body = hybrid_tables(entries) if op == "hybrid_vs_mla" else op_table(entries)
+            sections.append(f"`{op}` — {hardware_line(run)}\n\n{body}")
+    return "\n\n".join(sections)
+
+
+def replace_between_markers(text: str, content: str) -> str:
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"README needs {README_BEGIN} followed by {README_END}")
+    return text[: begin + len(README_BEGIN)] + "\n" + content + "\n" + text[end:]
+
+
+def svg_line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, title: str) -> str:
+    """Lines over a log2 x axis and a linear y axis from 0, with ticks at the data's x values."""
+    width, height, left, right, top, bottom = 720, 420, 70, 230, 40, 50
+    xs = sorted({x for points in series.values() for x, _ in points})
+    y_max = max(y for points in series.values() for _, y in points) * 1.1
+    x_lo, x_hi = math.log2(xs[0]), math.log2(xs[-1])
+    span = (x_hi - x_lo) or 1.0
+
+    def px(x: float) -> float:
+        return left + (math.log2(x) - x_lo) / span * (width - left - right)
+
+    def py(y: float) -> float:
+        return height - bottom - y / y_max * (height - top - bottom)
+
+    colors = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+        f'<line x1="{left}" y1="{py(0)}" x2="{width - right}" y2="{py(0)}" stroke="black"/>',
+        f'<line x1="{left}" y1="{py(0)}" x2="{left}" y2="{top}" stroke="black"/>',
+        f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">{x_label}</text>',
+        f'<text x="15" y="{(top + height - bottom) / 2}" transform="rotate(-90 15 {(top + height - bottom) / 2})" text-anchor="middle">{y_label}</text>',
+    ]
+    for x in xs:
+        parts.append(f'<text x="{px(x):.1f}" y="{py(0) + 16:.1f}" text-anchor="middle">{x:g}</text>')
+    for i in range(6):
+        y = y_max * i / 5
+        parts.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    for i, (label, points) in enumerate(sorted(series.items())):
+        color = colors[i % len(colors)]
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(points))
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
+        parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>' for x, y in points]
+        legend_y = top + 18 * i
+        parts.append(f'<rect x="{width - right + 15}" y="{legend_y}" width="12" height="12" fill="{color}"/>')
+        parts.append(f'<text x="{width - right + 32}" y="{legend_y + 10}">{label}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def plot_series(entries: list[dict], x_key: str, y_key: str) -> dict[str, list[tuple[float, float]]]:
+    """One series per variant (and model) and per value of the other shape keys."""
+    series = defaultdict(list)
+    for e in entries:
+        if x_key not in e["shape"] or y_key not in e:
+            continue
+        if "model" in e:  # the hybrid suite: its largest batch differs per model and context
+            rest = ["B1" if e["shape"]["B"] == 1 else "largest batch"]
+        else:
+            rest = [f"{k}{v}" for k, v in e["shape"].items() if k != x_key]
+        label = " ".join([e.get("model", ""), variant(e)] + rest).strip()
+        series[label].append((e["shape"][x_key], e[y_key]))
+    return dict(series)
+
+
+def write_plots(runs: list[dict], folder: Path) -> list[Path]:
+    written = []
+    for op, (x_key, y_key, y_label) in PLOTS.items():
+        entries = [e for run in runs for e in run["entries"] if e["op"] == op]
+        series = plot_series(entries, x_key, y_key)
+        if not series:
+            continue
+        machine = next(run["machine"] for run in runs if any(e["op"] == op for e in run["entries"]))
+        title = f"{op} — {machine.get('gpu')}, torch {machine.get('torch')}, triton {machine.get('triton')}"
+        path = folder / f"{op}.svg"
+        path.write_text(svg_line_plot(series, x_key, y_label, title))
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="bench/results/<gpu> folder of pytest-benchmark JSON files")
+    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
+    parser.add_argument("--plots-dir", type=Path, help="where the SVG plots go (default: the results folder)")
+    args = parser.parse_args()
+    runs = load_results(args.results)
+    args.readme.write_text(replace_between_markers(args.readme.read_text(), render_markdown(runs)))
+    for path in write_plots(runs, args.plots_dir or args.results):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

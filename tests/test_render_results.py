@@ -1,0 +1,87 @@
+"""bench/render_results.py on the committed H100 results and on a hybrid-vs-all-MLA results file:
+the README tables between the markers (figures with their hardware), the SVG plots, nothing
+outside the markers touched."""
+
+import json
+import subprocess
+import sys
+import xml.dom.minidom
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RENDER = ROOT / "bench" / "render_results.py"
+README = "# title\n\n## Results\n\nintro\n\n<!-- results:begin -->\nstale\n<!-- results:end -->\n\n## After\n"
+MACHINE = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "kda_ops_commit": "abc1234"}
+
+
+def render(results: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, str]:
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    run = subprocess.run(
+        [sys.executable, str(RENDER), str(results), "--readme", str(readme), "--plots-dir", str(plots)],
+        capture_output=True, text=True,
+    )
+    return run, readme.read_text()
+
+
+def test_committed_h100_results(tmp_path):
+    run, text = render(ROOT / "bench" / "results" / "h100", tmp_path)
+    assert run.returncode == 0, run.stderr
+    before, inside = text.split("<!-- results:begin -->")
+    inside, after = inside.split("<!-- results:end -->")
+    assert before == README.split("<!-- results:begin -->")[0] and after == "\n\n## After\n"
+    assert "stale" not in inside
+    assert "`kda_decode` — NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0, commit 0c329ad" in inside
+    assert "| 64 | 102.1 µs (2.63 TB/s) | 100.8 µs (2.66 TB/s) |" in inside
+    assert "| 128 | 32768 | 32 | 2.70 ms (1.79 TB/s) | 20.68 ms (0.234 TB/s) |" in inside
+    assert "| 1 | 32768 | 32 | 9.59 ms (13.9 TFLOP/s) |" in inside
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plots == ["chunk_kda_fwd.svg", "kda_decode.svg", "mla_decode.svg"]
+    decode_plot = xml.dom.minidom.parse(str(tmp_path / "plots" / "kda_decode.svg"))
+    assert len(decode_plot.getElementsByTagName("polyline")) == 2  # kda_ops and fla
+
+
+def decode_entry(model, B, L, ms):
+    return {
+        "op": "model_decode", "provider": "kda_ops", "mode": "cuda_graph", "model": model,
+        "shape": {"B": B, "L": L}, "ms": ms, "ms_per_token": ms / B, "tokens_per_s": B / ms * 1e3,
+        "latent_bytes_per_token": 8064 if model == "hybrid" else 31104,
+        "kda_state_bytes_per_sequence": 43417600 if model == "hybrid" else 0,
+        "longest_context_at_batch_1": 8_000_000 if model == "hybrid" else 2_000_000,
+    }
+
+
+def test_hybrid_vs_all_mla_tables(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    entries = [
+        decode_entry("hybrid", 1, 1048576, 12.0),
+        decode_entry("hybrid", 8, 1048576, 40.0),
+        decode_entry("all_mla", 1, 1048576, 30.0),
+        decode_entry("all_mla", 2, 1048576, 60.0),
+        {"op": "model_prefill", "provider": "kda_ops", "mode": "eager", "model": "hybrid", "shape": {"B": 1, "T": 32768}, "ms": 1500.0, "tokens_per_s": 21845.3},
+        {"op": "model_prefill", "provider": "kda_ops", "mode": "eager", "model": "all_mla", "shape": {"B": 1, "T": 32768}, "ms": 3000.0, "tokens_per_s": 10922.7},
+    ]
+    data = {"machine_info": MACHINE, "benchmarks": [{"extra_info": e} for e in entries]}
+    (results / "hybrid_vs_mla.json").write_text(json.dumps(data))
+    run, text = render(results, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "`hybrid_vs_mla` — NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0, commit abc1234" in text
+    assert "| hybrid | 8064 | 41.4 MiB | 8,000,000 |" in text
+    assert "| 1M | 1 | 1 | 12.00 ms | 12.00 ms | 1 | 30.00 ms | 30.00 ms | 2.50× |" in text
+    assert "| 1M | largest | 8 | 40.00 ms | 5.00 ms | 2 | 60.00 ms | 30.00 ms | 6.00× |" in text
+    assert "| 32768 | 1.50 s (21,845 tok/s) | 3.00 s (10,923 tok/s) | 2.00× |" in text
+    plot = xml.dom.minidom.parse(str(tmp_path / "plots" / "model_decode.svg"))
+    assert len(plot.getElementsByTagName("polyline")) == 4  # two models × (B = 1, largest)
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    run = subprocess.run([sys.executable, str(RENDER), str(ROOT / "bench" / "results" / "h100"), "--readme", str(readme)], capture_output=True, text=True)
+    assert run.returncode != 0 and "results:begin" in run.stderr
+    assert readme.read_text() == "# no markers\n"
