@@ -1,4 +1,5 @@
-"""kda::mla_decode: absorbed MLA decode over a paged latent cache, and the public `mla_decode`.
+"""kda::mla_decode: absorbed MLA decode over a paged latent cache, and the public `mla_decode`;
+kda::mla_cache_write: the new tokens' rows into that cache, and the public `mla_cache_write`.
 
 The public op is a `triton_op` so that Inductor sees its Triton kernels (split-KV + combine,
 kernels/mla_decode.py) for bf16/fp16/fp32 CUDA tensors. The exact PyTorch reference is the opaque
@@ -9,8 +10,9 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
+from .kernels.mla_cache_write import mla_cache_write_triton
 from .kernels.mla_decode import mla_decode_triton
-from .meta.mla_decode import mla_decode_meta, mla_decode_reference
+from .meta.mla_decode import mla_cache_write_meta, mla_cache_write_reference, mla_decode_meta, mla_decode_reference
 
 
 @custom_op("kda::mla_decode_reference", mutates_args=())
@@ -70,3 +72,38 @@ def mla_decode(
         scores per (sequence, head), fp32 (fp64 for fp64 inputs), for merging partial attention.
     """
     return mla_decode_op(q, kv_cache, block_table, seq_lens, float(scale), v_dim)
+
+
+@custom_op("kda::mla_cache_write_reference", mutates_args=("kv_cache",))
+def _mla_cache_write_reference(kv_cache: Tensor, rows: Tensor, slot_mapping: Tensor) -> None:
+    mla_cache_write_reference(kv_cache, rows, slot_mapping)
+
+
+_mla_cache_write_reference.register_fake(mla_cache_write_meta)
+
+
+@triton_op("kda::mla_cache_write", mutates_args=("kv_cache",))
+def mla_cache_write_op(kv_cache: Tensor, rows: Tensor, slot_mapping: Tensor) -> None:
+    """rows [N, D] into kv_cache [num_blocks, block_size, D] at slot_mapping [N], in place. See
+    meta/mla_decode.py for the contract."""
+    if kv_cache.device.type != "cuda" or kv_cache.dtype == torch.float64:
+        torch.ops.kda.mla_cache_write_reference(kv_cache, rows, slot_mapping)
+        return
+    mla_cache_write_meta(kv_cache, rows, slot_mapping)
+    mla_cache_write_triton(kv_cache, rows, slot_mapping, launch=wrap_triton)
+
+
+def mla_cache_write(kv_cache: Tensor, rows: Tensor, slot_mapping: Tensor) -> None:
+    """Appends tokens to a paged latent cache: kv_cache[s // block_size, s % block_size] = rows[i]
+    for s = slot_mapping[i], in place, with the slots read on the device (CUDA-graph safe).
+
+    Args:
+        kv_cache: [num_blocks, block_size, D] bf16/fp16/fp32/fp64, last dim contiguous; the cache
+            kda::mla_decode reads (D = 576 = RMSNorm(ckv) 512 | k_pe 64 for Kimi Linear).
+        rows: [N, D] in kv_cache's dtype, last dim contiguous: the new tokens' cache rows.
+        slot_mapping: [N] int32/int64 flat slots page * block_size + offset, e.g.
+            block_table[b, t // block_size] * block_size + t % block_size for token t of sequence
+            b. A slot outside [0, num_blocks * block_size) (-1 for a padded batch row) writes
+            nothing. Valid slots must be distinct.
+    """
+    mla_cache_write_op(kv_cache, rows, slot_mapping)

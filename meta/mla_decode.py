@@ -138,3 +138,38 @@ def mla_attention_unabsorbed(
     s = torch.einsum("hd,hld->hl", torch.cat([q_nope, q_pe], dim=-1), k) * scale
     o = torch.einsum("hl,hlv->hv", torch.softmax(s, dim=-1), v)
     return o, torch.logsumexp(s, dim=-1)
+
+
+CACHE_WRITE_OP = "mla_cache_write"
+SLOT_DTYPES = (torch.int32, torch.int64)
+
+
+def check_mla_cache_write_inputs(kv_cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_cache [num_blocks, block_size, D]; rows [N, D] in the cache's dtype; slot_mapping [N]
+    int32/int64; all on one device, the last dimension of kv_cache and rows contiguous."""
+    check_tensor(CACHE_WRITE_OP, "kv_cache", kv_cache, ndim=3, dtypes=INPUT_DTYPES)
+    check_tensor(CACHE_WRITE_OP, "rows", rows, ndim=2, dtypes=(kv_cache.dtype,), device=kv_cache.device)
+    if rows.shape[1] != kv_cache.shape[2]:
+        fail(CACHE_WRITE_OP, "rows", f"shape [N, {kv_cache.shape[2]}] (the cache's row width)", f"shape {list(rows.shape)}")
+    check_tensor(CACHE_WRITE_OP, "slot_mapping", slot_mapping, ndim=1, dtypes=SLOT_DTYPES, device=kv_cache.device)
+    if slot_mapping.shape[0] != rows.shape[0]:
+        fail(CACHE_WRITE_OP, "slot_mapping", f"shape [{rows.shape[0]}] (N of rows)", f"shape {list(slot_mapping.shape)}")
+    for name, t in (("kv_cache", kv_cache), ("rows", rows)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            fail(CACHE_WRITE_OP, name, "a contiguous last dimension (stride 1)", f"strides {list(t.stride())}")
+
+
+def mla_cache_write_meta(kv_cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Validates; the op writes kv_cache in place and returns nothing."""
+    check_mla_cache_write_inputs(kv_cache, rows, slot_mapping)
+
+
+def mla_cache_write_reference(kv_cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_cache[s // block_size, s % block_size] = rows[i] for s = slot_mapping[i]; a slot outside
+    [0, num_blocks * block_size) (e.g. -1, a padded batch row) writes nothing. Slots must be
+    distinct. The rows are written as given (no rounding: rows are in the cache's dtype)."""
+    mla_cache_write_meta(kv_cache, rows, slot_mapping)
+    num_blocks, block_size, _ = kv_cache.shape
+    keep = (slot_mapping >= 0) & (slot_mapping < num_blocks * block_size)
+    slots = slot_mapping[keep].long()  # a boolean mask: the reference runs eagerly only (opaque op)
+    kv_cache[slots // block_size, slots % block_size] = rows[keep]

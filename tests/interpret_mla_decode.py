@@ -1,5 +1,5 @@
-"""Runs the MLA decode Triton kernels (split-KV + combine) under TRITON_INTERPRET=1 on CPU against
-meta's fp64 reference; exits non-zero on any mismatch.
+"""Runs the MLA decode Triton kernels (split-KV + combine) and the cache-write kernel under
+TRITON_INTERPRET=1 on CPU against meta's references; exits non-zero on any mismatch.
 
 Run as a script (test_mla_decode_kernel.py starts it in a subprocess, because TRITON_INTERPRET
 must be set before triton is first imported). Tiny shapes, every path: a length-0 row, lengths
@@ -9,7 +9,9 @@ two head blocks,
 no shared-key slice (D_qk = v_dim), non-power-of-two widths, pages smaller than a tile and not a
 power of two, lengths above the table's capacity, strided q / cache / block table. Unowned cache
 rows are NaN and unused table entries out of range; outputs start as NaN. fp32 and fp16 (the
-interpreter multiplies bf16 as raw integers, so bf16 runs only in the GPU tests).
+interpreter multiplies bf16 as raw integers, so bf16 runs only in the GPU tests). The cache
+write: int32 and int64 slots, skipped slots (-1, past the cache), a strided cache and rows;
+every row it must not write stays bit-identical.
 """
 
 import os
@@ -22,8 +24,9 @@ import torch
 from kda_inputs import rel_rms
 from mla_inputs import paged_cache
 
+from kda_ops.kernels.mla_cache_write import mla_cache_write_triton
 from kda_ops.kernels.mla_decode import MLADecodeConfig, mla_decode_triton
-from kda_ops.meta.mla_decode import mla_decode_reference
+from kda_ops.meta.mla_decode import mla_cache_write_reference, mla_decode_reference
 
 # 4 "SMs" in the interpreter: 8 programs share the tiles of a launch.
 TOKEN_MAJOR = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=True, programs_per_sm=2)
@@ -83,12 +86,35 @@ def run_case(case) -> list[str]:
     return failures
 
 
+# id, num_blocks, block_size, D, slots (-1 and num_blocks * block_size are skipped), slot dtype, strided
+WRITE_CASES = [
+    ("write-int64-skips", 5, 16, 80, [3, -1, 79, 16, 80, 40], torch.int64, False),
+    ("write-int32-page12-D60", 4, 12, 60, [0, 47, -5, 13], torch.int32, False),
+    ("write-strided-cache-and-rows", 3, 16, 48, [2, 33, -1], torch.int64, True),
+]
+
+
+def run_write_case(case) -> list[str]:
+    name, num_blocks, block_size, D, slots, slot_dtype, strided = case
+    kv_cache = torch.randn(num_blocks, block_size, D + 8 if strided else D)[..., :D]
+    rows = torch.randn(len(slots), D + 8 if strided else D)[:, :D]
+    slot_mapping = torch.tensor(slots, dtype=slot_dtype)
+    expected = kv_cache.clone()
+    mla_cache_write_reference(expected, rows, slot_mapping)
+    mla_cache_write_triton(kv_cache, rows, slot_mapping)
+    written = sum(0 <= s < num_blocks * block_size for s in slots)
+    print(f"{name:32s} {written} rows written")
+    return [] if torch.equal(kv_cache, expected) else [f"{name}: the cache differs from the reference's (a row missing, wrong or extra)"]
+
+
 def main() -> int:
     torch.manual_seed(0)
     failures = [f for case in CASES for f in run_case(case)]
+    failures += [f for case in WRITE_CASES for f in run_write_case(case)]
     for f in failures:
         print("FAIL", f)
-    print(f"{len(CASES) - len({f.split(':')[0] for f in failures})} of {len(CASES)} cases passed")
+    n_cases = len(CASES) + len(WRITE_CASES)
+    print(f"{n_cases - len({f.split(':')[0] for f in failures})} of {n_cases} cases passed")
     return 1 if failures else 0
 
 

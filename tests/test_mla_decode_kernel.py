@@ -1,5 +1,5 @@
-"""The MLA decode Triton kernels: under TRITON_INTERPRET=1 on CPU (in a subprocess), and on a CUDA
-device at the real shapes (`pytest -m gpu tests/test_mla_decode_kernel.py`): accuracy against
+"""The MLA decode Triton kernels and the cache-write kernel: under TRITON_INTERPRET=1 on CPU (in a
+subprocess), and on a CUDA device at the real shapes (`pytest -m gpu tests/test_mla_decode_kernel.py`): accuracy against
 the fp64 reference, poisoned pages, opcheck, torch.compile and CUDA-graph replay."""
 
 import os
@@ -158,3 +158,31 @@ def test_gpu_cuda_graph_replay_with_changing_lengths_and_tables():
         eager_o, eager_lse = step()
         assert torch.equal(o, eager_o) and torch.equal(lse, eager_lse)
         _check_against_reference(o, lse, static_q, static_cache, static_table, static_lens, 512)
+
+
+@pytest.mark.gpu
+def test_gpu_cache_write_in_a_graph_with_changing_slots():
+    """kda::mla_cache_write on CUDA: opcheck, then one captured graph replayed with new rows and
+    slot mappings (-1 = padded row) writes exactly what the reference writes."""
+    kv_cache = torch.randn(40, 64, 576, device="cuda").bfloat16()
+    rows = torch.zeros(8, 576, dtype=torch.bfloat16, device="cuda")
+    slots = torch.full((8,), -1, dtype=torch.int64, device="cuda")
+    torch.library.opcheck(torch.ops.kda.mla_cache_write.default, (kv_cache.clone(), rows.clone(), slots.clone()))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        kda_ops.mla_cache_write(kv_cache, rows, slots)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kda_ops.mla_cache_write(kv_cache, rows, slots)
+    for _ in range(3):
+        rows.copy_(torch.randn(8, 576, device="cuda"))
+        slots.copy_(torch.randperm(40 * 64, device="cuda")[:8])
+        slots[torch.randint(0, 8, (2,), device="cuda")] = -1
+        expected = kv_cache.clone()
+        torch.ops.kda.mla_cache_write_reference(expected, rows, slots)
+        graph.replay()
+        assert torch.equal(kv_cache, expected)
+        keep = slots >= 0
+        assert torch.equal(kv_cache.view(-1, 576)[slots[keep]], rows[keep])
