@@ -2,7 +2,7 @@
 the derivation in meta/chunk_kda_bwd.py (the oracle these kernels are tested against).
 
 The forward op saves only its inputs, so the backward recomputes what it needs. Chunk length
-BT = 64 in sub-chunks of BC = 16 rows; the forward's three parallel kernels, then three of ours:
+BT = 64 in sub-chunks of BC = 16 rows; the forward's three parallel kernels, then five of ours:
 
 1. `chunk_kda_fwd_prep_kernel`, `chunk_kda_fwd_intra_kernel`, `chunk_kda_fwd_wy_kernel` (the
    forward's, reused as they are, so with the forward's roundings), parallel over chunks:
@@ -15,34 +15,36 @@ BT = 64 in sub-chunks of BC = 16 rows; the forward's three parallel kernels, the
    registers (fp32): stores dh = dS₁ (the gradient of the state leaving each chunk, input
    dtype) and dv_new = A_qkᵀ·dO + kg·dS₁ (fp32), steps dS₀ = e^(G_last)⊙dS₁ + qgᵀ·dO − wᵀ·dv_new
    and writes dh0.
-4. `chunk_kda_bwd_chunk_kernel`, one program per (chunk, head), fully parallel, everything else
-   on [64, *] tiles, starting from Tᵀ, T = (I + A_kk)^-1, inverted from A_kk as the forward's wy
-   kernel does (which keeps T in registers only):
-   (a) over V tiles: dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the dβ term Σ_v dv_b⊙v, and the two C×C
-       gradients dA_qk = dO·v_newᵀ and dA_kk = −dv_b·v_newᵀ (strictly lower). The latter is the
-       reference's −Tᵀ·dT·Tᵀ simplified: dT = dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is
-       T⁻¹·v_new, so −Tᵀ·dT·Tᵀ = −Tᵀ·dv_new·v_newᵀ. It needs no pass over K, so dA_kk is
-       complete before the K pass that consumes it. dv_b goes back over dv_new, and the two
-       masked C×C matrices M_qk, M_kk of the intra-chunk backward over A_qk's and A_kk's rows;
-   (b) over K tiles, each with an inner loop over V tiles of h and dh: dO·S₀ᵀ, dv_b·S₀ᵀ (the WY
-       gradient Tᵀ·dw with dw = −dv_new·S₀ᵀ, associated as −(Tᵀ·dv_new)·S₀ᵀ so that T is done
-       with after (a)), v_new·dS₁ᵀ and Σ_v dS₁⊙S₀; the intra-chunk backward of A_qk and A_kk with
-       the per-channel gate; from all of it dq, dk, dβ and dG, and dg, the reverse chunk-local
-       cumsum of dG, in registers: a K tile holds every row of the chunk;
-   (c) with the in-kernel L2 norm, a last pass over K applies its backward,
-       dx = r·(dy − y·(y·dy)), to the dy that (b) parked in fp32 workspaces (the row dot y·dy
-       needs every K tile first).
-   Splitting the intra-chunk backward off as its own kernel (as fla does) would write and
-   re-read dA_qk, dA_kk and partial dq, dk, dg in fp32; fused, they stay in registers.
+4. everything else, fully parallel over chunks, in three kernels:
+   (a) `chunk_kda_bwd_wy_kernel`, per (chunk, head), over V tiles, from Tᵀ (T = (I + A_kk)^-1,
+       inverted from A_kk as the forward's wy kernel does): dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the
+       dβ term Σ_v dv_b⊙v, and the two C×C gradients dA_qk = dO·v_newᵀ and dA_kk = −dv_b·v_newᵀ
+       (strictly lower). The latter is the reference's −Tᵀ·dT·Tᵀ simplified: dT =
+       dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is T⁻¹·v_new, so −Tᵀ·dT·Tᵀ =
+       −Tᵀ·dv_new·v_newᵀ; it needs no pass over K. dv_b goes back over dv_new, the masked
+       M_qk = scale·dA_qk and M_kk = dA_kk over A_qk's and A_kk's rows.
+   (b) `chunk_kda_bwd_intra_kernel`, per (K tile, chunk, head), every row of the chunk: over V
+       tiles of h and dh, read once, dO·S₀ᵀ, dv_b·S₀ᵀ (the WY gradient Tᵀ·dw with
+       dw = −dv_new·S₀ᵀ), v_new·dS₁ᵀ and Σ_v dS₁⊙S₀; the intra-chunk backward of A_qk and A_kk
+       with the per-channel gate; dq, dk (or the norm's input gradient dy, fp32), dG and dg,
+       its reverse chunk-local cumsum, in registers (a K tile holds every row of the chunk).
+       dβ and the norm's row dots Σ_d y·dy need every K tile: each program writes its part.
+   (c) `chunk_kda_bwd_finish_kernel`, per (chunk, head): sums the parts into dβ and, with the
+       in-kernel L2 norm, applies its backward dx = r·(dy − y·(y·dy)).
+   v1 ran (a)-(c) as one kernel per (chunk, head) with an inner loop over K tiles: 255
+   registers, one 8-warp program per SM, the state tiles and the [64, V] operands reloaded for
+   every K tile, [64, 64] × [64, 16] products for 16-row blocks: 3.8 ms at B1 T8192 H16
+   (bench/NOTES.md, "Chunked KDA backward v2", has the cost analysis).
 
 Saved vs recomputed. Nothing but the op's inputs survives the forward (fla keeps A_qk and T
 from forward to backward). The backward holds, besides inputs and gradients: w, qg, kg (input
 dtype) until the reverse scan is done; u (fp32) until the forward scan is done; G (fp32,
-[B, T, H, K]), A_qk and A_kk (fp32, [B, T, H, 64], the chunk kernel's M_qk and M_kk after the
-reverse scan), h and dh (per chunk K×V, input dtype), v_new and dv_new (fp32, [B, T, H, V]) until
-the end; with the L2 norm the row norms (fp32
-[B, T, H, 2]) and two fp32 [B, T, H, K] workspaces. fla's backward materialises w, u, qg, kg, h, dh, v_new and fp32 dq, dk, dg, dA
-workspaces as well; bench/bench_chunk_kda.py records both peaks.
+[B, T, H, K]), A_qk and A_kk (fp32, [B, T, H, 64], M_qk and M_kk after the reverse scan), h
+and dh (per chunk K×V, input dtype), v_new and dv_new (fp32, [B, T, H, V]) until the end, the
+parts of dβ (fp32 [K/BK + 1, B, T, H]); with the L2 norm the row norms (fp32 [B, T, H, 2]), two
+fp32 [B, T, H, K] workspaces and the parts of the row dots (fp32 [K/BK, 2, B, T, H]). fla's
+backward materialises w, u, qg, kg, h, dh, v_new and fp32 dq, dk, dg, dA workspaces as well;
+bench/bench_chunk_kda.py records both peaks.
 
 Precision. h and dh are stored in the input dtype: they are only ever operands of tl.dot, which
 takes bf16 operands anyway, and the scans form v_new and dv_new from the same rounded states, so
@@ -51,19 +53,21 @@ gradients). G, T, the state and its gradient, and every accumulator are fp32.
 
 Numerics of the gate. Only G_i − G_j with i ≥ j, G_last − G and G are exponentiated (all ≤ 0;
 rows past the sequence end read G = G_last, the reference's zero-gate padding). Off-diagonal
-16×16 sub-block pairs of the intra-chunk backward (rows of sub-chunk I, columns j of earlier
-sub-chunks) run on tensor cores with e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j), a the first row
-of I: both factors are ≤ 1 and exact, for the row sums (Σ_j, the left factor applied after the
-product) and the column sums (Σ_i, the right factor applied after it) alike. The diagonal
-sub-blocks are exact and elementwise: row jj of every row's own sub-chunk is gathered from
-memory at a time (the forward intra kernel's scheme), masked to j ≤ i before exponentiating, and
-serves as column c ≤ i of the row sums and row r ≥ j of the column sums; the matching entries of
-M_qk and M_kk are gathered from the rows parked after (a). Gates of −1000 stay exact.
+16×16 sub-block pairs of the intra-chunk backward run on tensor cores anchored at a = the first
+row of a sub-chunk: every pair j < a ≤ i has e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j), both
+factors ≤ 1 and exact. The row sums of rows i ≥ a take M's 16 columns [a − 16, a) against
+those rows of k̂ times e^(G_a − G_j), the column sums of columns j < a take M's 16 rows
+[a, a + 16) (transposed) against those rows of q̂ and β⊙k̂ times e^(G_i − G_a): [64, 16] ×
+[16, BK] products whose results are already on the chunk's rows. The diagonal sub-blocks are
+exact and elementwise: row jj of every row's own sub-chunk is gathered from memory at a time
+(the forward intra kernel's scheme), masked to j ≤ i before exponentiating, and serves as
+column c ≤ i of the row sums and row r ≥ j of the column sums; the matching entries of M_qk
+and M_kk are gathered from the rows the wy kernel parked. Gates of −1000 stay exact.
 
 Resources (sm_90, checked offline by bench/check_kernel_resources.py for every launch config of
-launch_config, see its docstring): the chunk kernel keeps one shared-memory copy each of M_qk,
-M_kk and their transposes for the off-diagonal products of every anchor, and T only through (a),
-and parks the diagonal entries in memory rather than holding [64, 16] extracts in registers.
+launch_config, see its docstring): no [64, 64] tile of the intra kernel lives across its loops
+(M is loaded per anchor as [64, 16] blocks), so its 16-wide K and V tiles on 4 warps take
+165 registers (193 with the L2 norm) and 6 KB of shared memory: three (two) programs per SM.
 
 Varlen (B = 1, device `cu_seqlens`): the forward's chunk table (slot → sequence, from device
 ops, no host read) drives the parallel kernels; the scans read their sequence's bounds and first
@@ -289,28 +293,16 @@ def chunk_kda_bwd_dstate_kernel(
 
 
 @triton.jit
-def chunk_kda_bwd_chunk_kernel(
-    q,
-    k,
+def chunk_kda_bwd_wy_kernel(
     v,
     beta,
     do,
-    gc,
     akk,
     mqk,
-    gl,
-    rqk,
-    h,
-    dh,
     v_new,
     dv_new,
-    dq,
-    dk,
     dv,
-    dg,
-    dbeta,
-    dqn,
-    dkn,
+    db,
     cu_seqlens,
     chunk_seq,
     chunk_offsets,
@@ -319,49 +311,27 @@ def chunk_kda_bwd_chunk_kernel(
     NT,
     scale,
     H: tl.constexpr,
-    K: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
     NB: tl.constexpr,
-    BK: tl.constexpr,
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    USE_QK_L2NORM: tl.constexpr,
 ):
+    """Per (chunk, head), over V tiles: dv_b = Tᵀ·dv_new (over dv_new), dv = β⊙dv_b, dβ's v
+    term (slot 0 of db) and the intra-chunk backward's M_qk = scale·dO·v_newᵀ (over A_qk) and
+    M_kk = −dv_b·v_newᵀ (over A_kk), both masked to where the forward's A is nonzero."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
     if i_n >= N:
         return  # an unused chunk slot (varlen)
 
-    t0 = bos + i_c * BT  # first token of the chunk
+    t0 = bos + i_c * BT
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i  # [BT] token rows
     m_t = o_t < eos
-    o_ia = (o_i // BC) * BC  # [BT] anchor: first row of the row's sub-chunk, within the chunk
-    o_ta = t0 + o_ia  # [BT] its token row
-    m_ta = o_ta < eos
-    m_incl = o_i[:, None] >= o_i[None, :]
-    m_strict = o_i[:, None] > o_i[None, :]
-    p_q, p_k, p_G = q + i_h * K, k + i_h * K, gc + i_h * K
-    p_Mq, p_Mk = mqk + i_h * BT, akk + i_h * BT  # [*, H * BT] rows of M_qk (scratch), M_kk (over A_kk)
-    p_gl = gl + (i_s * H + i_h).to(tl.int64) * K
-    p_state = (i_s * H + i_h).to(tl.int64) * K * V  # this chunk's S₀ in h, dS₁ in dh
     b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    # [BT] x 2: 1/||x|| per row of q and k, as the forward's prep kernel stored them (ones
-    # without the norm)
-    if USE_QK_L2NORM:
-        b_rq = tl.load(rqk + (o_t * H + i_h) * 2, mask=m_t, other=0.0)
-        b_rk = tl.load(rqk + (o_t * H + i_h) * 2 + 1, mask=m_t, other=0.0)
-    else:
-        b_rq = tl.full([BT], 1.0, dtype=tl.float32)
-        b_rk = b_rq
-
-    # (a) per V tile: dv = β⊙dv_b with dv_b = Tᵀ·dv_new (the gradient of β⊙v), dβ's v term, and
-    # the C×C gradients dA_qk = dO·v_newᵀ and −dA_kk = dv_b·v_newᵀ. dv_b is also written over
-    # dv_new (this chunk's rows, which no other program reads): pass (b) needs Tᵀ·dv_new·S₀ᵀ and
-    # takes it as dv_b·S₀ᵀ, so T is not held across the K loop
     b_Tt = _wy_inverse_t(akk + i_h * BT, t0, eos, BT, BC, NB, H * BT)  # [BT, BT] Tᵀ, T = (I + A_kk)^-1
     b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dAkk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -376,138 +346,267 @@ def chunk_kda_bwd_chunk_kernel(
         b_db += tl.sum(b_dvb * _load_rows(v + i_h * V, o_t, m_t, o_v, m_v, H * V), axis=1)
         b_dAqk += tl.dot(_load_rows(do + i_h * V, o_t, m_t, o_v, m_v, H * V), tl.trans(b_vn))
         b_dAkk -= tl.dot(b_dvb, tl.trans(b_vn))
-    # [BT, BT] the intra-chunk backward's M: zero where the forward's A is (above the diagonal,
-    # and on it for A_kk). Also parked in memory, M_kk over this chunk's A_kk (whose every load
-    # is behind T), for the diagonal sub-blocks' entries that the exact loop below gathers
-    b_Mqk = tl.where(m_incl, b_dAqk * scale, 0.0)
-    b_Mkk = tl.where(m_strict, b_dAkk, 0.0)
+    # every thread's loads of A_kk (inside the inverse) precede any thread's store over it
     tl.debug_barrier()
-    _store_rows(p_Mq, b_Mqk, o_t, m_t, o_i, o_i < BT, H * BT)
-    _store_rows(p_Mk, b_Mkk, o_t, m_t, o_i, o_i < BT, H * BT)
-    tl.debug_barrier()  # other threads of the program read them
+    b_Mqk = tl.where(o_i[:, None] >= o_i[None, :], b_dAqk * scale, 0.0)  # [BT, BT]
+    b_Mkk = tl.where(o_i[:, None] > o_i[None, :], b_dAkk, 0.0)  # [BT, BT]
+    _store_rows(mqk + i_h * BT, b_Mqk, o_t, m_t, o_i, o_i < BT, H * BT)
+    _store_rows(akk + i_h * BT, b_Mkk, o_t, m_t, o_i, o_i < BT, H * BT)
+    tl.store(db + o_t * H + i_h, b_db, mask=m_t)
 
-    # (b) per K tile
-    b_sq = tl.zeros([BT], dtype=tl.float32)  # [BT] x 2: Σ_d y·dy for the L2 norm's backward
-    b_sk = tl.zeros([BT], dtype=tl.float32)
+
+@triton.jit
+def chunk_kda_bwd_intra_kernel(
+    q,
+    k,
+    beta,
+    do,
+    gc,
+    mqk,
+    mkk,
+    gl,
+    rqk,
+    h,
+    dh,
+    v_new,
+    dvb,
+    dq,
+    dk,
+    dg,
+    db,
+    ds,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    NTH,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+):
+    """Per (K tile, chunk, head), every row of the chunk: the products with the states S₀ and dS₁
+    over V, the intra-chunk backward of A_qk and A_kk with the per-channel gate, dq, dk (or the
+    norm's input dy), dG and its reverse chunk-local cumsum dg; the K tile's part of dβ (slot
+    1 + i_k of db) and, with the L2 norm, of the row dots Σ_d y·dy (ds)."""
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
+    if i_n >= N:
+        return  # an unused chunk slot (varlen)
+
+    t0 = bos + i_c * BT  # first token of the chunk
+    o_i = tl.arange(0, BT)
+    o_t = t0 + o_i  # [BT] token rows
+    m_t = o_t < eos
+    o_ia = (o_i // BC) * BC  # [BT] anchor: first row of the row's sub-chunk, within the chunk
+    o_ta = t0 + o_ia  # [BT] its token row
+    m_ta = o_ta < eos
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_q, p_k, p_G = q + i_h * K, k + i_h * K, gc + i_h * K
+    p_Mq, p_Mk = mqk + i_h * BT, mkk + i_h * BT  # [*, H * BT] rows of M_qk, M_kk
+    p_state = (i_s * H + i_h).to(tl.int64) * K * V  # this chunk's S₀ in h, dS₁ in dh
+    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+    # [BT] x 2: 1/||x|| per row of q and k, as the forward's prep kernel stored them (ones
+    # without the norm)
     if USE_QK_L2NORM:
-        p_dq_out, p_dk_out = dqn + i_h * K, dkn + i_h * K  # fp32 dy, normalised in pass (c)
+        b_rq = tl.load(rqk + (o_t * H + i_h) * 2, mask=m_t, other=0.0)
+        b_rk = tl.load(rqk + (o_t * H + i_h) * 2 + 1, mask=m_t, other=0.0)
     else:
-        p_dq_out, p_dk_out = dq + i_h * K, dk + i_h * K
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_gl = tl.load(p_gl + o_k, mask=m_k, other=0.0)  # [BK] G_last
-        b_G = _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, H * K)  # [BT, BK]
+        b_rq = tl.full([BT], 1.0, dtype=tl.float32)
+        b_rk = b_rq
+    b_gl = tl.load(gl + (i_s * H + i_h).to(tl.int64) * K + o_k, mask=m_k, other=0.0)  # [BK] G_last
+    b_G = _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, H * K)  # [BT, BK]
 
-        # [BT, BK] x 3: dO·S₀ᵀ, dv_b·S₀ᵀ (dv_b now in dv_new), v_new·dS₁ᵀ; [BK] Σ_v dS₁⊙S₀
-        b_Pq = tl.zeros([BT, BK], dtype=tl.float32)
-        b_Pw = tl.zeros([BT, BK], dtype=tl.float32)
-        b_Pl = tl.zeros([BT, BK], dtype=tl.float32)
-        b_hdh = tl.zeros([BK], dtype=tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            p_kv = p_state + o_k[:, None] * V + o_v[None, :]
-            m_kv = m_k[:, None] & m_v[None, :]
-            b_h = tl.load(h + p_kv, mask=m_kv, other=0.0)  # [BK, BV] S₀ (input dtype)
-            b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.0).to(tl.float32)  # [BK, BV] dS₁
-            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh, axis=1)
-            m_tv = m_t[:, None] & m_v[None, :]
-            p_tv = (o_t[:, None] * H + i_h) * V + o_v[None, :]
-            b_Pq = tl.dot(tl.load(do + p_tv, mask=m_tv, other=0.0), tl.trans(b_h), acc=b_Pq)
-            b_Pw = tl.dot(tl.load(dv_new + p_tv, mask=m_tv, other=0.0), tl.trans(b_h.to(tl.float32)), acc=b_Pw)
-            b_Pl = tl.dot(tl.load(v_new + p_tv, mask=m_tv, other=0.0), tl.trans(b_dh), acc=b_Pl)
+    # [BT, BK] x 3: dO·S₀ᵀ, dv_b·S₀ᵀ, v_new·dS₁ᵀ; [BK] Σ_v dS₁⊙S₀. The state tiles are read
+    # once per program
+    b_Pq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_Pw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_Pl = tl.zeros([BT, BK], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        p_kv = p_state + o_k[:, None] * V + o_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_h = tl.load(h + p_kv, mask=m_kv, other=0.0)  # [BK, BV] S₀ (input dtype)
+        b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.0).to(tl.float32)  # [BK, BV] dS₁
+        b_hdh += tl.sum(b_h.to(tl.float32) * b_dh, axis=1)
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = (o_t[:, None] * H + i_h) * V + o_v[None, :]
+        b_Pq = tl.dot(tl.load(do + p_tv, mask=m_tv, other=0.0), tl.trans(b_h), acc=b_Pq)
+        b_Pw = tl.dot(tl.load(dvb + p_tv, mask=m_tv, other=0.0), tl.trans(b_h.to(tl.float32)), acc=b_Pw)
+        b_Pl = tl.dot(tl.load(v_new + p_tv, mask=m_tv, other=0.0), tl.trans(b_dh), acc=b_Pl)
 
-        # [BT, BK] accumulators: A_q = dq̂; A_y = the gradient of β_i·k̂_i through A_kk's rows and
-        # through w, before β; A_c = the column sums of the intra-chunk backward; A_l = the
-        # gradient of k̂ through k̂⊙e^(G_last − G)
-        b_eG = tl.exp(b_G)
-        b_el = tl.exp(b_gl[None, :] - b_G)  # e^(G_last − G) <= 1
-        b_Aq = scale * b_Pq * b_eG
-        # dk_g = Tᵀ·dw with dw = −dv_new·S₀ᵀ, i.e. −(Tᵀ·dv_new)·S₀ᵀ = −dv_b·S₀ᵀ: the gradient of
-        # β⊙k̂⊙e^G through w
-        b_Ay = -b_Pw * b_eG
-        b_Al = b_Pl * b_el
-        b_Ac = tl.zeros([BT, BK], dtype=tl.float32)
+    # [BT, BK] accumulators: A_q = dq̂; A_y = the gradient of β_i·k̂_i through A_kk's rows and
+    # through w, before β; A_c = the column sums of the intra-chunk backward; A_l = the
+    # gradient of k̂ through k̂⊙e^(G_last − G)
+    b_eG = tl.exp(b_G)
+    b_Aq = scale * b_Pq * b_eG
+    # Tᵀ·dw with dw = −dv_new·S₀ᵀ, i.e. −dv_b·S₀ᵀ: the gradient of β⊙k̂⊙e^G through w
+    b_Ay = -b_Pw * b_eG
+    b_Al = b_Pl * tl.exp(b_gl[None, :] - b_G)  # e^(G_last − G) <= 1
+    b_Ac = tl.zeros([BT, BK], dtype=tl.float32)
 
-        # intra-chunk backward, off-diagonal sub-block pairs on tensor cores: rows of sub-chunk
-        # i_a against columns j < a = its first row, e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j).
-        # The products take the whole M (one shared-memory copy each of M and Mᵀ for all three
-        # anchors): a product's row i only involves M's row i, so the rows of sub-chunk i_a are
-        # selected after it for the row sums, and before it, on the right operand, for the
-        # column sums
-        b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * b_rq[:, None]  # [BT, BK] q̂
-        b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]  # [BT, BK] k̂
-        b_e = tl.exp(b_G - _load_gate(p_G, o_ta, m_ta, o_k, m_k, b_gl, H * K))  # [BT, BK] e^(G_i − G_a(i)) <= 1
-        b_qe = b_q * b_e
-        b_ke = b_k * (b_e * b_beta[:, None])
-        for i_a in tl.static_range(1, BT // BC):
-            t_a = t0 + i_a * BC
-            # [BK] G at the anchor row (G_last past the sequence end)
-            b_ga = tl.where(t_a < eos, tl.load(p_G + t_a * H * K + o_k, mask=m_k & (t_a < eos), other=0.0), b_gl)
-            b_r = tl.exp(tl.where((o_i < i_a * BC)[:, None], b_ga[None, :] - b_G, float("-inf")))  # [BT, BK] <= 1
-            m_r = (o_i // BC == i_a)[:, None]  # rows of sub-chunk i_a only
-            b_kr = b_k * b_r
-            b_Aq += tl.where(m_r, b_e * tl.dot(b_Mqk, b_kr), 0.0)
-            b_Ay += tl.where(m_r, b_e * tl.dot(b_Mkk, b_kr), 0.0)
-            b_Ac += b_r * (tl.dot(tl.trans(b_Mqk), tl.where(m_r, b_qe, 0.0))
-                           + tl.dot(tl.trans(b_Mkk), tl.where(m_r, b_ke, 0.0)))
-        # diagonal sub-blocks, exactly: row jj of every row's sub-chunk at a time, gathered from
-        # memory; it is a column c <= i for the row sums and a row r >= j for the column sums
-        for jj in range(BC):
-            o_tc = o_ta + jj
-            m_c = o_tc < eos
-            b_qc = _load_rows(p_q, o_tc, m_c, o_k, m_k, H * K)  # [BT, BK] raw (norms are in D, E)
-            b_kc = _load_rows(p_k, o_tc, m_c, o_k, m_k, H * K)
-            b_Gc = _load_gate(p_G, o_tc, m_c, o_k, m_k, b_gl, H * K)
-            # [BT] x 4: the entries M[i, c] (row sums) and M[c, i] (column sums), c = a(i) + jj,
-            # gathered from the rows parked after (a), with the norm (and β) of the gathered row c
-            # folded in: row sums Σ_c M[i, c] k̂_c E_ic and column sums Σ_r (Mqk[r, j] q̂_r +
-            # β_r Mkk[r, j] k̂_r) E_rj
-            b_Dq = tl.load(p_Mq + o_t * (H * BT) + o_ia + jj, mask=m_t, other=0.0)
-            b_Dk = tl.load(p_Mk + o_t * (H * BT) + o_ia + jj, mask=m_t, other=0.0)
-            b_Eq = tl.load(p_Mq + o_tc * (H * BT) + o_i, mask=m_c, other=0.0)
-            b_Ek = tl.load(p_Mk + o_tc * (H * BT) + o_i, mask=m_c, other=0.0)
-            b_bc = tl.load(beta + o_tc * H + i_h, mask=m_c, other=0.0).to(tl.float32)  # [BT] β_c
-            if USE_QK_L2NORM:
-                b_rkc = tl.load(rqk + (o_tc * H + i_h) * 2 + 1, mask=m_c, other=0.0)
-                b_Dq *= b_rkc
-                b_Dk *= b_rkc
-                b_Eq *= tl.load(rqk + (o_tc * H + i_h) * 2, mask=m_c, other=0.0)
-                b_bc *= b_rkc
-            b_Ek *= b_bc
-            m_lo = ((o_i % BC) >= jj)[:, None]
-            m_hi = ((o_i % BC) <= jj)[:, None]
-            # masked before exp so no positive exponent is ever formed
-            b_kE = b_kc * tl.exp(tl.where(m_lo, b_G - b_Gc, float("-inf")))
-            b_Aq += b_Dq[:, None] * b_kE
-            b_Ay += b_Dk[:, None] * b_kE
-            b_x = b_Eq[:, None] * b_qc + b_Ek[:, None] * b_kc
-            b_Ac += b_x * tl.exp(tl.where(m_hi, b_Gc - b_G, float("-inf")))
-
-        b_bAy = b_beta[:, None] * b_Ay
-        b_dk = b_Ac + b_bAy + b_Al
-        b_dG = b_q * b_Aq + b_k * (b_bAy - b_Ac - b_Al)
-        b_db += tl.sum(b_k * b_Ay, axis=1)
-        # G_last enters through k̂⊙e^(G_last − G) of every row and through the decay of S₀; it is
-        # the last row's G (padded rows have g = 0), so its gradient joins the last row's dG
-        b_dgl = tl.sum(b_k * b_Al, axis=0) + tl.exp(b_gl) * b_hdh
-        b_dG += tl.where((o_i == BT - 1)[:, None], b_dgl[None, :], 0.0)
-        # dg: reverse cumulative sum of dG over the chunk (G_i = Σ_{s <= i} g_s)
-        _store_rows(dg + i_h * K, tl.cumsum(b_dG, axis=0, reverse=True), o_t, m_t, o_k, m_k, H * K)
-        _store_rows(p_dq_out, b_Aq, o_t, m_t, o_k, m_k, H * K)
-        _store_rows(p_dk_out, b_dk, o_t, m_t, o_k, m_k, H * K)
+    # intra-chunk backward, off-diagonal sub-block pairs on tensor cores, anchored at a = the
+    # first row of sub-chunk i_a: every pair j < a <= i has e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j),
+    # both factors <= 1. Per anchor, [64, 16] blocks of M meet [16, BK] row tiles, so every
+    # product lands on the chunk's rows without selection: the row sums take columns
+    # J = [a − 16, a) of M against rows i >= a, the column sums the rows I = [a, a + 16)
+    # (transposed) against columns j < a
+    b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * b_rq[:, None]  # [BT, BK] q̂
+    b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]  # [BT, BK] k̂
+    o_c = tl.arange(0, BC)
+    for i_a in range(1, BT // BC):
+        t_a = t0 + i_a * BC
+        # [BK] G at the anchor row (G_last past the sequence end)
+        b_ga = tl.where(t_a < eos, tl.load(p_G + t_a * H * K + o_k, mask=m_k & (t_a < eos), other=0.0), b_gl)
+        m_i = o_i >= i_a * BC  # [BT] rows at or after the anchor
+        b_ri = tl.exp(tl.where(m_i[:, None], b_G - b_ga[None, :], float("-inf")))  # [BT, BK] e^(G_i − G_a)
+        b_rj = tl.exp(tl.where(m_i[:, None], float("-inf"), b_ga[None, :] - b_G))  # [BT, BK] e^(G_a − G_j)
+        # row sums: [BC, BK] k̂_j e^(G_a − G_j) of the columns J (all real tokens: J precedes a)
+        o_tj = t_a - BC + o_c
+        m_tj = o_tj < eos
+        b_kj = _load_rows(p_k, o_tj, m_tj, o_k, m_k, H * K)
+        b_kj *= tl.exp(b_ga[None, :] - _load_gate(p_G, o_tj, m_tj, o_k, m_k, b_gl, H * K))
         if USE_QK_L2NORM:
-            b_sq += tl.sum(b_q * b_Aq, axis=1)
-            b_sk += tl.sum(b_k * b_dk, axis=1)
+            b_kj *= tl.load(rqk + (o_tj * H + i_h) * 2 + 1, mask=m_tj, other=0.0)[:, None]
+        m_rows = (m_i & m_t)[:, None]
+        o_mj = o_t[:, None] * (H * BT) + (i_a * BC - BC + o_c)[None, :]  # [BT, BC] M[i, J]
+        b_Aq += b_ri * tl.dot(tl.load(p_Mq + o_mj, mask=m_rows, other=0.0), b_kj)
+        b_Ay += b_ri * tl.dot(tl.load(p_Mk + o_mj, mask=m_rows, other=0.0), b_kj)
+        # column sums: [BC, BK] q̂_i e^(G_i − G_a) and β_i k̂_i e^(G_i − G_a) of the rows I
+        o_ti = t_a + o_c
+        m_ti = o_ti < eos
+        b_Gi = _load_gate(p_G, o_ti, m_ti, o_k, m_k, b_gl, H * K)
+        b_ei = tl.exp(b_Gi - b_ga[None, :])  # [BC, BK] <= 1
+        b_qi = _load_rows(p_q, o_ti, m_ti, o_k, m_k, H * K) * b_ei
+        b_ki = _load_rows(p_k, o_ti, m_ti, o_k, m_k, H * K) * b_ei
+        b_bi = tl.load(beta + o_ti * H + i_h, mask=m_ti, other=0.0).to(tl.float32)  # [BC]
+        if USE_QK_L2NORM:
+            b_qi *= tl.load(rqk + (o_ti * H + i_h) * 2, mask=m_ti, other=0.0)[:, None]
+            b_bi *= tl.load(rqk + (o_ti * H + i_h) * 2 + 1, mask=m_ti, other=0.0)
+        b_ki *= b_bi[:, None]
+        m_cols = (~m_i)[:, None] & m_ti[None, :]
+        o_mi = o_ti[None, :] * (H * BT) + o_i[:, None]  # [BT, BC] M[I, j] transposed
+        b_Ac += b_rj * (tl.dot(tl.load(p_Mq + o_mi, mask=m_cols, other=0.0), b_qi)
+                        + tl.dot(tl.load(p_Mk + o_mi, mask=m_cols, other=0.0), b_ki))
+    # diagonal sub-blocks, exactly: row jj of every row's sub-chunk at a time, gathered from
+    # memory; it is a column c <= i for the row sums and a row r >= j for the column sums
+    for jj in range(BC):
+        o_tc = o_ta + jj
+        m_c = o_tc < eos
+        b_qc = _load_rows(p_q, o_tc, m_c, o_k, m_k, H * K)  # [BT, BK] raw (norms are in D, E)
+        b_kc = _load_rows(p_k, o_tc, m_c, o_k, m_k, H * K)
+        b_Gc = _load_gate(p_G, o_tc, m_c, o_k, m_k, b_gl, H * K)
+        # [BT] x 4: the entries M[i, c] (row sums) and M[c, i] (column sums), c = a(i) + jj,
+        # with the norm (and β) of the gathered row c folded in: row sums Σ_c M[i, c] k̂_c E_ic
+        # and column sums Σ_r (Mqk[r, j] q̂_r + β_r Mkk[r, j] k̂_r) E_rj
+        b_Dq = tl.load(p_Mq + o_t * (H * BT) + o_ia + jj, mask=m_t, other=0.0)
+        b_Dk = tl.load(p_Mk + o_t * (H * BT) + o_ia + jj, mask=m_t, other=0.0)
+        b_Eq = tl.load(p_Mq + o_tc * (H * BT) + o_i, mask=m_c, other=0.0)
+        b_Ek = tl.load(p_Mk + o_tc * (H * BT) + o_i, mask=m_c, other=0.0)
+        b_bc = tl.load(beta + o_tc * H + i_h, mask=m_c, other=0.0).to(tl.float32)  # [BT] β_c
+        if USE_QK_L2NORM:
+            b_rkc = tl.load(rqk + (o_tc * H + i_h) * 2 + 1, mask=m_c, other=0.0)
+            b_Dq *= b_rkc
+            b_Dk *= b_rkc
+            b_Eq *= tl.load(rqk + (o_tc * H + i_h) * 2, mask=m_c, other=0.0)
+            b_bc *= b_rkc
+        b_Ek *= b_bc
+        m_lo = ((o_i % BC) >= jj)[:, None]
+        m_hi = ((o_i % BC) <= jj)[:, None]
+        # masked before exp so no positive exponent is ever formed
+        b_kE = b_kc * tl.exp(tl.where(m_lo, b_G - b_Gc, float("-inf")))
+        b_Aq += b_Dq[:, None] * b_kE
+        b_Ay += b_Dk[:, None] * b_kE
+        b_x = b_Eq[:, None] * b_qc + b_Ek[:, None] * b_kc
+        b_Ac += b_x * tl.exp(tl.where(m_hi, b_Gc - b_G, float("-inf")))
 
-    tl.store(dbeta + o_t * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=m_t)
-
+    b_bAy = b_beta[:, None] * b_Ay
+    b_dk = b_Ac + b_bAy + b_Al
+    b_dG = b_q * b_Aq + b_k * (b_bAy - b_Ac - b_Al)
+    # G_last enters through k̂⊙e^(G_last − G) of every row and through the decay of S₀; it is
+    # the last row's G (padded rows have g = 0), so its gradient joins the last row's dG
+    b_dgl = tl.sum(b_k * b_Al, axis=0) + tl.exp(b_gl) * b_hdh
+    b_dG += tl.where((o_i == BT - 1)[:, None], b_dgl[None, :], 0.0)
+    # dg: reverse cumulative sum of dG over the chunk (G_i = Σ_{s <= i} g_s)
+    _store_rows(dg + i_h * K, tl.cumsum(b_dG, axis=0, reverse=True), o_t, m_t, o_k, m_k, H * K)
+    _store_rows(dq + i_h * K, b_Aq, o_t, m_t, o_k, m_k, H * K)
+    _store_rows(dk + i_h * K, b_dk, o_t, m_t, o_k, m_k, H * K)
+    o_p = o_t * H + i_h  # [BT] (token, head) of this chunk's rows in the partial sums
+    tl.store(db + (1 + i_k).to(tl.int64) * NTH + o_p, tl.sum(b_k * b_Ay, axis=1), mask=m_t)
     if USE_QK_L2NORM:
-        # (c) the norm's backward over the dy this program parked in the workspaces
-        tl.debug_barrier()  # other threads of the program wrote them
-        _l2norm_bwd_rows(p_q, p_dq_out, dq + i_h * K, o_t, m_t, b_rq, b_sq, K, BK, H * K)
-        _l2norm_bwd_rows(p_k, p_dk_out, dk + i_h * K, o_t, m_t, b_rk, b_sk, K, BK, H * K)
+        tl.store(ds + (2 * i_k).to(tl.int64) * NTH + o_p, tl.sum(b_q * b_Aq, axis=1), mask=m_t)
+        tl.store(ds + (2 * i_k + 1).to(tl.int64) * NTH + o_p, tl.sum(b_k * b_dk, axis=1), mask=m_t)
+
+
+@triton.jit
+def chunk_kda_bwd_finish_kernel(
+    q,
+    k,
+    rqk,
+    dqn,
+    dkn,
+    db,
+    ds,
+    dq,
+    dk,
+    dbeta,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    NTH,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    NK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+):
+    """Per (chunk, head): dβ, the sum of the wy kernel's and every K tile's part; with the L2
+    norm, its backward dx = r·(dy − y·(y·dy)) over the dy the intra kernel parked in dqn, dkn."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
+    if i_n >= N:
+        return  # an unused chunk slot (varlen)
+
+    o_t = bos + i_c * BT + tl.arange(0, BT)  # [BT] token rows
+    m_t = o_t < eos
+    o_p = o_t * H + i_h  # [BT]
+    # partial sums are NTH apart; stepping a pointer keeps the offsets 64-bit
+    p_db = db + o_p
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    for _ in range(NK + 1):
+        b_db += tl.load(p_db, mask=m_t, other=0.0)
+        p_db += NTH
+    tl.store(dbeta + o_p, b_db.to(dbeta.dtype.element_ty), mask=m_t)
+    if USE_QK_L2NORM:
+        p_ds = ds + o_p
+        b_sq = tl.zeros([BT], dtype=tl.float32)  # [BT] x 2: Σ_d y·dy of q and k
+        b_sk = tl.zeros([BT], dtype=tl.float32)
+        for _ in range(NK):
+            b_sq += tl.load(p_ds, mask=m_t, other=0.0)
+            b_sk += tl.load(p_ds + NTH, mask=m_t, other=0.0)
+            p_ds += 2 * NTH
+        b_rq = tl.load(rqk + o_p * 2, mask=m_t, other=0.0)
+        b_rk = tl.load(rqk + o_p * 2 + 1, mask=m_t, other=0.0)
+        _l2norm_bwd_rows(q + i_h * K, dqn + i_h * K, dq + i_h * K, o_t, m_t, b_rq, b_sq, K, BK, H * K)
+        _l2norm_bwd_rows(k + i_h * K, dkn + i_h * K, dk + i_h * K, o_t, m_t, b_rk, b_sk, K, BK, H * K)
 
 
 @dataclass(frozen=True)
@@ -519,10 +618,13 @@ class LaunchConfig:
     scan_bv: int
     scan_warps: int
     scan_stages: int
-    chunk_bk: int
-    chunk_bv: int
-    chunk_warps: int
-    chunk_stages: int
+    wy_bv: int
+    wy_warps: int
+    intra_bk: int
+    intra_bv: int
+    intra_warps: int
+    intra_stages: int
+    finish_bk: int
 
 
 def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
@@ -534,15 +636,9 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     next to their products (one shared-memory copy live at a time), double-buffered while that
     fits (K <= 128 in half precision), and take 8 warps at K = 256 to spread the registers.
 
-    The chunk kernel holds M_qk, M_kk (and their transposes) in shared memory across its K loop
-    and about fifteen [64, BK] fp32 tiles in registers inside it (G, the four gradient
-    accumulators, q, k, the anchor factors, the gathered rows), next to [64, 64] fp32 tensor-core
-    operands whose register copies the 8 warps replicate. BK = 16 and BV = 16 over 8 warps with
-    2 stages is the largest tiling ptxas (CUDA 12.8, sm_90a) fits in 255 registers without spills
-    at K = V = 64, 128, 256 (a few bytes at 64 and in fp32); K = 100 spills 50–80 bytes a thread
-    (its masked tails), K and V tiles of 32 spill 0.5–1 KB. Shared memory: 88–92 KB, from every
-    dtype. bench/check_kernel_resources.py compiles all of these for sm_90 and prints the table.
-    Untuned on hardware yet.
+    The intra kernel runs one program per 32-wide K tile (K/32 times the chunk kernel of v1's
+    programs) with 4 warps: its ~14 live [64, 32] fp32 tiles are 16 registers a thread each.
+    The wy kernel holds Tᵀ and the two C×C gradients ([64, 64] fp32) over 32-wide V tiles.
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
@@ -551,10 +647,13 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
         scan_bv=16,
         scan_warps=4 if scan_bk <= 128 else 8,
         scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
-        chunk_bk=16,
-        chunk_bv=16,
-        chunk_warps=8,
-        chunk_stages=2,
+        wy_bv=min(32, max(16, triton.next_power_of_2(V))),
+        wy_warps=8,
+        intra_bk=16,
+        intra_bv=16,
+        intra_warps=4,
+        intra_stages=1,
+        finish_bk=min(64, scan_bk),
     )
 
 
@@ -669,20 +768,34 @@ def chunk_kda_bwd_triton(
     )
     del qg, kg, w
 
-    # 4. everything else, per chunk
+    # 4. everything else, per chunk: the WY backward and the C×C gradients (wy), then per K tile
+    # the products with the states and the intra-chunk backward (intra), then dβ and the norm's
+    # backward (finish). A_qk's buffer takes M_qk, A_kk's M_kk, dv_new's dv_b (each program
+    # its own rows); db and ds hold per-program partial row sums, reduced by finish
+    NK = triton.cdiv(K, cfg.intra_bk)
+    NTH = B * T * H
+    db = torch.empty((NK + 1, B, T, H), dtype=f32, device=dev)
     if use_qk_l2norm:
         dqn = torch.empty((B, T, H, K), dtype=f32, device=dev)
         dkn = torch.empty((B, T, H, K), dtype=f32, device=dev)
+        ds = torch.empty((NK, 2, B, T, H), dtype=f32, device=dev)
     else:
-        dqn = dkn = None
-    # A_qk's buffer takes M_qk, A_kk's M_kk, dv_new's dv_b (each program its own rows)
-    launch(chunk_kda_bwd_chunk_kernel)[grid_chunks](
-        q, k, v, beta, do, gc, akk, aqk, gl, rqk, h, dh, v_new, dv_new,
-        dq, dk, dv, dg, dbeta, dqn, dkn,
-        cu_seqlens, chunk_seq, chunk_offsets,
-        T, N, NT, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, NB=BT // BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv,
-        IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm,
-        num_warps=cfg.chunk_warps,
-        num_stages=cfg.chunk_stages,
+        dqn, dkn, ds = dq, dk, None
+    launch(chunk_kda_bwd_wy_kernel)[grid_chunks](
+        v, beta, do, akk, aqk, v_new, dv_new, dv, db,
+        *index, scale,
+        H=H, V=V, BT=BT, BC=BC, NB=BT // BC, BV=cfg.wy_bv, IS_VARLEN=is_varlen,
+        num_warps=cfg.wy_warps,
+    )
+    launch(chunk_kda_bwd_intra_kernel)[(NK, NT, B * H)](
+        q, k, beta, do, gc, aqk, akk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, db, ds,
+        *index, NTH, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.intra_bk, BV=cfg.intra_bv, **common,
+        num_warps=cfg.intra_warps,
+        num_stages=cfg.intra_stages,
+    )
+    launch(chunk_kda_bwd_finish_kernel)[grid_chunks](
+        q, k, rqk, dqn, dkn, db, ds, dq, dk, dbeta,
+        *index, NTH,
+        H=H, K=K, BT=BT, BK=cfg.finish_bk, NK=NK, **common,
     )

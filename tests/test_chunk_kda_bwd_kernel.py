@@ -28,7 +28,7 @@ from kda_ops.meta.kda_recurrent import recurrent_kda
 NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 BARS = dict(dq=0.008, dk=0.008, dv=0.008, dh0=0.008, dg=0.02, dbeta=0.02)  # DESIGN.md
 NAIVE_MAX_T = 2048  # longer sequences are checked against the chunked fp32 backward reference
-KERNELS = ("chunk_kda_bwd_state_kernel", "chunk_kda_bwd_dstate_kernel", "chunk_kda_bwd_chunk_kernel")
+KERNELS = tuple(f"chunk_kda_bwd_{name}_kernel" for name in ("state", "dstate", "wy", "intra", "finish"))
 
 
 @pytest.mark.interpret

@@ -3,8 +3,9 @@ the launch configurations chunk_kda_bwd_triton uses, each needs at most 200 KB o
 per block (the hardware allows 232448 bytes; the margin is for other triton versions, the GPU
 machine runs 3.6) — bench/check_kernel_resources.py does the compiling and the ptxas report.
 
-CPU only, ~20 s: the state, dstate and chunk kernels at K = V = 100 (masked tails) and 256 (the
-largest tiles of the scans), bf16 and fp32 (the largest operands), every feature switched on.
+CPU only, ~15 s: the state, dstate, wy, intra and finish kernels at K = V = 100 (masked tails)
+and 256 (the largest tiles of the scans), bf16 and fp32 (the largest operands), every feature
+switched on.
 `python bench/check_kernel_resources.py` covers every kernel of the package at every supported
 dim and dtype.
 """
@@ -19,7 +20,7 @@ import triton
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "check_kernel_resources.py"
 MARGIN_SHARED = 200 * 1024
-KERNELS = ("chunk_kda_bwd_state_kernel", "chunk_kda_bwd_dstate_kernel", "chunk_kda_bwd_chunk_kernel")
+KERNELS = tuple(f"chunk_kda_bwd_{name}_kernel" for name in ("state", "dstate", "wy", "intra", "finish"))
 ROW = re.compile(r"^(\w+)\s+(.+?)\s+(-?\d+)\s+(-?\d+)\s+(-?\d+)/(-?\d+)\s+(.+)$")
 
 
