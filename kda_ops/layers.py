@@ -22,7 +22,7 @@ from .config import KimiLinearConfig
 from .kda_decode import causal_conv1d, causal_conv1d_update, kda_decode
 from .meta.kda_recurrent import accumulation_dtype
 from .meta.mla_decode import gather_paged_tokens
-from .mla_decode import mla_decode
+from .mla_decode import mla_cache_write, mla_decode
 
 
 class PrefillBatch(NamedTuple):
@@ -226,10 +226,12 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
 
     def _write_rows(self, rows: Tensor, slots: Tensor, positions: Tensor, block_table: Tensor) -> None:
-        """latent_cache[page of (slot, position), position % block_size] = row, for each row [n, C]."""
+        """latent_cache[page of (slot, position), position % block_size] = row, for each row [n, C],
+        through kda::mla_cache_write (slots computed on the device)."""
         block_size = self.latent_cache.shape[1]
         pages = block_table[slots, positions // block_size].long()
-        self.latent_cache[pages, positions % block_size] = rows.to(self.latent_cache.dtype)
+        slot_mapping = pages * block_size + positions % block_size
+        mla_cache_write(self.latent_cache, rows.to(self.latent_cache.dtype).contiguous(), slot_mapping)
 
     def forward(self, x: Tensor, batch: PrefillBatch | DecodeBatch | None = None) -> Tensor:
         B, T, _ = x.shape

@@ -492,9 +492,12 @@ def test_compiled_graphs_call_the_kda_ops():
     forward = _kda_ops_in_compiled_graph(model, random_ids(1, 20))
     assert_expected_inline(forward, """kda::chunk_kda_fwd x3""")
     prefill = _kda_ops_in_compiled_graph(model.prefill, random_ids(12), torch.tensor([0, 5, 12], dtype=torch.int32), slots)
-    assert_expected_inline(prefill, """kda::chunk_kda_fwd x3""")
+    assert_expected_inline(prefill, """\
+kda::chunk_kda_fwd x3
+kda::mla_cache_write x1""")
     decode = _kda_ops_in_compiled_graph(model.decode_step, random_ids(2), slots)
     assert_expected_inline(decode, """\
 kda::causal_conv1d_update x9
 kda::kda_decode x3
+kda::mla_cache_write x1
 kda::mla_decode x1""")
