@@ -2,7 +2,7 @@
 heads per program, BLOCK_N, warps, pipeline stages, programs per SM) in one process and writes
 JSON; kernels/mla_decode.py's CONFIGS rows are the winners it prints.
 
-    python bench/tune_mla_decode.py --out $OUT/mla_decode_tune.json [--heads 16,32] [--budget-s 230]
+    python bench/tune_mla_decode.py --out $OUT/mla_decode_tune.json [--heads 32,16] [--budget-s 230]
 
 Shapes: those of bench_mla_decode.py (D_qk = 576, v_dim = 512, block size 64, bf16, full-length
 sequences on permuted pages) at B in {1, 32, 128} x L in {4096, 32768}, not B = 1, L = 4096.
@@ -81,7 +81,7 @@ def config_row(cfg: MLADecodeConfig) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--heads", default="16,32", help="head counts to tune")
+    parser.add_argument("--heads", default="32,16", help="head counts to tune, most important first")
     parser.add_argument("--budget-s", type=float, default=230.0, help="stop timing new configurations after this")
     args = parser.parse_args()
     start = time.perf_counter()
