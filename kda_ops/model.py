@@ -95,11 +95,13 @@ class KimiLinearForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> "KimiLinearForCausalLM":
+    def init_weights(self, seed: int = 0, generator_device: str | torch.device = "cpu") -> "KimiLinearForCausalLM":
         """Random weights: normal(0, initializer_range) matrices, unit norms, decay rates A in
         [1, 16], dt in [1e-3, 0.1] (dt_bias = softplus^-1(dt)), zero router bias. Deterministic
-        for a seed on any device."""
-        generator = torch.Generator().manual_seed(seed)
+        for a seed; drawn on generator_device: on the CPU (default) the same values whatever the
+        model's device, on the model's GPU the only fast way for billions of parameters."""
+        generator = torch.Generator(generator_device).manual_seed(seed)
+        device = generator.device
         std = self.config.initializer_range
 
         def fill(p: Tensor, values: Tensor) -> None:
@@ -108,19 +110,19 @@ class KimiLinearForCausalLM(nn.Module):
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                fill(p, torch.ones(p.shape))
+                fill(p, torch.ones(p.shape, device=device))
             elif leaf == "A_log":
-                fill(p, torch.empty(p.shape).uniform_(1, 16, generator=generator).log())
+                fill(p, torch.empty(p.shape, device=device).uniform_(1, 16, generator=generator).log())
             elif leaf == "dt_bias":
-                dt = torch.empty(p.shape).uniform_(math.log(1e-3), math.log(0.1), generator=generator).exp()
+                dt = torch.empty(p.shape, device=device).uniform_(math.log(1e-3), math.log(0.1), generator=generator).exp()
                 fill(p, dt + torch.log(-torch.expm1(-dt)))
             elif leaf == "e_score_correction_bias":
-                fill(p, torch.zeros(p.shape))
+                fill(p, torch.zeros(p.shape, device=device))
             elif "conv1d" in name:
                 bound = 1 / math.sqrt(p.shape[-1])
-                fill(p, torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
+                fill(p, torch.empty(p.shape, device=device).uniform_(-bound, bound, generator=generator))
             else:
-                fill(p, torch.empty(p.shape).normal_(0, std, generator=generator))
+                fill(p, torch.empty(p.shape, device=device).normal_(0, std, generator=generator))
         return self
 
     # ------------------------------------------------------------------ caches
