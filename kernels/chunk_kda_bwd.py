@@ -2,10 +2,10 @@
 the derivation in meta/chunk_kda_bwd.py (the oracle these kernels are tested against).
 
 The forward op saves only its inputs, so the backward recomputes what it needs. Chunk length
-BT = 64 in sub-chunks of BC = 16 rows; the forward's three parallel kernels, then five of ours:
+BT = 64 in sub-chunks of BC = 16 rows; the forward's per-chunk kernel, then five of ours:
 
-1. `chunk_kda_fwd_prep_kernel`, `chunk_kda_fwd_intra_kernel`, `chunk_kda_fwd_wy_kernel` (the
-   forward's, reused as they are, so with the forward's roundings), parallel over chunks:
+1. `chunk_kda_fwd_chunk_kernel` (the forward's, reused as it is, so with the forward's
+   roundings), parallel over chunks:
    qg = scale·q⊙e^G, kg = k⊙e^(G_last−G), A_qk, w = T(β⊙k⊙e^G), u = T(β⊙v) and G_last for the
    scans, and what the forward treats as scratch and the backward keeps: the cumulative gate G
    (fp32), A_kk (fp32) and the q/k row norms.
@@ -17,7 +17,7 @@ BT = 64 in sub-chunks of BC = 16 rows; the forward's three parallel kernels, the
    and writes dh0.
 4. everything else, fully parallel over chunks, in three kernels:
    (a) `chunk_kda_bwd_wy_kernel`, per (chunk, head), over V tiles, from Tᵀ (T = (I + A_kk)^-1,
-       inverted from A_kk as the forward's wy kernel does): dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the
+       inverted from A_kk by forward substitution and block merges): dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the
        dβ term Σ_v dv_b⊙v, and the two C×C gradients dA_qk = dO·v_newᵀ and dA_kk = −dv_b·v_newᵀ
        (strictly lower). The latter is the reference's −Tᵀ·dT·Tᵀ simplified: dT =
        dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is T⁻¹·v_new, so −Tᵀ·dT·Tᵀ =
@@ -88,9 +88,7 @@ from .chunk_kda_fwd import (
     _sequence,
     _load_rows,
     _store_rows,
-    chunk_kda_fwd_intra_kernel,
-    chunk_kda_fwd_prep_kernel,
-    chunk_kda_fwd_wy_kernel,
+    chunk_kda_fwd_chunk_kernel,
     chunk_table,
 )
 from .chunk_kda_fwd import launch_config as fwd_launch_config
@@ -409,7 +407,6 @@ def chunk_kda_bwd_intra_kernel(
     m_t = o_t < eos
     o_ia = (o_i // BC) * BC  # [BT] anchor: first row of the row's sub-chunk, within the chunk
     o_ta = t0 + o_ia  # [BT] its token row
-    m_ta = o_ta < eos
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     p_q, p_k, p_G = q + i_h * K, k + i_h * K, gc + i_h * K
@@ -708,10 +705,9 @@ def chunk_kda_bwd_triton(
     grid_chunks = (NT, B * H)  # chunks per sequence, or chunk slots when varlen (B = 1)
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
 
-    # 1. the forward's per-chunk quantities, by the forward's own kernels (so with its roundings):
-    # G, G_last, the q/k norms, qg, kg (prep); A_qk and A_kk (intra); T = (I + A_kk)^-1 over
-    # A_kk, w and u (wy). The forward treats G, T and the norms as scratch; the chunk kernel
-    # reads them back.
+    # 1. the forward's per-chunk quantities, by the forward's own per-chunk kernel (so with its
+    # roundings): G, G_last, the q/k norms, qg, kg, A_qk, A_kk, w and u. The forward treats G,
+    # A_kk and the norms as scratch; the backward's chunk kernels read them back.
     w = torch.empty((B, T, H, K), dtype=dt, device=dev)
     qg = torch.empty((B, T, H, K), dtype=dt, device=dev)
     kg = torch.empty((B, T, H, K), dtype=dt, device=dev)
@@ -723,17 +719,9 @@ def chunk_kda_bwd_triton(
     rqk = torch.empty((B, T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev)
     common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
     index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
-    launch(chunk_kda_fwd_prep_kernel)[grid_chunks](
-        q, k, g, gc, qg, kg, gl, rqk, *index, scale,
-        H=H, K=K, BT=BT, BK=fwd_cfg.prep_bk, num_warps=fwd_cfg.prep_warps, **common,
-    )
-    launch(chunk_kda_fwd_intra_kernel)[(NT, BT // BC, B * H)](
-        q, k, beta, gc, rqk, aqk, akk, *index, scale,
-        H=H, K=K, BT=BT, BC=BC, BK=fwd_cfg.intra_bk, num_warps=fwd_cfg.intra_warps, **common,
-    )
-    launch(chunk_kda_fwd_wy_kernel)[grid_chunks](
-        k, v, beta, gc, rqk, akk, w, u, *index,
-        H=H, K=K, V=V, BT=BT, BC=BC, NB=BT // BC, BK=fwd_cfg.wy_bk, BV=fwd_cfg.wy_bv, num_warps=fwd_cfg.wy_warps,
+    launch(chunk_kda_fwd_chunk_kernel)[grid_chunks](
+        q, k, v, g, beta, gc, qg, kg, gl, rqk, aqk, akk, w, u, *index, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, BK=fwd_cfg.chunk_bk, BV=fwd_cfg.chunk_bv, num_warps=fwd_cfg.chunk_warps,
         **common,
     )
 

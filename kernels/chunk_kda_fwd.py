@@ -1,30 +1,23 @@
 """Triton kernels of the chunked KDA forward (kda::chunk_kda_fwd); math in docs/kda_math.md §3.
 
-Chunk length BT = 64, split into four sub-chunks of BC = 16 rows. Four kernels:
+Chunk length BT = 64, split into four sub-chunks of BC = 16 rows. Two kernels:
 
-1. `chunk_kda_fwd_prep_kernel`, per (chunk, head): the chunk-local cumulative gate G (fp32,
-   staged in a scratch `gc` so later kernels can read rows of it at any offset), G_last, the
-   q/k L2 norms, qg = scale·q⊙e^G and kg = k⊙e^(G_last−G).
-2. `chunk_kda_fwd_intra_kernel`, per (chunk, row sub-chunk, head): those 16 rows of A_qk (with
-   scale) and A_kk (with beta), whole rows with zeros above the diagonal.
-3. `chunk_kda_fwd_wy_kernel`, per (chunk, head): T = (I + A_kk)^-1 (A_kk stays in its
-   scratch for the backward), then w = T(β⊙k⊙e^G) and u = T(β⊙v) with T as one [64, 64]
-   tensor-core operand.
-4. `chunk_kda_fwd_scan_kernel`, per (sequence, head, V tile), sequential over the sequence's
+1. `chunk_kda_fwd_chunk_kernel`, per (chunk, head), everything that is parallel over chunks: the
+   chunk-local cumulative gate G (fp32, also to a scratch `gc` the backward reads), G_last, the
+   q/k L2 norms, qg = scale·q⊙e^G and kg = k⊙e^(G_last−G); A_qk (with scale) and A_kk (with
+   beta) on tensor cores by levels of anchored products (below); T = (I + A_kk)^-1 in registers
+   along the same levels; w = T(β⊙k⊙e^G) and u = T(β⊙v).
+2. `chunk_kda_fwd_scan_kernel`, per (sequence, head, V tile), sequential over the sequence's
    chunks with the state tile S [K, BV] in registers (fp32). Per chunk it forms
    v_new = u − w·S, writes o = qg·S + A_qk·v_new and updates S ← e^(G_last)⊙S + kgᵀ·v_new.
    The output is fused into the scan, so the per-chunk states h never reach HBM (fla writes
    them, B·NT·H·K·V bf16, ~67 MB at B1 T8192 H16, and reads them back in another kernel).
-   Small V tiles (BV = 16) give B·H·V/16 programs for the 132 SMs of an H100.
 
-Why this split (H100, B1 T8192 H16 K=V=128, bf16): one kernel per (chunk, head) doing all of
-1–3 with the four sub-chunks of q, k, G in registers needed 255 registers with hundreds spilled
-and took 1.9 ms; split, the parallel part is ~0.8 ms (prep ~120 µs, near its bytes; intra
-~400 µs, issue-bound on the exact diagonal blocks; wy ~340 µs, latency-bound at 12% occupancy;
-the scan ~210 µs). Tried and slower: the diagonal as a [16, 16, BK] broadcast or as a loop over
-channels (vs the loop over columns here), BV = 32/64 in the scan at this shape. Inverting on
-16×16 blocks with the off-diagonal blocks merged by 16×16 products measured ~300 µs for wy but
-writes T over A_kk, which the backward reads.
+History (H100, B1 T8192 H16 K=V=128 bf16, bench/NOTES.md has the numbers): the per-chunk work
+first ran as prep / intra / wy kernels (120 + 400 + 350 µs; intra issue-bound on an elementwise
+exact diagonal, wy latency-bound on a [64, 64]³ tf32x3 inverse); fused by levels it measures the
+same ~870 µs in one launch with fewer bytes (G and A_kk are not read back), and the scan with
+BV = 32 (B·H·V/32 programs) is 1.2-1.4 ms faster than BV = 16 at the two large benchmark shapes.
 
 Precision: u and A_qk are stored in fp32 (rounding either to bf16 costs as much relative error
 as rounding o itself), w, qg, kg in the input dtype; the scan's w·S and qg·S use the input dtype,
@@ -33,22 +26,24 @@ error against the fp32 recurrence (bar 5e-3), most of it the bf16 rounding of o.
 
 Numerics. G, A, T, S and every accumulator are fp32; only differences G_i − G_j with i ≥ j are
 exponentiated (g ≤ 0, so each factor is ≤ 1 and nothing overflows, even for gates of −1000).
-A_qk/A_kk use tensor cores off the diagonal: for row sub-chunk I > column sub-chunk J the
-factorised form e^(G_i − G_a)·e^(G_a − G_j), anchored at a = the first row of sub-chunk I, is
-exact: i ≥ a > j, so both exponents are ≤ 0, and if one factor underflows the true product
-(smaller than either factor) underflows too. The anchor is never a later row than i, so no
-rounding leaks from future tokens. The diagonal 16×16 block is computed elementwise, one
-column j at a time ([16, BK] tiles of e^(G_i − G_j), masked to j ≤ i before exponentiating).
+Levels: a strictly lower pair (i, j) belongs to level b, the highest bit where i and j differ;
+with a = the last row of the lower half of their aligned 2^(b+1)-row block, j ≤ a < i and
+e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j) with both exponents ≤ 0: exact (if a factor
+underflows, the true product, smaller than either, underflows too), and the anchor is never a
+later row than i, so no rounding leaks from future tokens. Each level costs one exponential per
+element of [BT, BK] (G at the anchors by tl.gather) and two tensor-core products: levels 0-3
+(inside the sub-chunks) batched as [4, 16, 16] in tf32x3 (fp32-accurate: the diagonal blocks are
+the largest entries), levels 4-5 in tf32 (as the anchored off-diagonal blocks always were).
 G_last is read off the last row of G exactly (a masked sum adds zeros). The L2 norm is a row
-scaling, applied to A's rows and columns and to the stored tiles.
+scaling of the q and k tiles.
 
-The inverse: forward substitution inside the four 16×16 diagonal blocks (D), then with E the
-rest of A_kk and M = D^-1·E (strictly block-lower, M^4 = 0): T = (I − M)(I + M²)·D^-1, products
-in tf32x3 (fp32-accurate on tensor cores). Rows past the end of a sequence are loaded as
-q = k = v = 0, beta = 0, g = 0, which leaves the state unchanged and keeps G_last equal to G
-at the last real row.
+The inverse follows the levels: forward substitution inside the four 16×16 diagonal blocks D,
+then each 32-row half H = [[D0, 0], [P, D1]] as H^-1 = Dinv − Dinv·P·Dinv and the chunk as
+T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]], products in tf32x3. Rows past the end of a sequence
+are loaded as q = k = v = 0, beta = 0, g = 0, which leaves the state unchanged and keeps G_last
+equal to G at the last real row.
 
-Varlen (B = 1, device `cu_seqlens`, N sequences): the parallel kernels run over an upper bound
+Varlen (B = 1, device `cu_seqlens`, N sequences): the per-chunk kernel runs over an upper bound
 of chunk slots, (T + (BT−1)·N) // BT ≥ Σ_n cdiv(len_n, BT), from shapes only; a device-side table
 built by a small kernel (no host read) maps each slot to its sequence, and
 slots past the last chunk exit at once. The scan reads its sequence's bounds from cu_seqlens.
@@ -120,164 +115,6 @@ def _sequence(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN: tl.constexpr):
         eos = bos + T
         i_s0 = i_n.to(tl.int64) * NT
     return bos, eos, i_s0
-
-
-@triton.jit
-def chunk_kda_fwd_prep_kernel(
-    q,
-    k,
-    g,
-    gc,
-    qg,
-    kg,
-    gl,
-    rqk,
-    cu_seqlens,
-    chunk_seq,
-    chunk_offsets,
-    T,
-    N,
-    NT,
-    scale,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    USE_QK_L2NORM: tl.constexpr,
-):
-    """Per (chunk, head): G = chunk-local cumsum of g (to gc), G_last (to gl), the q/k norms
-    (to rqk), qg = scale·q⊙e^G and kg = k⊙e^(G_last − G)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
-    if i_n >= N:
-        return
-    o_i = tl.arange(0, BT)
-    o_t = bos + i_c * BT + o_i  # [BT] token rows
-    m_t = o_t < eos
-    p_q, p_k = q + i_h * K, k + i_h * K
-
-    # [BT] x 2: 1 / sqrt(sum(x^2) + 1e-6) of the q and k rows (ones without the norm)
-    b_rq = tl.zeros([BT], dtype=tl.float32)
-    b_rk = tl.zeros([BT], dtype=tl.float32)
-    if USE_QK_L2NORM:
-        for i_k in range(tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            b_x = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K)
-            b_rq += tl.sum(b_x * b_x, axis=1)
-            b_x = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K)
-            b_rk += tl.sum(b_x * b_x, axis=1)
-        b_rq = tl.rsqrt(b_rq + 1e-6)
-        b_rk = tl.rsqrt(b_rk + 1e-6)
-        tl.store(rqk + (o_t * H + i_h) * 2, b_rq, mask=m_t)
-        tl.store(rqk + (o_t * H + i_h) * 2 + 1, b_rk, mask=m_t)
-    else:
-        b_rq += 1.0
-        b_rk += 1.0
-
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_G = tl.cumsum(_load_rows(g + i_h * K, o_t, m_t, o_k, m_k, H * K), axis=0)  # [BT, BK]
-        _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
-        # padded rows add g = 0, so the last row is G at the last real row
-        b_gl = _row(b_G, o_i, BT - 1)  # [BK]
-        tl.store(gl + (i_s * H + i_h).to(tl.int64) * K + o_k, b_gl, mask=m_k)
-        b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * (scale * b_rq)[:, None]
-        _store_rows(qg + i_h * K, b_q * tl.exp(b_G), o_t, m_t, o_k, m_k, H * K)
-        b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]
-        _store_rows(kg + i_h * K, b_k * tl.exp(b_gl[None, :] - b_G), o_t, m_t, o_k, m_k, H * K)
-
-
-@triton.jit
-def chunk_kda_fwd_intra_kernel(
-    q,
-    k,
-    beta,
-    gc,
-    rqk,
-    aqk,
-    akk,
-    cu_seqlens,
-    chunk_seq,
-    chunk_offsets,
-    T,
-    N,
-    NT,
-    scale,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    USE_QK_L2NORM: tl.constexpr,
-):
-    """Per (chunk, row sub-chunk I, head): rows of A_qk (scale, incl. diagonal) and A_kk (beta,
-    strictly lower), whole rows with zeros above the diagonal, to aqk and akk."""
-    i_t, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
-    t_a = bos + i_c * BT + i_r * BC  # anchor: first row of the sub-chunk
-    if (i_n >= N) or (t_a >= eos):
-        return
-    o_c = tl.arange(0, BC)
-    o_i = tl.arange(0, BT)
-    o_tr = t_a + o_c  # [BC] rows of the sub-chunk
-    m_tr = o_tr < eos
-    o_tj = bos + i_c * BT + o_i  # [BT] rows of the chunk (columns of A)
-    m_tj = o_i < i_r * BC  # off-diagonal columns: before the anchor (all real tokens)
-    p_q, p_k, p_g = q + i_h * K, k + i_h * K, gc + i_h * K
-
-    b_Aqk = tl.zeros([BC, BT], dtype=tl.float32)
-    b_Akk = tl.zeros([BC, BT], dtype=tl.float32)
-    b_Dqk = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Dkk = tl.zeros([BC, BC], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_q = _load_rows(p_q, o_tr, m_tr, o_k, m_k, H * K)  # [BC, BK]
-        b_k = _load_rows(p_k, o_tr, m_tr, o_k, m_k, H * K)  # [BC, BK]
-        b_G = _load_rows(p_g, o_tr, m_tr, o_k, m_k, H * K)  # [BC, BK]
-        b_ga = tl.load(p_g + t_a * H * K + o_k, mask=m_k, other=0.0)  # [BK] G at the anchor
-        if i_r > 0:
-            # tensor cores: e^(G_i - G_a) e^(G_a - G_j), both <= 1 for j < a <= i
-            b_e = tl.exp(tl.where(m_tr[:, None], b_G - b_ga[None, :], 0.0))
-            b_kj = _load_rows(p_k, o_tj, m_tj, o_k, m_k, H * K)  # [BT, BK]
-            b_Gj = _load_rows(p_g, o_tj, m_tj, o_k, m_k, H * K)  # [BT, BK]
-            b_kr = b_kj * tl.exp(tl.where(m_tj[:, None], b_ga[None, :] - b_Gj, float("-inf")))
-            b_Aqk = tl.dot(b_q * b_e, tl.trans(b_kr), acc=b_Aqk)
-            b_Akk = tl.dot(b_k * b_e, tl.trans(b_kr), acc=b_Akk)
-        # diagonal sub-chunk, exact: column jj against every row i >= jj
-        for jj in range(BC):
-            m_c = m_k & (t_a + jj < eos)
-            b_kc = tl.load(p_k + (t_a + jj) * H * K + o_k, mask=m_c, other=0.0).to(tl.float32)  # [BK]
-            b_Gc = tl.load(p_g + (t_a + jj) * H * K + o_k, mask=m_c, other=0.0)  # [BK]
-            m_ij = ((o_c >= jj) & m_tr)[:, None]
-            b_x = b_kc[None, :] * tl.exp(tl.where(m_ij, b_G - b_Gc[None, :], float("-inf")))  # [BC, BK]
-            m_jj = (o_c == jj)[None, :]
-            b_Dqk += tl.where(m_jj, tl.sum(b_q * b_x, axis=1)[:, None], 0.0)
-            b_Dkk += tl.where(m_jj, tl.sum(b_k * b_x, axis=1)[:, None], 0.0)
-
-    # norms (row scalings), scale and beta
-    b_beta = tl.load(beta + o_tr * H + i_h, mask=m_tr, other=0.0).to(tl.float32)  # [BC]
-    if USE_QK_L2NORM:
-        b_rq = tl.load(rqk + (o_tr * H + i_h) * 2, mask=m_tr, other=0.0)  # [BC]
-        b_rk = tl.load(rqk + (o_tr * H + i_h) * 2 + 1, mask=m_tr, other=0.0)  # [BC]
-        b_rkj = tl.load(rqk + (o_tj * H + i_h) * 2 + 1, mask=m_tj, other=0.0)  # [BT]
-        b_Aqk *= b_rq[:, None] * b_rkj[None, :]
-        b_Akk *= b_rk[:, None] * b_rkj[None, :]
-        b_Dqk *= b_rq[:, None] * b_rk[None, :]
-        b_Dkk *= b_rk[:, None] * b_rk[None, :]
-    m_strict = o_c[None, :] < o_c[:, None]
-    m_off = (o_i < i_r * BC) | (o_i >= (i_r + 1) * BC)  # [BT] all but the diagonal block
-    _store_rows(aqk + i_h * BT, b_Aqk * scale, o_tr, m_tr, o_i, m_off, H * BT)
-    _store_rows(aqk + i_h * BT, b_Dqk * scale, o_tr, m_tr, i_r * BC + o_c, o_c < BC, H * BT)
-    _store_rows(akk + i_h * BT, b_Akk * b_beta[:, None], o_tr, m_tr, o_i, m_off, H * BT)
-    b_Dkk = tl.where(m_strict, b_Dkk * b_beta[:, None], 0.0)
-    _store_rows(akk + i_h * BT, b_Dkk, o_tr, m_tr, i_r * BC + o_c, o_c < BC, H * BT)
 
 
 @triton.jit
@@ -492,89 +329,6 @@ def chunk_kda_fwd_chunk_kernel(
 
 
 @triton.jit
-def chunk_kda_fwd_wy_kernel(
-    k,
-    v,
-    beta,
-    gc,
-    rqk,
-    akk,
-    w,
-    u,
-    cu_seqlens,
-    chunk_seq,
-    chunk_offsets,
-    T,
-    N,
-    NT,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    NB: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    USE_QK_L2NORM: tl.constexpr,
-):
-    """Per (chunk, head): T = (I + A_kk)^-1, then w = T(β⊙k⊙e^G) and u = T(β⊙v)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
-    if i_n >= N:
-        return
-    t0 = bos + i_c * BT
-    o_i = tl.arange(0, BT)
-    o_c = tl.arange(0, BC)
-    o_t = t0 + o_i  # [BT]
-    m_t = o_t < eos
-    p_a = akk + i_h * BT
-
-    # T = (I + A)^-1 with A = E + (diagonal blocks): D^-1 of the four unit lower-triangular 16x16
-    # diagonal blocks by forward substitution, all four at once ([NB, BC, BC]); then with
-    # M = D^-1 E (strictly block-lower, M^4 = 0): T = (I - M)(I + M^2) D^-1
-    o_b = tl.arange(0, NB)
-    o_rb = t0 + o_b[:, None] * BC + o_c[None, :]  # [NB, BC] token rows of each block
-    p_d = p_a + o_rb[:, :, None] * (H * BT) + (o_b[:, None] * BC + o_c[None, :])[:, None, :]
-    b_X = -tl.load(p_d, mask=(o_rb < eos)[:, :, None], other=0.0)  # [NB, BC, BC]
-    for i in range(1, BC):
-        # [NB, BC] row i of each block: X_i = -A_i - sum_{j<i} A_ij X_j (rows < i final)
-        o_ri = t0 + o_b * BC + i
-        p_ri = p_a + o_ri[:, None] * (H * BT) + o_b[:, None] * BC + o_c[None, :]
-        b_a = -tl.load(p_ri, mask=(o_ri < eos)[:, None], other=0.0)
-        b_a += tl.sum(b_a[:, :, None] * b_X, axis=1)
-        b_X = tl.where((o_c == i)[None, :, None], b_a[:, None, :], b_X)
-    b_X += (o_c[:, None] == o_c[None, :]).to(tl.float32)[None, :, :]
-    m_own = (o_b[:, None, None, None] == o_b[None, None, :, None])  # [NB, 1, NB, 1]
-    b_Dinv = tl.reshape(tl.where(m_own, b_X[:, :, None, :], 0.0), (BT, BT))  # block diagonal
-    b_A = _load_rows(p_a, o_t, m_t, o_i, o_i < BT, H * BT)  # [BT, BT]
-    b_E = tl.where((o_i // BC)[:, None] > (o_i // BC)[None, :], b_A, 0.0)
-    b_I = (o_i[:, None] == o_i[None, :]).to(tl.float32)
-    b_M = tl.dot(b_Dinv, b_E, input_precision="tf32x3")
-    b_M2 = tl.dot(b_M, b_M, input_precision="tf32x3")
-    b_T = tl.dot(tl.dot(b_I - b_M, b_I + b_M2, input_precision="tf32x3"), b_Dinv, input_precision="tf32x3")
-
-    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    b_kb = b_beta
-    if USE_QK_L2NORM:
-        b_kb *= tl.load(rqk + (o_t * H + i_h) * 2 + 1, mask=m_t, other=0.0)
-    # w = T (beta k e^G), per K tile
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_G = _load_rows(gc + i_h * K, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
-        b_k = _load_rows(k + i_h * K, o_t, m_t, o_k, m_k, H * K) * b_kb[:, None]
-        _store_rows(w + i_h * K, tl.dot(b_T, b_k * tl.exp(b_G)), o_t, m_t, o_k, m_k, H * K)
-    # u = T (beta v), per V tile
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        b_v = _load_rows(v + i_h * V, o_t, m_t, o_v, m_v, H * V) * b_beta[:, None]
-        _store_rows(u + i_h * V, tl.dot(b_T, b_v), o_t, m_t, o_v, m_v, H * V)
-
-
-@triton.jit
 def chunk_kda_fwd_scan_kernel(
     w,
     u,
@@ -647,18 +401,11 @@ def chunk_kda_fwd_scan_kernel(
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block sizes and warps of the four kernels; a pure function of (K, V, dtype)."""
+    """Block sizes and warps of the two kernels; a pure function of (K, V, dtype)."""
 
     chunk_bk: int
     chunk_bv: int
     chunk_warps: int
-    prep_bk: int
-    prep_warps: int
-    intra_bk: int
-    intra_warps: int
-    wy_bk: int
-    wy_bv: int
-    wy_warps: int
     scan_bk: int
     scan_bv: int
     scan_warps: int
@@ -669,29 +416,23 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     """Deterministic launch configuration keyed on the head dims and dtype (never on B or T).
 
     The scan holds the whole key dimension of the state (BK = next power of two >= K, at least
-    16 for tl.dot) and takes BV = 16: its programs are sequential over chunks, so the number of
-    programs, B·H·V/16, matters more than the work per program. Its [BT, BK] operand tiles are
-    triple-buffered while they fit in shared memory (16-bit K <= 128), single-buffered above.
-    The parallel kernels tile K and V by 32 or 64 to keep their tiles in registers. Chosen from
-    H100 measurements at B1 T8192 H16 K=V=128 (module docstring).
+    16 for tl.dot) and takes BV = 32: its programs are sequential over chunks, so few programs
+    leave SMs idle (B·H·V/BV of them) while small tiles make every V tile re-read w, qg, kg and
+    A_qk; 32 was the best single choice over the three benchmark shapes. Its [BT, BK] operand
+    tiles are double-buffered while they fit in shared memory (16-bit K <= 128). The per-chunk
+    kernel tiles K by 16 and V by 32 on 4 warps (wider tiles or 8 warps spill or lose
+    occupancy). Chosen from bench/tune_chunk_kda_fwd.py on an H100 (bench/NOTES.md).
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
     return LaunchConfig(
         chunk_bk=min(16, scan_bk),
         chunk_bv=min(32, max(16, triton.next_power_of_2(V))),
-        chunk_warps=8,
-        prep_bk=min(64, scan_bk),
-        prep_warps=4,
-        intra_bk=min(32, scan_bk),
-        intra_warps=4,
-        wy_bk=min(32, scan_bk),
-        wy_bv=min(32, max(16, triton.next_power_of_2(V))),
-        wy_warps=4,
+        chunk_warps=4,
         scan_bk=scan_bk,
-        scan_bv=16,
+        scan_bv=32,
         scan_warps=4,
-        scan_stages=3 if scan_bk * (2 if wide else 1) <= 128 else 1,
+        scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
     )
 
 
