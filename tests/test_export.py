@@ -159,6 +159,7 @@ def test_aoti_package_in_fresh_process_generates_eager_tokens_slow(model, tmp_pa
         "kda::causal_conv1d_update_reference",
         "kda::chunk_kda_fwd_reference",
         "kda::kda_decode_reference",
+        "kda::mla_cache_write_reference",
         "kda::mla_decode_reference",
     ]
     ids = LOGIT_PROMPTS["prompt_len_13"]
@@ -183,6 +184,7 @@ def test_metadata_describes_the_export(model, program_export):
         "kda::causal_conv1d_update",
         "kda::chunk_kda_fwd",
         "kda::kda_decode",
+        "kda::mla_cache_write",
         "kda::mla_decode",
     ]
     assert metadata["versions"]["torch"] == torch.__version__
