@@ -45,7 +45,10 @@ def median_round_ms(benchmark, run_round, setup=None, rounds: int = 5, warmup_ro
         run_round()
         torch.cuda.synchronize()
 
-    benchmark.pedantic(timed_round, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
+    def untimed_setup():  # pytest-benchmark takes a non-None return of setup as (args, kwargs)
+        setup()
+
+    benchmark.pedantic(timed_round, setup=setup and untimed_setup, rounds=rounds, warmup_rounds=warmup_rounds)
     return benchmark.stats.stats.median * 1e3
 
 
