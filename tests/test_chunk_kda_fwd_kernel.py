@@ -83,6 +83,18 @@ def test_forward_bf16_within_bar(B, T, H, K, V, cu, initial_state, l2, gate_floo
     assert rel_rms(final_state, ref_final) <= BAR
 
 
+@pytest.mark.gpu
+def test_forward_one_million_tokens_matches_chunked_reference():
+    """The long run of the chunk issue: B=1, H=4, T=1,048,576 (16,384 chunks through one state
+    scan), finite and within the bar of the fp32 chunked reference on the same inputs."""
+    x = kernel_check_inputs(1, 1 << 20, 4, 128, 128, n_seqs=1, initial_state=True, l2norm_in_op=True, gate_floor=True)
+    o, final_state = chunk_kda(**x, output_final_state=True, use_qk_l2norm=True)
+    assert torch.isfinite(o).all() and torch.isfinite(final_state).all()
+    ref_o, ref_final = _reference(x, None, 128**-0.5, True)
+    assert rel_rms(o, ref_o) <= BAR
+    assert rel_rms(final_state, ref_final) <= BAR
+
+
 # (dtype, beta dtype): the other input dtypes the kernels take, same bar
 DTYPE_CASES = [
     pytest.param(torch.float16, torch.float16, id="fp16"),
