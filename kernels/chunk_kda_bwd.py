@@ -319,6 +319,7 @@ def chunk_kda_bwd_wy_kernel(
     """Per (chunk, head), over V tiles: dv_b = Tᵀ·dv_new (over dv_new), dv = β⊙dv_b, dβ's v
     term (slot 0 of db) and the intra-chunk backward's M_qk = scale·dO·v_newᵀ (over A_qk) and
     M_kk = −dv_b·v_newᵀ (over A_kk), both masked to where the forward's A is nonzero."""
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
@@ -395,6 +396,7 @@ def chunk_kda_bwd_intra_kernel(
     over V, the intra-chunk backward of A_qk and A_kk with the per-channel gate, dq, dk (or the
     norm's input dy), dG and its reverse chunk-local cumsum dg; the K tile's part of dβ (slot
     1 + i_k of db) and, with the L2 norm, of the row dots Σ_d y·dy (ds)."""
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)

@@ -174,6 +174,7 @@ def chunk_kda_fwd_chunk_kernel(
     tf32x3. w and u take a second pass over K (g reloaded and summed again) and one over V.
     """
     tl.static_assert(BT == 4 * BC)
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)

@@ -56,6 +56,7 @@ def kda_decode_kernel(
     USE_QK_L2NORM: tl.constexpr,
     USE_GATE_IN_KERNEL: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_s = tl.load(state_indices + i_b).to(tl.int64)

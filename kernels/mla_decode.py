@@ -126,8 +126,7 @@ def _attend_head_major(
                                         V, D_ROPE, PAGE_SIZE, BLOCK_N, BLOCK_V, BLOCK_R)
         b_s = tl.dot(b_q, tl.trans(b_kv), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
         b_s += tl.dot(b_qr, tl.trans(b_kr), input_precision=DOT_PRECISION)
-        # Inductor may pass qk_scale as an fp64 scalar: the cast keeps the softmax state fp32.
-        b_s = tl.where(m_n[None, :], (b_s * qk_scale).to(tl.float32), float("-inf"))  # [BLOCK_H, BLOCK_N]
+        b_s = tl.where(m_n[None, :], b_s * qk_scale, float("-inf"))  # [BLOCK_H, BLOCK_N]
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [BLOCK_H]; finite: every tile holds a token
         b_alpha = tl.exp2(b_m - b_m_new)  # [BLOCK_H]
         b_p = tl.exp2(b_s - b_m_new[:, None])  # [BLOCK_H, BLOCK_N]
@@ -162,8 +161,7 @@ def _attend_token_major(
                                         V, D_ROPE, PAGE_SIZE, BLOCK_N, BLOCK_V, BLOCK_R)
         b_st = tl.dot(b_kv, b_qt, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
         b_st += tl.dot(b_kr, b_qrt, input_precision=DOT_PRECISION)
-        # Inductor may pass qk_scale as an fp64 scalar: the cast keeps the softmax state fp32.
-        b_st = tl.where(m_n[:, None], (b_st * qk_scale).to(tl.float32), float("-inf"))  # [BLOCK_N, BLOCK_H]
+        b_st = tl.where(m_n[:, None], b_st * qk_scale, float("-inf"))  # [BLOCK_N, BLOCK_H]
         b_m_new = tl.maximum(b_m, tl.max(b_st, 0))  # [BLOCK_H]; finite: every tile holds a token
         b_alpha = tl.exp2(b_m - b_m_new)  # [BLOCK_H]
         b_pt = tl.exp2(b_st - b_m_new[None, :])  # [BLOCK_N, BLOCK_H]
@@ -207,6 +205,7 @@ def mla_decode_split_kernel(
     IEEE_DOT: tl.constexpr,
 ):
     DOT_PRECISION: tl.constexpr = "ieee" if IEEE_DOT else "tf32"
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_p, i_hb = tl.program_id(0), tl.program_id(1)
     capacity = max_blocks * PAGE_SIZE
     b_total, _ = _tiles_total_and_before(seq_lens, B, stride_sl, capacity, 0, BLOCK_N, BLOCK_B)
