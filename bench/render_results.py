@@ -6,7 +6,8 @@ and SVG plots.
 Every JSON file under the results folder that holds "benchmarks" becomes one table per op, headed
 by the file's GPU, torch, triton and commit; rows are shapes, columns providers (and modes), a
 cell the median time with its derived figure. Entries of the hybrid-vs-all-MLA suite (extra_info
-"model") get their own side-by-side table. The tables replace what stands between README_BEGIN
+"model") get their own side-by-side table; the synthetic-task training runs (synthetic/*.json, from
+bench/synthetic/train.py) one table of final accuracies per gate kind. The tables replace what stands between README_BEGIN
 and README_END in the README. Plots (SVG, written by hand: matplotlib is not a dependency) go to
 the plots folder (default: the results folder): speed against sequence length or batch, one line
 per provider and remaining shape.
@@ -148,6 +149,26 @@ def render_markdown(runs: list[dict]) -> str:
     return "\n\n".join(sections)
 
 
+def synthetic_table(runs: list[dict]) -> str:
+    """Rows: task and training length; per gate kind: final held-out token accuracy at the training
+    length and at twice it, and the first evaluated step at 99%."""
+    gates = list(dict.fromkeys(run["gate"] for run in runs))
+    cells = defaultdict(dict)
+    for run in runs:
+        final = run["curve"][-1]["eval"]
+        accuracy = [f"{final[str(L)]['accuracy'] * 100:.1f}%" for L in run["eval_lengths"]]
+        steps = run["steps_to_converge"]
+        cells[(run["task"], run["seq_len"])][run["gate"]] = [" / ".join(accuracy), "–" if steps is None else str(steps)]
+    rows = [[task, str(T)] + [c for g in gates for c in by_gate.get(g, ["–", "–"])] for (task, T), by_gate in sorted(cells.items())]
+    header = ["task", "T"] + [h for g in gates for h in (f"{g} gate: accuracy at T / 2T", f"{g} gate: steps to 99%")]
+    settings = ", ".join(sorted({f"T={r['seq_len']}: {r['args']['steps']} steps of batch {r['args']['batch_size']}" for r in runs}))
+    return f"{settings}; {'+'.join(runs[0]['layers'])} layers, {runs[0]['args']['heads']} heads of dim {runs[0]['args']['head_dim']}, bf16, compiled.\n\n" + markdown_table(header, rows)
+
+
+def load_synthetic(folder: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("synthetic/*.json"))]
+
+
 def replace_between_markers(text: str, content: str) -> str:
     begin, end = text.find(README_BEGIN), text.find(README_END)
     if begin < 0 or end < begin:
@@ -232,7 +253,13 @@ def main() -> None:
     parser.add_argument("--plots-dir", type=Path, help="where the SVG plots go (default: the results folder)")
     args = parser.parse_args()
     runs = load_results(args.results)
-    args.readme.write_text(replace_between_markers(args.readme.read_text(), render_markdown(runs)))
+    markdown = render_markdown(runs)
+    synthetic = load_synthetic(args.results)
+    if synthetic:
+        machine = synthetic[0]["machine"]
+        markdown += (f"\n\nSynthetic tasks (training) — {machine['device']}, torch {machine['torch']}, triton {machine['triton']}, "
+                     f"commit {machine['kda_ops_commit']} (`synthetic/`)\n\n{synthetic_table(synthetic)}")
+    args.readme.write_text(replace_between_markers(args.readme.read_text(), markdown))
     for path in write_plots(runs, args.plots_dir or args.results):
         print(path)
 
