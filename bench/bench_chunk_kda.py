@@ -8,17 +8,19 @@ Both providers first pass the same correctness check against the fp32 chunked re
 bars); a provider that fails it fails its test and reports no time. Device time is the median of
 triton.testing.do_bench; extra_info follows DESIGN.md's results format. FLOPs per head of the
 forward ≈ 6·T·d² + 3·T·C·d + T·C² (kda_math.md §6); forward + backward counts 3× that (the
-backward as twice the forward, the usual convention). Peak memory of forward + backward is
+backward as twice the forward, the usual convention). Mandatory bytes: the forward reads q, k,
+v, g, beta and writes o; the backward reads them again with do and writes a gradient of each
+input, so forward + backward = 3·inputs + o + do. floor_ms = max(bytes / copy bandwidth, FLOPs /
+matmul rate) with both ceilings measured in the same run (conftest's `ceilings`, recorded in
+machine_info), of_floor = floor_ms / ms. Peak memory of forward + backward is
 torch.cuda.max_memory_allocated over one call, absolute and above what was allocated before it
 (inputs and the output cotangent).
 
+Shapes: the issue's three, and a sequence-length sweep at B = 1, H = 16 (T = 2048 … 32768, with
+the issue's T = 8192) for the speed-against-T plot.
+
     pytest bench/bench_chunk_kda.py --benchmark-json=bench/results/<gpu>/chunk_kda.json
 """
-
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -35,8 +37,14 @@ O_BAR = 0.005
 GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta")
 GRAD_BARS = dict(dq=0.008, dk=0.008, dv=0.008, dg=0.02, dbeta=0.02)
 
+INPUT_NAMES = ("q", "k", "v", "g", "beta")
+
 SHAPES = [
+    pytest.param(1, 2048, 16, id="B1-T2048-H16"),
+    pytest.param(1, 4096, 16, id="B1-T4096-H16"),
     pytest.param(1, 8192, 16, id="B1-T8192-H16"),
+    pytest.param(1, 16384, 16, id="B1-T16384-H16"),
+    pytest.param(1, 32768, 16, id="B1-T32768-H16"),
     pytest.param(8, 4096, 32, id="B8-T4096-H32"),
     pytest.param(1, 32768, 32, id="B1-T32768-H32"),
 ]
@@ -74,9 +82,19 @@ def _forward_flops(B, T, H):
     return B * H * (6 * T * d * d + 3 * T * C * d + T * C * C)
 
 
+def _forward_bytes(x):
+    """q, k, v, g, beta read, o written (o has do's shape and dtype)."""
+    return sum(x[n].nbytes for n in INPUT_NAMES) + x["do"].nbytes
+
+
+def _forward_backward_bytes(x):
+    """The forward's bytes, then the inputs and do read and one gradient per input written."""
+    return _forward_bytes(x) + 2 * sum(x[n].nbytes for n in INPUT_NAMES) + x["do"].nbytes
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("B, T, H", SHAPES)
-def test_chunk_kda_fwd(benchmark, provider, B, T, H):
+def test_chunk_kda_fwd(benchmark, ceilings, provider, B, T, H):
     x = _inputs(B, T, H)
     fn = _chunk_kda_of(provider)
 
@@ -97,6 +115,7 @@ def test_chunk_kda_fwd(benchmark, provider, B, T, H):
         shape=dict(B=B, T=T, H=H, K=K, V=V),
         ms=ms,
         tflops=_forward_flops(B, T, H) / (ms * 1e-3) / 1e12,
+        **ceilings.floor_fields(ms, _forward_bytes(x), _forward_flops(B, T, H)),
         rel_rms_error=err,
     )
 
@@ -110,7 +129,7 @@ def test_chunk_kda_fwd(benchmark, provider, B, T, H):
 def _forward_backward(provider, x):
     """A closure running one forward + backward and returning (dq, dk, dv, dg, dbeta)."""
     fn = _chunk_kda_of(provider)
-    leaves = [x[n].detach().requires_grad_() for n in ("q", "k", "v", "g", "beta")]
+    leaves = [x[n].detach().requires_grad_() for n in INPUT_NAMES]
 
     def run():
         o, _ = fn(*leaves, scale=K**-0.5)
@@ -133,7 +152,7 @@ def _peak_memory(run):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("B, T, H", SHAPES)
-def test_chunk_kda_fwdbwd(benchmark, provider, B, T, H):
+def test_chunk_kda_fwdbwd(benchmark, ceilings, provider, B, T, H):
     x = _inputs(B, T, H)
     run = _forward_backward(provider, x)
     ref = chunk_kda_bwd_reference(
@@ -153,6 +172,7 @@ def test_chunk_kda_fwdbwd(benchmark, provider, B, T, H):
         shape=dict(B=B, T=T, H=H, K=K, V=V),
         ms=ms,
         tflops=3 * _forward_flops(B, T, H) / (ms * 1e-3) / 1e12,
+        **ceilings.floor_fields(ms, _forward_backward_bytes(x), 3 * _forward_flops(B, T, H)),
         peak_memory_bytes=peak,
         peak_memory_above_inputs_bytes=peak_extra,
         rel_rms_errors=errors,
@@ -164,36 +184,3 @@ def test_chunk_kda_fwdbwd(benchmark, provider, B, T, H):
 
     benchmark.pedantic(run_sync, rounds=10, warmup_rounds=1)
 
-
-_FIRST_CALL = textwrap.dedent(
-    """
-    import time, torch
-    from kda_ops import chunk_kda
-    B, T, H, K = {B}, {T}, {H}, {K}
-    x = [torch.randn(B, T, H, K, device="cuda").bfloat16() for _ in range(3)]
-    g = -torch.rand(B, T, H, K, device="cuda") * 0.5
-    beta = torch.rand(B, T, H, device="cuda").bfloat16()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    chunk_kda(*x, g, beta, use_qk_l2norm=True)
-    torch.cuda.synchronize()
-    print(time.perf_counter() - t0)
-    """
-)
-
-
-def test_chunk_kda_fwd_first_call(benchmark, tmp_path):
-    """Wall time of the op's first call in a fresh process with an empty Triton cache (JIT
-    compile of both kernels included; no autotuning)."""
-    B, T, H = 1, 8192, 16
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
-    code = _FIRST_CALL.format(B=B, T=T, H=H, K=K)
-
-    def first_call():
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        return float(run.stdout.strip().splitlines()[-1])
-
-    seconds = benchmark.pedantic(first_call, rounds=1, iterations=1)
-    benchmark.extra_info.update(
-        op="chunk_kda_fwd_first_call", provider="kda_ops", shape=dict(B=B, T=T, H=H, K=K, V=V), ms=seconds * 1e3
-    )

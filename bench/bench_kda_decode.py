@@ -7,8 +7,10 @@ Each provider first passes the same correctness check on the same inputs (o and 
 within 0.005 relative RMS of the fp32 recurrence); a provider that fails it is not timed. Then one
 step is captured in a CUDA graph and timed with triton.testing.do_bench (median, L2 flushed
 between replays): extra_info["ms"]. extra_info["gbps"] = state bytes read + written
-(2 · B · H · K · V · 4) / ms — the op's mandatory traffic (bench/NOTES.md). pytest-benchmark's own
-statistics time a graph replay + synchronize on the host.
+(2 · B · H · K · V · 4) / ms — the op's mandatory traffic (bench/NOTES.md); floor_ms = those bytes /
+the copy bandwidth measured in the same run (conftest's `ceilings`; the FLOPs, 4·K·V per head, are
+negligible), of_floor = floor_ms / ms. pytest-benchmark's own statistics time a graph replay +
+synchronize on the host.
 
 kda_ops advances slots of a pool in place (state_indices = a permutation of the B slots);
 fla's public fused_recurrent_kda reads an initial state [B, H, K, V] and writes a new final state:
@@ -84,7 +86,7 @@ def _check_correct(provider: str, B: int) -> None:
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("B", BATCHES)
-def test_kda_decode(benchmark, provider, B):
+def test_kda_decode(benchmark, ceilings, provider, B):
     _check_correct(provider, B)
     step, _ = _step_fn(provider, *_inputs(B))
     graph = capture_cuda_graph(step)
@@ -92,6 +94,7 @@ def test_kda_decode(benchmark, provider, B):
     time_graph_replay(
         benchmark,
         graph,
+        ceilings,
         2 * B * H * K * V * 4,
         op="kda_decode",
         provider=provider,

@@ -17,7 +17,8 @@ Each provider first passes the same correctness check (o and the new state withi
 RMS of the fp32 recurrence over meta's kda_gate); one that fails is not timed. The step is then
 captured in a CUDA graph and timed with triton.testing.do_bench (median, L2 flushed between
 replays): extra_info["ms"]; extra_info["gbps"] = state bytes read + written (2 · B · H · K · V · 4)
-/ ms; extra_info["kernels"] = the GPU kernels one step launches (profiled once, outside the graph).
+/ ms, floor_ms = those bytes / the copy bandwidth measured in the same run, of_floor = floor_ms /
+ms; extra_info["kernels"] = the GPU kernels one step launches (profiled once, outside the graph).
 """
 
 import pytest
@@ -123,7 +124,7 @@ def _kernels_of(step) -> list[str]:
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("B", BATCHES)
-def test_kda_decode_gate(benchmark, provider, B):
+def test_kda_decode_gate(benchmark, ceilings, provider, B):
     _check_correct(provider, B)
     step, _ = _step_fn(provider, _inputs(B))
     graph = capture_cuda_graph(step)
@@ -131,6 +132,7 @@ def test_kda_decode_gate(benchmark, provider, B):
     time_graph_replay(
         benchmark,
         graph,
+        ceilings,
         2 * B * H * K * V * 4,
         op="kda_decode_gate",
         provider=provider,

@@ -8,8 +8,10 @@ within 0.001 relative RMS of the fp32 reference, kda::mla_decode_reference); a p
 fails it is not timed. Then one step is captured in a CUDA graph and timed with
 triton.testing.do_bench (median, L2 flushed between replays): extra_info["ms"].
 extra_info["gbps"] = (cache rows read B·L·576·2 + q B·H·576·2 + o B·H·512·2 bytes) / ms — the
-op's mandatory traffic (bench/NOTES.md). pytest-benchmark's own statistics time a graph replay +
-synchronize on the host.
+op's mandatory traffic (bench/NOTES.md). FLOPs = 2·B·H·L·(576 + 512) (scores and values).
+floor_ms = max(bytes / copy bandwidth, FLOPs / matmul rate), both measured in the same run
+(conftest's `ceilings`), of_floor = floor_ms / ms. pytest-benchmark's own statistics time a graph
+replay + synchronize on the host.
 
 The "torch" provider is absorbed MLA decode written in PyTorch: gather every page through the
 block table, scores in fp32 (bf16 scores miss the bar: 0.0066 relative RMS at L = 4096), masked
@@ -18,8 +20,7 @@ fp32 softmax, probabilities in bf16 times the bf16 values (the kernel's own roun
 
 import pytest
 import torch
-import triton
-from common import capture_cuda_graph, rel_rms
+from common import capture_cuda_graph, rel_rms, time_graph_replay
 
 import kda_ops
 
@@ -85,24 +86,19 @@ def _check_correct(provider: str, H: int, B: int, L: int) -> None:
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("H, B, L", SHAPES)
-def test_mla_decode(benchmark, provider, H, B, L):
+def test_mla_decode(benchmark, ceilings, provider, H, B, L):
     _check_correct(provider, H, B, L)
     args = paged_inputs(H, B, L)
     fn = _provider(provider)
     graph = capture_cuda_graph(lambda: fn(*args))
-    ms = triton.testing.do_bench(graph.replay, return_mode="median")
-    total_bytes = (B * L * D_QK + B * H * D_QK + B * H * V_DIM) * 2
-
-    def replay_and_sync():
-        graph.replay()
-        torch.cuda.synchronize()
-
     benchmark.group = f"mla_decode H={H} B={B} L={L}"
-    benchmark.extra_info.update(
+    time_graph_replay(
+        benchmark,
+        graph,
+        ceilings,
+        (B * L * D_QK + B * H * D_QK + B * H * V_DIM) * 2,
+        2 * B * H * L * (D_QK + V_DIM),
         op="mla_decode",
         provider=provider,
         shape={"B": B, "L": L, "H": H, "D_qk": D_QK, "D_v": V_DIM, "block_size": BLOCK_SIZE},
-        ms=ms,
-        gbps=total_bytes / (ms * 1e-3) / 1e9,
     )
-    benchmark.pedantic(replay_and_sync, rounds=20, warmup_rounds=2)

@@ -1,7 +1,51 @@
 """Helpers shared by the benchmark suites (imported by bench_*.py and bench scripts only)."""
 
+from dataclasses import dataclass
+
 import torch
 import triton
+
+CEILING_COPY_BYTES = 2**30  # bytes of the copied tensor: 20x the H100's L2
+CEILING_MATMUL_N = 8192
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """The device's measured copy bandwidth (bytes read + written per second) and dense bf16 matmul
+    rate: what a kernel's floor divides its mandatory bytes and FLOPs by."""
+
+    copy_gbps: float
+    matmul_tflops: float
+
+    def floor_fields(self, ms: float, nbytes: int, flops: int = 0) -> dict:
+        """extra_info's floor_ms = max(nbytes / copy bandwidth, flops / matmul rate) and of_floor
+        = floor_ms / ms (1.0: the kernel runs at its floor)."""
+        floor_ms = max(nbytes / (self.copy_gbps * 1e9), flops / (self.matmul_tflops * 1e12)) * 1e3
+        return {"floor_ms": floor_ms, "of_floor": floor_ms / ms}
+
+
+def _copy_gbps() -> float:
+    """Bytes read + written per second by a device-to-device copy_ of CEILING_COPY_BYTES."""
+    src = torch.randn(CEILING_COPY_BYTES // 2, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * CEILING_COPY_BYTES / (ms * 1e-3) / 1e9
+
+
+def _matmul_tflops() -> float:
+    """2·N³ FLOPs per second of an N = CEILING_MATMUL_N bf16 torch.matmul on random inputs."""
+    n = CEILING_MATMUL_N
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: torch.matmul(a, b, out=c), return_mode="median")
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def measure_ceilings() -> Ceilings:
+    """do_bench medians of a large copy and a large matmul, then the cached buffers handed back."""
+    ceilings = Ceilings(copy_gbps=_copy_gbps(), matmul_tflops=_matmul_tflops())
+    torch.cuda.empty_cache()
+    return ceilings
 
 
 def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -10,16 +54,17 @@ def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm()).item()
 
 
-def time_graph_replay(benchmark, graph: torch.cuda.CUDAGraph, nbytes: int, **extra_info) -> None:
+def time_graph_replay(benchmark, graph: torch.cuda.CUDAGraph, ceilings: Ceilings, nbytes: int, flops: int = 0, **extra_info) -> None:
     """Records extra_info with ms = median of triton.testing.do_bench over graph replays (L2 flushed
-    between them) and gbps = nbytes / ms; pytest-benchmark's own statistics time replay + sync."""
+    between them), gbps = nbytes / ms and the floor fields of (nbytes, flops); pytest-benchmark's
+    own statistics time replay + sync."""
     ms = triton.testing.do_bench(graph.replay, return_mode="median")
 
     def replay_and_sync():
         graph.replay()
         torch.cuda.synchronize()
 
-    benchmark.extra_info.update(extra_info, ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9)
+    benchmark.extra_info.update(extra_info, ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9, **ceilings.floor_fields(ms, nbytes, flops))
     benchmark.pedantic(replay_and_sync, rounds=20, warmup_rounds=2)
 
 

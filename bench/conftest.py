@@ -1,12 +1,17 @@
 """Shared by the benchmark suites: the machine record every results file carries (GPU, torch,
-triton, commit) and a GPU-only skip."""
+triton, commit; and the ceilings, copy_gbps and matmul_tflops, when a suite measured them), the
+`ceilings` fixture and a GPU-only skip."""
 
+import dataclasses
 import os
 import subprocess
 
 import pytest
 import torch
 import triton
+from common import Ceilings, measure_ceilings
+
+CEILINGS_KEY = pytest.StashKey[Ceilings]()
 
 
 def _commit() -> str:
@@ -24,6 +29,16 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["triton"] = triton.__version__
     machine_info["cuda"] = torch.version.cuda
     machine_info["kda_ops_commit"] = _commit()
+    if CEILINGS_KEY in config.stash:
+        machine_info.update(dataclasses.asdict(config.stash[CEILINGS_KEY]))
+
+
+@pytest.fixture(scope="session")
+def ceilings(pytestconfig) -> Ceilings:
+    """Copy bandwidth and matmul rate measured once per run, before the first test that asks."""
+    measured = measure_ceilings()
+    pytestconfig.stash[CEILINGS_KEY] = measured
+    return measured
 
 
 def pytest_collection_modifyitems(config, items):
