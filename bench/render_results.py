@@ -4,10 +4,13 @@ and SVG plots.
     python bench/render_results.py bench/results/h100 [--readme README.md] [--plots-dir DIR]
 
 Every JSON file under the results folder that holds "benchmarks" becomes one table per op, headed
-by the file's GPU, torch, triton and commit; rows are shapes, columns providers (and modes), a
-cell the median time with its derived figure. Entries of the hybrid-vs-all-MLA suite (extra_info
-"model") get their own side-by-side table; the synthetic-task training runs (synthetic/*.json, from
-bench/synthetic/train.py) one table of final accuracies per gate kind. The tables replace what stands between README_BEGIN
+by the file's GPU, torch, triton and commit (and the copy bandwidth and matmul rate measured in
+that run, where recorded); rows are shapes, columns providers (and modes), a cell the median time
+with its derived figure and, where the entry has one, its share of the floor (floor_ms / ms). The
+first calls of every op (ops named *_first_call) share one table per file. Entries of the
+hybrid-vs-all-MLA suite (extra_info "model") get their own side-by-side table; the synthetic-task
+training runs (synthetic/*.json, from bench/synthetic/train.py) one table of final accuracies per
+gate kind. The tables replace what stands between README_BEGIN
 and README_END in the README. Plots (SVG, written by hand: matplotlib is not a dependency) go to
 the plots folder (default: the results folder): speed against sequence length or batch, one line
 per provider and remaining shape.
@@ -45,7 +48,10 @@ def load_results(folder: Path) -> list[dict]:
 
 def hardware_line(run: dict) -> str:
     m = run["machine"]
-    return f"{m.get('gpu')}, torch {m.get('torch')}, triton {m.get('triton')}, commit {m.get('kda_ops_commit')} (`{run['file']}`)"
+    line = f"{m.get('gpu')}, torch {m.get('torch')}, triton {m.get('triton')}, commit {m.get('kda_ops_commit')} (`{run['file']}`)"
+    if "copy_gbps" in m:
+        line += f"; measured in the run: copy {m['copy_gbps'] * 1e-3:.3g} TB/s, bf16 matmul {m['matmul_tflops']:.3g} TFLOP/s"
+    return line
 
 
 def format_ms(ms: float) -> str:
@@ -57,11 +63,11 @@ def format_ms(ms: float) -> str:
 
 
 def format_cell(entry: dict) -> str:
-    cell = format_ms(entry["ms"])
-    for key, unit, scale, spec in DERIVED:
-        if key in entry:
-            return f"{cell} ({entry[key] * scale:{spec}} {unit})"
-    return cell
+    """The median time, then in brackets the entry's first derived figure and its share of the floor."""
+    derived = next((f"{entry[key] * scale:{spec}} {unit}" for key, unit, scale, spec in DERIVED if key in entry), None)
+    floor = f"{entry['of_floor'] * 100:.3g}% of floor" if "of_floor" in entry else None
+    figures = ", ".join(f for f in (derived, floor) if f)
+    return format_ms(entry["ms"]) + (f" ({figures})" if figures else "")
 
 
 def format_tokens(n: int) -> str:
@@ -90,6 +96,24 @@ def op_table(entries: list[dict]) -> str:
     rows = [list(shape) + [by_variant.get(v, "–") for v in variants] for shape, by_variant in cells.items()]
     caption = ", ".join(f"{k} = {v}" for k, v in constant.items())
     return (caption + "\n\n" if caption else "") + markdown_table(varying + variants, rows)
+
+
+def first_call_table(entries: list[dict]) -> str:
+    """Rows: op and shape; columns: providers."""
+    providers = list(dict.fromkeys(e["provider"] for e in entries))
+    cells = defaultdict(dict)
+    for e in entries:
+        shape = ", ".join(f"{k} = {v}" for k, v in e["shape"].items())
+        cells[(e["op"].removesuffix("_first_call"), shape)][e["provider"]] = format_ms(e["ms"])
+    rows = [[op, shape] + [by_provider.get(p, "–") for p in providers] for (op, shape), by_provider in cells.items()]
+    return "Fresh process, empty Triton cache: one call including JIT compilation.\n\n" + markdown_table(["op", "shape"] + providers, rows)
+
+
+def table_of(entry: dict) -> str:
+    """The table an entry goes into: its op, or one of the two that gather several ops."""
+    if "model" in entry:
+        return "hybrid_vs_mla"
+    return "first_call" if entry["op"].endswith("_first_call") else entry["op"]
 
 
 def hybrid_tables(entries: list[dict]) -> str:
@@ -140,12 +164,12 @@ def hybrid_tables(entries: list[dict]) -> str:
 def render_markdown(runs: list[dict]) -> str:
     sections = []
     for run in runs:
-        by_op = defaultdict(list)
+        by_table = defaultdict(list)
         for e in run["entries"]:
-            by_op["hybrid_vs_mla" if "model" in e else e["op"]].append(e)
-        for op, entries in by_op.items():
-            body = hybrid_tables(entries) if op == "hybrid_vs_mla" else op_table(entries)
-            sections.append(f"`{op}` — {hardware_line(run)}\n\n{body}")
+            by_table[table_of(e)].append(e)
+        for table, entries in by_table.items():
+            render = {"hybrid_vs_mla": hybrid_tables, "first_call": first_call_table}.get(table, op_table)
+            sections.append(f"`{table}` — {hardware_line(run)}\n\n{render(entries)}")
     return "\n\n".join(sections)
 
 

@@ -8,8 +8,6 @@ import sys
 import xml.dom.minidom
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 RENDER = ROOT / "bench" / "render_results.py"
 README = "# title\n\n## Results\n\nintro\n\n<!-- results:begin -->\nstale\n<!-- results:end -->\n\n## After\n"
@@ -26,6 +24,11 @@ def render(results: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, 
         capture_output=True, text=True,
     )
     return run, readme.read_text()
+
+
+def write_results(folder: Path, name: str, entries: list[dict], machine: dict = MACHINE) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(json.dumps({"machine_info": machine, "benchmarks": [{"extra_info": e} for e in entries]}))
 
 
 def test_committed_h100_results(tmp_path):
@@ -58,8 +61,6 @@ def decode_entry(model, B, L, ms):
 
 
 def test_hybrid_vs_all_mla_tables(tmp_path):
-    results = tmp_path / "results"
-    results.mkdir()
     entries = [
         decode_entry("hybrid", 1, 1048576, 12.0),
         decode_entry("hybrid", 8, 1048576, 40.0),
@@ -68,9 +69,8 @@ def test_hybrid_vs_all_mla_tables(tmp_path):
         {"op": "model_prefill", "provider": "kda_ops", "mode": "eager", "model": "hybrid", "shape": {"B": 1, "T": 32768}, "ms": 1500.0, "tokens_per_s": 21845.3},
         {"op": "model_prefill", "provider": "kda_ops", "mode": "eager", "model": "all_mla", "shape": {"B": 1, "T": 32768}, "ms": 3000.0, "tokens_per_s": 10922.7},
     ]
-    data = {"machine_info": MACHINE, "benchmarks": [{"extra_info": e} for e in entries]}
-    (results / "hybrid_vs_mla.json").write_text(json.dumps(data))
-    run, text = render(results, tmp_path)
+    write_results(tmp_path / "results", "hybrid_vs_mla.json", entries)
+    run, text = render(tmp_path / "results", tmp_path)
     assert run.returncode == 0, run.stderr
     assert "`hybrid_vs_mla` — NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0, commit abc1234" in text
     assert "| hybrid | 8064 | 41.4 MiB | 8,000,000 |" in text
@@ -87,3 +87,37 @@ def test_readme_without_markers_is_an_error(tmp_path):
     run = subprocess.run([sys.executable, str(RENDER), str(ROOT / "bench" / "results" / "h100"), "--readme", str(readme)], capture_output=True, text=True)
     assert run.returncode != 0 and "results:begin" in run.stderr
     assert readme.read_text() == "# no markers\n"
+
+
+def chunk_entry(provider, B, T, H, ms):
+    """A chunk_kda_fwd entry as bench_chunk_kda.py writes it, with its floor at 50 µs per 2048 tokens."""
+    floor_ms = 0.05 * B * T / 2048
+    return {
+        "op": "chunk_kda_fwd", "provider": provider, "shape": {"B": B, "T": T, "H": H, "K": 128, "V": 128},
+        "ms": ms, "tflops": 10.0, "floor_ms": floor_ms, "of_floor": floor_ms / ms,
+    }
+
+
+def test_floors_sweep_and_first_calls(tmp_path):
+    entries = [chunk_entry(provider, 1, T, 16, ms * T / 2048) for T in (2048, 4096, 8192) for provider, ms in (("kda_ops", 1.0), ("fla", 0.5))]
+    entries.append(chunk_entry("kda_ops", 8, 4096, 32, 8.0))
+    write_results(tmp_path / "results", "chunk_kda.json", entries, {**MACHINE, "copy_gbps": 2950.0, "matmul_tflops": 745.0})
+    first_calls = [
+        {"op": "chunk_kda_fwdbwd_first_call", "provider": "kda_ops", "shape": {"B": 1, "T": 8192, "H": 16}, "ms": 21500.0},
+        {"op": "mla_decode_first_call", "provider": "kda_ops", "shape": {"B": 1, "L": 4096, "H": 32}, "ms": 3250.0},
+    ]
+    write_results(tmp_path / "results", "first_call.json", first_calls)
+    run, text = render(tmp_path / "results", tmp_path)
+    assert run.returncode == 0, run.stderr
+    header = "`chunk_kda_fwd` — NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0, commit abc1234 (`chunk_kda.json`)"
+    assert header + "; measured in the run: copy 2.95 TB/s, bf16 matmul 745 TFLOP/s\n" in text
+    assert "| 1 | 2048 | 16 | 1.00 ms (10 TFLOP/s, 5% of floor) | 500.0 µs (10 TFLOP/s, 10% of floor) |" in text
+    assert "| 8 | 4096 | 32 | 8.00 ms (10 TFLOP/s, 10% of floor) | – |" in text
+    assert "`first_call` — NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0, commit abc1234 (`first_call.json`)\n" in text
+    assert "| chunk_kda_fwdbwd | B = 1, T = 8192, H = 16 | 21.50 s |" in text
+    assert "| mla_decode | B = 1, L = 4096, H = 32 | 3.25 s |" in text
+    plot = xml.dom.minidom.parse(str(tmp_path / "plots" / "chunk_kda_fwd.svg"))
+    lines = [p.getAttribute("points").split() for p in plot.getElementsByTagName("polyline")]
+    assert sorted(len(points) for points in lines) == [1, 3, 3]  # the B1 H16 sweep per provider, one B8 H32 point
+    legend = [t.firstChild.data for t in plot.getElementsByTagName("text")]
+    assert "kda_ops B1 H16 K128 V128" in legend and "fla B1 H16 K128 V128" in legend
