@@ -84,12 +84,12 @@ def chunk_kda_fwd(
             q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm
         )
     o, final_state = chunk_kda_fwd_meta(
-        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm
+        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm, token_flat=True
     )
     chunk_kda_fwd_triton(
         q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, o, final_state, launch=wrap_triton
     )
-    return o, final_state
+    return o.view(v.shape), final_state
 
 
 @triton_op("kda::chunk_kda_bwd", mutates_args=())
@@ -114,13 +114,13 @@ def chunk_kda_bwd(
             q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm
         )
     dq, dk, dv, dg, dbeta, dh0 = chunk_kda_bwd_meta(
-        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, token_flat=True
     )
     chunk_kda_bwd_triton(
         q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm,
         dq, dk, dv, dg, dbeta, dh0, launch=wrap_triton,
     )
-    return dq, dk, dv, dg, dbeta, dh0
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg.view(g.shape), dbeta.view(beta.shape), dh0
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -77,7 +77,7 @@ def kda_decode_op(
         return torch.ops.kda.kda_decode_reference(
             q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias
         )
-    o = kda_decode_meta(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias)
+    o = kda_decode_meta(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias, token_flat=True)
     kda_decode_fwd(
         q.contiguous(),
         k.contiguous(),
@@ -92,7 +92,7 @@ def kda_decode_op(
         None if A_log is None else A_log.contiguous(),
         None if dt_bias is None else dt_bias.contiguous(),
     )
-    return o
+    return o.view(v.shape)
 
 
 @custom_op("kda::causal_conv1d_update_reference", mutates_args=("conv_state",))
@@ -111,7 +111,7 @@ def causal_conv1d_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, state
     place); returns y."""
     if not _runs_triton(x):
         return torch.ops.kda.causal_conv1d_update_reference(x, conv_state, weight, state_indices)
-    y = causal_conv1d_update_meta(x, conv_state, weight, state_indices)
+    y = causal_conv1d_update_meta(x, conv_state, weight, state_indices, token_flat=True)
     causal_conv1d_update_fwd(
         x.contiguous(),
         conv_state,
@@ -119,7 +119,7 @@ def causal_conv1d_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, state
         _slot_per_row(state_indices, x.shape[0], x.device),
         y,
     )
-    return y
+    return y.view(x.shape)
 
 
 def kda_decode(

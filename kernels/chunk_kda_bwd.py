@@ -682,8 +682,9 @@ def chunk_kda_bwd_triton(
 ) -> None:
     """Runs the chunked KDA backward into preallocated outputs (those of chunk_kda_bwd_meta).
 
-    dq, dk, dv, dg, dbeta have their inputs' shapes and dtypes and are written in full; dh0 is
-    [N, H, K, V] fp32 when there is an initial state, else an empty [0] tensor (not written).
+    dq, dk, dv, dg, dbeta have their inputs' dtypes and shapes (or are token-flat, [B*T, ...], as
+    the op passes them), are contiguous and are written in full; dh0 is [N, H, K, V] fp32 when
+    there is an initial state, else an empty [0] tensor (not written).
     dht (None = zero) is the gradient of the final state. Inputs follow meta/chunk_kda.py's
     contract (validated by the caller). `launch` wraps each kernel before its launch:
     torch.library.wrap_triton inside the op, the identity when tests call directly.
@@ -709,16 +710,17 @@ def chunk_kda_bwd_triton(
 
     # 1. the forward's per-chunk quantities, by the forward's own per-chunk kernel (so with its
     # roundings): G, G_last, the q/k norms, qg, kg, A_qk, A_kk, w and u. The forward treats G,
-    # A_kk and the norms as scratch; the backward's chunk kernels read them back.
-    w = torch.empty((B, T, H, K), dtype=dt, device=dev)
-    qg = torch.empty((B, T, H, K), dtype=dt, device=dev)
-    kg = torch.empty((B, T, H, K), dtype=dt, device=dev)
-    u = torch.empty((B, T, H, V), dtype=f32, device=dev)
-    aqk = torch.empty((B, T, H, BT), dtype=f32, device=dev)
+    # A_kk and the norms as scratch; the backward's chunk kernels read them back. Every buffer a
+    # kernel writes is token-flat, [B*T, ...], as in the forward (pytorch#181735).
+    w = torch.empty((B * T, H, K), dtype=dt, device=dev)
+    qg = torch.empty((B * T, H, K), dtype=dt, device=dev)
+    kg = torch.empty((B * T, H, K), dtype=dt, device=dev)
+    u = torch.empty((B * T, H, V), dtype=f32, device=dev)
+    aqk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
     gl = torch.empty((slots, H, K), dtype=f32, device=dev)
-    gc = torch.empty((B, T, H, K), dtype=f32, device=dev)
-    akk = torch.empty((B, T, H, BT), dtype=f32, device=dev)
-    rqk = torch.empty((B, T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev)
+    gc = torch.empty((B * T, H, K), dtype=f32, device=dev)
+    akk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
+    rqk = torch.empty((B * T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev)
     common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
     index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
     launch(chunk_kda_fwd_chunk_kernel)[grid_chunks](
@@ -729,7 +731,7 @@ def chunk_kda_bwd_triton(
 
     # 2. chunk-entry states and v_new
     h = torch.empty((slots, H, K, V), dtype=dt, device=dev)
-    v_new = torch.empty((B, T, H, V), dtype=f32, device=dev)
+    v_new = torch.empty((B * T, H, V), dtype=f32, device=dev)
     launch(chunk_kda_bwd_state_kernel)[grid_scan](
         w, u, kg, gl, h, v_new, initial_state,
         cu_seqlens, chunk_offsets,
@@ -744,7 +746,7 @@ def chunk_kda_bwd_triton(
 
     # 3. reverse scan: state gradients per chunk, dv_new, dh0
     dh = torch.empty((slots, H, K, V), dtype=dt, device=dev)
-    dv_new = torch.empty((B, T, H, V), dtype=f32, device=dev)
+    dv_new = torch.empty((B * T, H, V), dtype=f32, device=dev)
     launch(chunk_kda_bwd_dstate_kernel)[grid_scan](
         qg, kg, w, aqk, gl, do, dht, dh, dv_new, dh0 if initial_state is not None else None,
         cu_seqlens, chunk_offsets,
@@ -764,11 +766,11 @@ def chunk_kda_bwd_triton(
     # its own rows); db and ds hold per-program partial row sums, reduced by finish
     NK = triton.cdiv(K, cfg.intra_bk)
     NTH = B * T * H
-    db = torch.empty((NK + 1, B, T, H), dtype=f32, device=dev)
+    db = torch.empty((NK + 1, B * T, H), dtype=f32, device=dev)
     if use_qk_l2norm:
-        dqn = torch.empty((B, T, H, K), dtype=f32, device=dev)
-        dkn = torch.empty((B, T, H, K), dtype=f32, device=dev)
-        ds = torch.empty((NK, 2, B, T, H), dtype=f32, device=dev)
+        dqn = torch.empty((B * T, H, K), dtype=f32, device=dev)
+        dkn = torch.empty((B * T, H, K), dtype=f32, device=dev)
+        ds = torch.empty((NK * 2, B * T, H), dtype=f32, device=dev)  # [NK, 2] merged: NK may be 1
     else:
         dqn, dkn, ds = dq, dk, None
     launch(chunk_kda_bwd_wy_kernel)[grid_chunks](

@@ -504,11 +504,12 @@ def chunk_kda_fwd_triton(
 ) -> None:
     """Runs the chunked KDA forward into preallocated outputs.
 
-    o [B, T, H, V] (v's dtype) and final_state [N, H, K, V] fp32 are written in full;
-    final_state may be an empty [0] tensor (final state not requested). Inputs follow
-    meta/chunk_kda.py's contract (validated by the caller). `launch` wraps each kernel before
-    its launch: torch.library.wrap_triton inside the op, the identity when tests call directly.
-    `config` overrides launch_config (bench/tune_chunk_kda_fwd.py sweeps it).
+    o (v's dtype, contiguous: [B, T, H, V], or token-flat [B*T, H, V] as the op passes it) and
+    final_state [N, H, K, V] fp32 are written in full; final_state may be an empty [0] tensor
+    (final state not requested). Inputs follow meta/chunk_kda.py's contract (validated by the
+    caller). `launch` wraps each kernel before its launch: torch.library.wrap_triton inside the
+    op, the identity when tests call directly. `config` overrides launch_config
+    (bench/tune_chunk_kda_fwd.py sweeps it).
     """
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     B, T, H, K = q.shape
@@ -525,19 +526,20 @@ def chunk_kda_fwd_triton(
         NT = triton.cdiv(T, BT)
         slots = B * NT
     # w, qg, kg in the input dtype; u and A_qk in fp32: rounding either to bf16 costs as much
-    # relative error as rounding o itself (~1.7e-3 each), w, qg, kg ~2e-4 together
+    # relative error as rounding o itself (~1.7e-3 each), w, qg, kg ~2e-4 together. Every buffer
+    # a kernel writes is token-flat, [B*T, ...]: see meta/chunk_kda.py empty_tokens (pytorch#181735)
     dt, f32 = q.dtype, torch.float32
-    w = torch.empty((B, T, H, K), dtype=dt, device=q.device)
-    qg = torch.empty((B, T, H, K), dtype=dt, device=q.device)
-    kg = torch.empty((B, T, H, K), dtype=dt, device=q.device)
-    u = torch.empty((B, T, H, V), dtype=f32, device=q.device)
-    aqk = torch.empty((B, T, H, BT), dtype=f32, device=q.device)
+    w = torch.empty((B * T, H, K), dtype=dt, device=q.device)
+    qg = torch.empty((B * T, H, K), dtype=dt, device=q.device)
+    kg = torch.empty((B * T, H, K), dtype=dt, device=q.device)
+    u = torch.empty((B * T, H, V), dtype=f32, device=q.device)
+    aqk = torch.empty((B * T, H, BT), dtype=f32, device=q.device)
     gl = torch.empty((slots, H, K), dtype=f32, device=q.device)
     # scratch: the cumulative gate, A_kk (read again by the backward), the q/k norms (unused
     # without them)
-    gc = torch.empty((B, T, H, K), dtype=f32, device=q.device)
-    akk = torch.empty((B, T, H, BT), dtype=f32, device=q.device)
-    rqk = torch.empty((B, T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=q.device)
+    gc = torch.empty((B * T, H, K), dtype=f32, device=q.device)
+    akk = torch.empty((B * T, H, BT), dtype=f32, device=q.device)
+    rqk = torch.empty((B * T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=q.device)
 
     rows = NT if not is_varlen else slots  # program rows: chunks, or chunk slots when varlen
     common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)

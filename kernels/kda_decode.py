@@ -140,7 +140,8 @@ def kda_decode_fwd(
     dt_bias: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
 ) -> None:
-    """Writes o [B, T, H, V] and advances state [S, H, K, V] (fp32) in place at state_indices [B].
+    """Writes o [B, T, H, V] (or token-flat [B*T, H, V]) and advances state [S, H, K, V] (fp32)
+    in place at state_indices [B].
 
     q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] fp32 log-decay, or with A_log [H] and
     dt_bias [H*K] (fp32) the gate's pre-activation (q's dtype or fp32); beta [B, T, H]; all
@@ -258,8 +259,8 @@ def causal_conv1d_update_fwd(
     state_indices: torch.Tensor,
     y: torch.Tensor,
 ) -> None:
-    """Writes y [B, T, D] = SiLU(causal depthwise conv) and shifts the T new inputs into
-    conv_state [S, D, W-1] (x's dtype) in place at state_indices [B].
+    """Writes y [B, T, D] (or token-flat [B*T, D]) = SiLU(causal depthwise conv) and shifts the
+    T new inputs into conv_state [S, D, W-1] (x's dtype) in place at state_indices [B].
 
     x [B, T, D]; weight [D, W] with 2 <= W <= 4; all contiguous.
     """

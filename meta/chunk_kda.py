@@ -6,6 +6,8 @@ use the accumulation dtype (fp64 for fp64 inputs, fp32 otherwise); beta is q's d
 accumulation dtype.
 """
 
+from collections.abc import Sequence
+
 import torch
 
 from ._contract import check_shape, check_tensor, fail
@@ -14,6 +16,16 @@ from .kda_recurrent import accumulation_dtype, l2norm
 CHUNK_SIZE = 64
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def empty_tokens(shape: Sequence[int], dtype: torch.dtype, device: torch.device, token_flat: bool) -> torch.Tensor:
+    """An uninitialised contiguous tensor of a [B, T, ...] shape, or with token_flat as [B*T, ...]:
+    the Triton paths allocate what their kernels write token-flat and return [B, T, ...] views,
+    because with B = 1 and a dynamic T the size-1 dim's symbolic stride breaks Inductor's
+    decomposition of a kernel launch that writes the tensor (torch 2.11, pytorch#181735)."""
+    if token_flat:
+        shape = (shape[0] * shape[1], *shape[2:])
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def check_kda_token_inputs(
@@ -76,12 +88,14 @@ def chunk_kda_fwd_meta(
     scale: float,
     output_final_state: bool,
     use_qk_l2norm: bool,
+    token_flat: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validates and allocates (o [B, T, H, V] in v's dtype, final_state [N, H, K, V] in the
-    accumulation dtype, or an empty [0] tensor when output_final_state is False)."""
+    accumulation dtype, or an empty [0] tensor when output_final_state is False). token_flat: o as
+    [B*T, H, V] (see empty_tokens)."""
     n = check_chunk_kda_inputs("chunk_kda_fwd", q, k, v, g, beta, initial_state, cu_seqlens)
     acc = accumulation_dtype(q.dtype)
-    o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    o = empty_tokens(v.shape, v.dtype, v.device, token_flat)
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     shape = (n, H, K, V) if output_final_state else (0,)
     return o, torch.empty(shape, dtype=acc, device=q.device)
@@ -99,9 +113,11 @@ def chunk_kda_bwd_meta(
     dht: torch.Tensor | None,
     scale: float,
     use_qk_l2norm: bool,
+    token_flat: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Validates and allocates (dq, dk, dv, dg, dbeta, dh0); each gradient has its input's shape
-    and dtype; dh0 is an empty [0] tensor when there is no initial state."""
+    and dtype (token_flat: [B*T, ...], see empty_tokens); dh0 is an empty [0] tensor when there is
+    no initial state."""
     op = "chunk_kda_bwd"
     n = check_chunk_kda_inputs(op, q, k, v, g, beta, initial_state, cu_seqlens)
     check_tensor(op, "do", do, dtypes=(v.dtype,), device=v.device)
@@ -110,7 +126,7 @@ def chunk_kda_bwd_meta(
         acc = accumulation_dtype(q.dtype)
         check_tensor(op, "dht", dht, ndim=4, dtypes=(acc,), device=q.device)
         check_shape(op, "dht", dht, (n, q.shape[2], q.shape[3], v.shape[3]), "([N, H, K, V], the final state's shape)")
-    grads = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v, g, beta))
+    grads = tuple(empty_tokens(x.shape, x.dtype, x.device, token_flat) for x in (q, k, v, g, beta))
     if initial_state is None:
         dh0 = torch.empty((0,), dtype=g.dtype, device=g.device)
     else:

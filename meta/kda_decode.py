@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._contract import check_shape, check_tensor, fail
-from .chunk_kda import INDEX_DTYPES, INPUT_DTYPES, check_kda_token_inputs
+from .chunk_kda import INDEX_DTYPES, INPUT_DTYPES, check_kda_token_inputs, empty_tokens
 from .kda_recurrent import accumulation_dtype, l2norm
 
 MAX_DECODE_TOKENS = 8
@@ -108,10 +108,12 @@ def kda_decode_meta(
     use_qk_l2norm: bool,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    token_flat: bool = False,
 ) -> torch.Tensor:
-    """Validates and allocates o [B, T, H, V] (contiguous, v's dtype)."""
+    """Validates and allocates o [B, T, H, V] (contiguous, v's dtype; token_flat: [B*T, H, V],
+    see empty_tokens)."""
     check_kda_decode_inputs(q, k, v, g, beta, state, state_indices, A_log, dt_bias)
-    return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    return empty_tokens(v.shape, v.dtype, v.device, token_flat)
 
 
 def kda_gate(z: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
@@ -236,11 +238,16 @@ def check_causal_conv1d_update_inputs(
 
 
 def causal_conv1d_update_meta(
-    x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, state_indices: torch.Tensor | None
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    state_indices: torch.Tensor | None,
+    token_flat: bool = False,
 ) -> torch.Tensor:
-    """Validates and allocates y [B, T, D] (contiguous, x's dtype)."""
+    """Validates and allocates y [B, T, D] (contiguous, x's dtype; token_flat: [B*T, D], see
+    empty_tokens)."""
     check_causal_conv1d_update_inputs(x, conv_state, weight, state_indices)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return empty_tokens(x.shape, x.dtype, x.device, token_flat)
 
 
 def causal_conv1d_update_reference(
