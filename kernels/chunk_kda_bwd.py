@@ -4,11 +4,12 @@ the derivation in meta/chunk_kda_bwd.py (the oracle these kernels are tested aga
 The forward op saves only its inputs, so the backward recomputes what it needs. Chunk length
 BT = 64 in sub-chunks of BC = 16 rows; the forward's per-chunk kernel, then five of ours:
 
-1. `chunk_kda_fwd_chunk_kernel` (the forward's, reused as it is, so with the forward's
+1. `chunk_kda_fwd_chunk_kernel` (the forward's, with STORE_T set, so with the forward's
    roundings), parallel over chunks:
    qg = scale·q⊙e^G, kg = k⊙e^(G_last−G), A_qk, w = T(β⊙k⊙e^G), u = T(β⊙v) and G_last for the
-   scans, and what the forward treats as scratch and the backward keeps: the cumulative gate G
-   (fp32), A_kk (fp32) and the q/k row norms.
+   scans, what the forward treats as scratch and the backward keeps: the cumulative gate G
+   (fp32) and the q/k row norms, and what only the backward stores: T = (I + A_kk)^-1 (fp32,
+   the T that w and u were formed with), so the WY backward does not invert I + A_kk again.
 2. `chunk_kda_bwd_state_kernel`, one program per (sequence, head, V tile), forward over chunks:
    stores the state entering each chunk, h = S₀ (input dtype), and v_new = u − w·S₀ (fp32).
 3. `chunk_kda_bwd_dstate_kernel`, same grid, backward over chunks with the state gradient dS in
@@ -16,13 +17,13 @@ BT = 64 in sub-chunks of BC = 16 rows; the forward's per-chunk kernel, then five
    dtype) and dv_new = A_qkᵀ·dO + kg·dS₁ (fp32), steps dS₀ = e^(G_last)⊙dS₁ + qgᵀ·dO − wᵀ·dv_new
    and writes dh0.
 4. everything else, fully parallel over chunks, in three kernels:
-   (a) `chunk_kda_bwd_wy_kernel`, per (chunk, head), over V tiles, from Tᵀ (T = (I + A_kk)^-1,
-       inverted from A_kk by forward substitution and block merges): dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the
-       dβ term Σ_v dv_b⊙v, and the two C×C gradients dA_qk = dO·v_newᵀ and dA_kk = −dv_b·v_newᵀ
+   (a) `chunk_kda_bwd_wy_kernel`, per (chunk, head), over V tiles, from Tᵀ (T as step 1
+       stored it, loaded transposed): dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the dβ term Σ_v dv_b⊙v,
+       and the two C×C gradients dA_qk = dO·v_newᵀ and dA_kk = −dv_b·v_newᵀ
        (strictly lower). The latter is the reference's −Tᵀ·dT·Tᵀ simplified: dT =
        dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is T⁻¹·v_new, so −Tᵀ·dT·Tᵀ =
        −Tᵀ·dv_new·v_newᵀ; it needs no pass over K. dv_b goes back over dv_new, the masked
-       M_qk = scale·dA_qk and M_kk = dA_kk over A_qk's and A_kk's rows.
+       M_qk = scale·dA_qk and M_kk = dA_kk over A_qk's and T's rows.
    (b) `chunk_kda_bwd_intra_kernel`, per (K tile, chunk, head), every row of the chunk: over V
        tiles of h and dh, read once, dO·S₀ᵀ, dv_b·S₀ᵀ (the WY gradient Tᵀ·dw with
        dw = −dv_new·S₀ᵀ), v_new·dS₁ᵀ and Σ_v dS₁⊙S₀; the intra-chunk backward of A_qk and A_kk
@@ -39,7 +40,7 @@ BT = 64 in sub-chunks of BC = 16 rows; the forward's per-chunk kernel, then five
 Saved vs recomputed. Nothing but the op's inputs survives the forward (fla keeps A_qk and T
 from forward to backward). The backward holds, besides inputs and gradients: w, qg, kg (input
 dtype) until the reverse scan is done; u (fp32) until the forward scan is done; G (fp32,
-[B, T, H, K]), A_qk and A_kk (fp32, [B, T, H, 64], M_qk and M_kk after the reverse scan), h
+[B, T, H, K]), A_qk and T (fp32, [B, T, H, 64], M_qk and M_kk after the reverse scan), h
 and dh (per chunk K×V, input dtype), v_new and dv_new (fp32, [B, T, H, V]) until the end, the
 parts of dβ (fp32 [K/BK + 1, B, T, H]); with the L2 norm the row norms (fp32 [B, T, H, 2]), two
 fp32 [B, T, H, K] workspaces and the parts of the row dots (fp32 [K/BK, 2, B, T, H]). fla's
@@ -100,45 +101,6 @@ def _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, STRIDE: tl.constexpr):
     zero-gate padding of the reference), so G never increases down a chunk and every
     exponent of a difference G_i − G_j with i >= j stays <= 0."""
     return tl.where(m_t[:, None], _load_rows(p_G, o_t, m_t, o_k, m_k, STRIDE), b_gl[None, :])
-
-
-@triton.jit
-def _wy_inverse_t(p_A, t0, eos, BT: tl.constexpr, BC: tl.constexpr, NB: tl.constexpr, STRIDE: tl.constexpr):
-    """[BT, BT] Tᵀ, T = (I + A)^-1 for a chunk's strictly lower A_kk (rows t0.. of a [*, STRIDE]
-    fp32 buffer; rows past eos read as zero, i.e. identity rows of T).
-
-    D = I + (A's diagonal 16×16 blocks) is inverted by forward substitution, the NB blocks at
-    once; with E the rest of A and M = D^-1·E (strictly block lower, so M^NB = 0 for NB = 4),
-    T = (I + M)^-1·D^-1 = (I − M)(I + M²)·D^-1, in products of fp32 accuracy (tf32x3). The last
-    product is formed transposed, Tᵀ = D^-ᵀ·((I − M)(I + M²))ᵀ, which is also the form the
-    callers use: with D^-1 as the right operand, ptxas spilled ~1.2 KB per thread on sm_90 (the
-    block-diagonal D^-1 is built by a reshape whose layout made the operand expensive); as the
-    left operand it costs nothing extra (it already is one in D^-1·E).
-    """
-    o_i = tl.arange(0, BT)
-    o_b = tl.arange(0, NB)
-    o_c = tl.arange(0, BC)
-    o_rb = t0 + o_b[:, None] * BC + o_c[None, :]  # [NB, BC] token rows of each diagonal block
-    p_d = p_A + o_rb[:, :, None] * STRIDE + (o_b[:, None] * BC + o_c[None, :])[:, None, :]
-    # [NB, BC, BC]: rows < i already hold rows of D^-1 − I, rows >= i still hold −A
-    b_X = -tl.load(p_d, mask=(o_rb < eos)[:, :, None], other=0.0)
-    for i in range(1, BC):
-        m_i = (o_c == i)[None, :, None]
-        b_a = tl.sum(tl.where(m_i, b_X, 0.0), axis=1)  # [NB, BC] row i of −A, zero at columns >= i
-        b_a += tl.sum(b_a[:, :, None] * b_X, axis=1)  # X_i = −A_i − Σ_{j<i} A_ij X_j
-        b_X = tl.where(m_i, b_a[:, None, :], b_X)
-    b_X += (o_c[:, None] == o_c[None, :]).to(tl.float32)[None, :, :]
-    # [BT, BT] D^-1, block diagonal: [NB, BC, NB, BC] -> [BT, BT]
-    m_own = o_b[:, None, None, None] == o_b[None, None, :, None]
-    b_Dinv = tl.reshape(tl.where(m_own, b_X[:, :, None, :], 0.0), (BT, BT))
-    m_t = (t0 + o_i) < eos
-    b_A = tl.load(p_A + (t0 + o_i)[:, None] * STRIDE + o_i[None, :], mask=m_t[:, None], other=0.0)
-    b_E = tl.where((o_i // BC)[:, None] > (o_i // BC)[None, :], b_A, 0.0)
-    b_I = (o_i[:, None] == o_i[None, :]).to(tl.float32)
-    b_M = tl.dot(b_Dinv, b_E, input_precision="tf32x3")
-    b_M2 = tl.dot(b_M, b_M, input_precision="tf32x3")
-    b_P = tl.dot(b_I - b_M, b_I + b_M2, input_precision="tf32x3")
-    return tl.dot(tl.trans(b_Dinv), tl.trans(b_P), input_precision="tf32x3")
 
 
 @triton.jit
@@ -295,7 +257,7 @@ def chunk_kda_bwd_wy_kernel(
     v,
     beta,
     do,
-    akk,
+    tkk,
     mqk,
     v_new,
     dv_new,
@@ -311,14 +273,13 @@ def chunk_kda_bwd_wy_kernel(
     H: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
-    BC: tl.constexpr,
-    NB: tl.constexpr,
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """Per (chunk, head), over V tiles: dv_b = Tᵀ·dv_new (over dv_new), dv = β⊙dv_b, dβ's v
-    term (slot 0 of db) and the intra-chunk backward's M_qk = scale·dO·v_newᵀ (over A_qk) and
-    M_kk = −dv_b·v_newᵀ (over A_kk), both masked to where the forward's A is nonzero."""
+    """Per (chunk, head), over V tiles: dv_b = Tᵀ·dv_new (over dv_new) with T = (I + A_kk)^-1 as
+    the forward's chunk kernel stored it (STORE_T), dv = β⊙dv_b, dβ's v term (slot 0 of db) and
+    the intra-chunk backward's M_qk = scale·dO·v_newᵀ (over A_qk) and M_kk = −dv_b·v_newᵀ (over
+    T), both masked to where the forward's A is nonzero."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -331,7 +292,10 @@ def chunk_kda_bwd_wy_kernel(
     o_t = t0 + o_i  # [BT] token rows
     m_t = o_t < eos
     b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    b_Tt = _wy_inverse_t(akk + i_h * BT, t0, eos, BT, BC, NB, H * BT)  # [BT, BT] Tᵀ, T = (I + A_kk)^-1
+    p_T = tkk + i_h * BT
+    # [BT, BT] Tᵀ, element (i, j) from T's row j; T's rows past eos read as zero, harmless:
+    # dv_new is zero there
+    b_Tt = tl.load(p_T + o_t[None, :] * (H * BT) + o_i[:, None], mask=m_t[None, :], other=0.0)
     b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dAkk = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
@@ -345,12 +309,12 @@ def chunk_kda_bwd_wy_kernel(
         b_db += tl.sum(b_dvb * _load_rows(v + i_h * V, o_t, m_t, o_v, m_v, H * V), axis=1)
         b_dAqk += tl.dot(_load_rows(do + i_h * V, o_t, m_t, o_v, m_v, H * V), tl.trans(b_vn))
         b_dAkk -= tl.dot(b_dvb, tl.trans(b_vn))
-    # every thread's loads of A_kk (inside the inverse) precede any thread's store over it
+    # every thread's loads of T precede any thread's store of M_kk over it
     tl.debug_barrier()
     b_Mqk = tl.where(o_i[:, None] >= o_i[None, :], b_dAqk * scale, 0.0)  # [BT, BT]
     b_Mkk = tl.where(o_i[:, None] > o_i[None, :], b_dAkk, 0.0)  # [BT, BT]
     _store_rows(mqk + i_h * BT, b_Mqk, o_t, m_t, o_i, o_i < BT, H * BT)
-    _store_rows(akk + i_h * BT, b_Mkk, o_t, m_t, o_i, o_i < BT, H * BT)
+    _store_rows(p_T, b_Mkk, o_t, m_t, o_i, o_i < BT, H * BT)
     tl.store(db + o_t * H + i_h, b_db, mask=m_t)
 
 
@@ -709,9 +673,10 @@ def chunk_kda_bwd_triton(
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
 
     # 1. the forward's per-chunk quantities, by the forward's own per-chunk kernel (so with its
-    # roundings): G, G_last, the q/k norms, qg, kg, A_qk, A_kk, w and u. The forward treats G,
-    # A_kk and the norms as scratch; the backward's chunk kernels read them back. Every buffer a
-    # kernel writes is token-flat, [B*T, ...], as in the forward (pytorch#181735).
+    # roundings): G, G_last, the q/k norms, qg, kg, A_qk, w and u, and with STORE_T the T its
+    # w and u were formed with. The forward treats G and the norms as scratch and does not
+    # store T; the backward's chunk kernels read them back. Every buffer a kernel writes is
+    # token-flat, [B*T, ...], as in the forward (pytorch#181735).
     w = torch.empty((B * T, H, K), dtype=dt, device=dev)
     qg = torch.empty((B * T, H, K), dtype=dt, device=dev)
     kg = torch.empty((B * T, H, K), dtype=dt, device=dev)
@@ -719,14 +684,14 @@ def chunk_kda_bwd_triton(
     aqk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
     gl = torch.empty((slots, H, K), dtype=f32, device=dev)
     gc = torch.empty((B * T, H, K), dtype=f32, device=dev)
-    akk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
+    tkk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
     rqk = torch.empty((B * T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev)
     common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
     index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
     launch(chunk_kda_fwd_chunk_kernel)[grid_chunks](
-        q, k, v, g, beta, gc, qg, kg, gl, rqk, aqk, akk, w, u, *index, scale,
+        q, k, v, g, beta, gc, qg, kg, gl, rqk, aqk, tkk, w, u, *index, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=fwd_cfg.chunk_bk, BV=fwd_cfg.chunk_bv, num_warps=fwd_cfg.chunk_warps,
-        **common,
+        STORE_T=True, **common,
     )
 
     # 2. chunk-entry states and v_new
@@ -762,7 +727,7 @@ def chunk_kda_bwd_triton(
 
     # 4. everything else, per chunk: the WY backward and the C×C gradients (wy), then per K tile
     # the products with the states and the intra-chunk backward (intra), then dβ and the norm's
-    # backward (finish). A_qk's buffer takes M_qk, A_kk's M_kk, dv_new's dv_b (each program
+    # backward (finish). A_qk's buffer takes M_qk, T's M_kk, dv_new's dv_b (each program
     # its own rows); db and ds hold per-program partial row sums, reduced by finish
     NK = triton.cdiv(K, cfg.intra_bk)
     NTH = B * T * H
@@ -774,13 +739,13 @@ def chunk_kda_bwd_triton(
     else:
         dqn, dkn, ds = dq, dk, None
     launch(chunk_kda_bwd_wy_kernel)[grid_chunks](
-        v, beta, do, akk, aqk, v_new, dv_new, dv, db,
+        v, beta, do, tkk, aqk, v_new, dv_new, dv, db,
         *index, scale,
-        H=H, V=V, BT=BT, BC=BC, NB=BT // BC, BV=cfg.wy_bv, IS_VARLEN=is_varlen,
+        H=H, V=V, BT=BT, BV=cfg.wy_bv, IS_VARLEN=is_varlen,
         num_warps=cfg.wy_warps,
     )
     launch(chunk_kda_bwd_intra_kernel)[(NK, NT, B * H)](
-        q, k, beta, do, gc, aqk, akk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, db, ds,
+        q, k, beta, do, gc, aqk, tkk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, db, ds,
         *index, NTH, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.intra_bk, BV=cfg.intra_bv, **common,
         num_warps=cfg.intra_warps,

@@ -6,7 +6,9 @@ Chunk length BT = 64, split into four sub-chunks of BC = 16 rows. Two kernels:
    chunk-local cumulative gate G (fp32, also to a scratch `gc` the backward reads), G_last, the
    q/k L2 norms, qg = scale·q⊙e^G and kg = k⊙e^(G_last−G); A_qk (with scale) and A_kk (with
    beta) on tensor cores by levels of anchored products (below); T = (I + A_kk)^-1 in registers
-   along the same levels; w = T(β⊙k⊙e^G) and u = T(β⊙v).
+   along the same levels; w = T(β⊙k⊙e^G) and u = T(β⊙v). A_qk goes to memory for the scan;
+   A_kk stays in registers, and T goes to memory only under STORE_T, which the backward's
+   recompute sets (its WY backward needs T; the forward op does not set it).
 2. `chunk_kda_fwd_scan_kernel`, per (sequence, head, V tile), sequential over the sequence's
    chunks with the state tile S [K, BV] in registers (fp32). Per chunk it forms
    v_new = u − w·S, writes o = qg·S + A_qk·v_new and updates S ← e^(G_last)⊙S + kgᵀ·v_new.
@@ -136,7 +138,7 @@ def chunk_kda_fwd_chunk_kernel(
     gl,
     rqk,
     aqk,
-    akk,
+    tkk,
     w,
     u,
     cu_seqlens,
@@ -155,11 +157,13 @@ def chunk_kda_fwd_chunk_kernel(
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
+    STORE_T: tl.constexpr,
 ):
     """Per (chunk, head): G = chunk-local cumsum of g (to gc), G_last (to gl), the q/k norms (to
-    rqk), qg = scale·q⊙e^G, kg = k⊙e^(G_last − G), A_qk (scale, incl. diagonal) and A_kk (beta,
-    strictly lower) as whole rows with zeros above the diagonal (to aqk, akk), then
-    T = (I + A_kk)^-1 in registers and w = T(β⊙k⊙e^G), u = T(β⊙v).
+    rqk), qg = scale·q⊙e^G, kg = k⊙e^(G_last − G), A_qk (scale, incl. diagonal) as whole rows
+    with zeros above the diagonal (to aqk), A_kk (beta, strictly lower) in registers, then
+    T = (I + A_kk)^-1 in registers and w = T(β⊙k⊙e^G), u = T(β⊙v). With STORE_T (the backward's
+    recompute) T goes to tkk as well, whole rows like A_qk's.
 
     A's strictly lower pairs (i, j) are split by the highest bit where i and j differ (level b,
     i has bit b set, j not, both in one aligned block of 2^(b+1) rows) and each level runs on
@@ -255,7 +259,7 @@ def chunk_kda_fwd_chunk_kernel(
                 b_Lkk += tl.dot(b_kr_bot, tl.trans(b_kc_top))
 
     b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    p_aqk, p_akk = aqk + i_h * BT, akk + i_h * BT
+    p_aqk = aqk + i_h * BT
     # diagonal blocks [4, BC, BC]: rows and columns 16c + r
     o_c = tl.arange(0, BC)
     o_r3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, :, None]  # [4, BC, 1] chunk rows
@@ -266,7 +270,6 @@ def chunk_kda_fwd_chunk_kernel(
     b_beta3 = tl.reshape(b_beta, (4, BC))[:, :, None]
     p_row3 = (bos + i_c * BT + o_r3) * H * BT
     tl.store(p_aqk + p_row3 + o_j3, b_Dqk * scale, mask=m_r3)
-    tl.store(p_akk + p_row3 + o_j3, b_Dkk * b_beta3, mask=m_r3)
     # level 4 blocks: rows 32c + 16 + r, columns 32c + r'
     o_h = tl.arange(0, H2)
     o_p3 = tl.arange(0, 2)[:, None, None] * H2 + o_h[None, :, None]  # [2, H2, 1] chunk rows
@@ -275,18 +278,15 @@ def chunk_kda_fwd_chunk_kernel(
     b_beta_p = tl.reshape(b_beta, (2, H2))[:, :, None]
     p_row_p = (bos + i_c * BT + o_p3) * H * BT
     tl.store(p_aqk + p_row_p + o_q3, b_Pqk * scale, mask=m_p3)
-    tl.store(p_akk + p_row_p + o_q3, b_Pkk * b_beta_p, mask=m_p3)
     # level 5: rows 32 + r, columns r'
     o_tl = bos + i_c * BT + H2 + o_h  # [H2]
     m_tl = o_tl < eos
     _, b_beta_bot = tl.split(tl.permute(tl.reshape(b_beta, (2, H2)), (1, 0)))
     _store_rows(p_aqk, b_Lqk * scale, o_tl, m_tl, o_h, o_h < H2, H * BT)
-    _store_rows(p_akk, b_Lkk * b_beta_bot[:, None], o_tl, m_tl, o_h, o_h < H2, H * BT)
     # zeros above the diagonal blocks
     m_up = (o_i[None, :] // BC) > (o_i[:, None] // BC)  # [BT, BT]
     b_zero = tl.zeros([BT, BT], dtype=tl.float32)
     tl.store(p_aqk + o_t[:, None] * H * BT + o_i[None, :], b_zero, mask=m_t[:, None] & m_up)
-    tl.store(p_akk + o_t[:, None] * H * BT + o_i[None, :], b_zero, mask=m_t[:, None] & m_up)
 
     # [4, BC, BC] D^-1 - I of the diagonal blocks by forward substitution, row i from row j < i
     b_N = b_Dkk * b_beta3
@@ -309,6 +309,15 @@ def chunk_kda_fwd_chunk_kernel(
 
     o_tt = bos + i_c * BT + o_h  # [H2] rows of the top half
     m_tt = o_tt < eos
+    if STORE_T:
+        # [BT, BT] T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]] as whole rows, by [H2, H2] blocks:
+        # the backward's wy kernel reads it instead of inverting I + A_kk again
+        p_tkk = tkk + i_h * BT
+        m_h = o_h < H2
+        _store_rows(p_tkk, b_H0, o_tt, m_tt, o_h, m_h, H * BT)
+        _store_rows(p_tkk + H2, tl.zeros([H2, H2], dtype=tl.float32), o_tt, m_tt, o_h, m_h, H * BT)
+        _store_rows(p_tkk, b_Tbl, o_tl, m_tl, o_h, m_h, H * BT)
+        _store_rows(p_tkk + H2, b_H1, o_tl, m_tl, o_h, m_h, H * BT)
     b_kb = b_beta * b_rk  # [BT]
     # w = T (beta k e^G), per K tile
     for i_k in range(tl.cdiv(K, BK)):
@@ -535,18 +544,18 @@ def chunk_kda_fwd_triton(
     u = torch.empty((B * T, H, V), dtype=f32, device=q.device)
     aqk = torch.empty((B * T, H, BT), dtype=f32, device=q.device)
     gl = torch.empty((slots, H, K), dtype=f32, device=q.device)
-    # scratch: the cumulative gate, A_kk (read again by the backward), the q/k norms (unused
-    # without them)
+    # scratch: the cumulative gate and the q/k norms (unused without them), which the backward
+    # reads when it runs this kernel; T is not stored here (STORE_T off)
     gc = torch.empty((B * T, H, K), dtype=f32, device=q.device)
-    akk = torch.empty((B * T, H, BT), dtype=f32, device=q.device)
     rqk = torch.empty((B * T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=q.device)
 
     rows = NT if not is_varlen else slots  # program rows: chunks, or chunk slots when varlen
     common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
     index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
     launch(chunk_kda_fwd_chunk_kernel)[(rows, B * H)](
-        q, k, v, g, beta, gc, qg, kg, gl, rqk, aqk, akk, w, u, *index, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv, num_warps=cfg.chunk_warps, **common,
+        q, k, v, g, beta, gc, qg, kg, gl, rqk, aqk, None, w, u, *index, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv, num_warps=cfg.chunk_warps,
+        STORE_T=False, **common,
     )
     store_final = final_state.dim() == 4
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
