@@ -72,7 +72,7 @@ launch_config, see its docstring): no [64, 64] tile of the intra kernel lives ac
 
 Varlen (B = 1, device `cu_seqlens`): the forward's chunk table (slot → sequence, from device
 ops, no host read) drives the parallel kernels; the scans read their sequence's bounds and first
-slot.
+slot. As in the forward, every kernel loads these index tensors in its own body.
 """
 
 from collections.abc import Callable
@@ -85,8 +85,6 @@ import triton.language as tl
 from .chunk_kda_fwd import (
     BC,
     BT,
-    _chunk,
-    _sequence,
     _load_rows,
     _store_rows,
     chunk_kda_fwd_chunk_kernel,
@@ -138,7 +136,11 @@ def chunk_kda_bwd_state_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, i_s0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    if IS_VARLEN:
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        i_s0 = tl.load(chunk_offsets + i_n).to(tl.int64)  # the sequence's first chunk slot
+    else:
+        bos, eos, i_s0 = i_n.to(tl.int64) * T, i_n.to(tl.int64) * T + T, i_n.to(tl.int64) * NT
 
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -204,7 +206,11 @@ def chunk_kda_bwd_dstate_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, i_s0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    if IS_VARLEN:
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        i_s0 = tl.load(chunk_offsets + i_n).to(tl.int64)  # the sequence's first chunk slot
+    else:
+        bos, eos, i_s0 = i_n.to(tl.int64) * T, i_n.to(tl.int64) * T + T, i_n.to(tl.int64) * NT
 
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -283,11 +289,15 @@ def chunk_kda_bwd_wy_kernel(
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
-    if i_n >= N:
-        return  # an unused chunk slot (varlen)
+    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        if i_n >= N:
+            return
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        t0 = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT
+    else:
+        t0, eos = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T
 
-    t0 = bos + i_c * BT
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i  # [BT] token rows
     m_t = o_t < eos
@@ -363,11 +373,15 @@ def chunk_kda_bwd_intra_kernel(
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
-    if i_n >= N:
-        return  # an unused chunk slot (varlen)
+    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        if i_n >= N:
+            return
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        t0, i_s = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT, i_t
+    else:
+        t0, eos, i_s = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T, i_b * NT + i_t
 
-    t0 = bos + i_c * BT  # first token of the chunk
     o_i = tl.arange(0, BT)
     o_t = t0 + o_i  # [BT] token rows
     m_t = o_t < eos
@@ -544,11 +558,16 @@ def chunk_kda_bwd_finish_kernel(
     norm, its backward dx = r·(dy − y·(y·dy)) over the dy the intra kernel parked in dqn, dkn."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
-    if i_n >= N:
-        return  # an unused chunk slot (varlen)
+    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        if i_n >= N:
+            return
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        t0 = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT
+    else:
+        t0, eos = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T
 
-    o_t = bos + i_c * BT + tl.arange(0, BT)  # [BT] token rows
+    o_t = t0 + tl.arange(0, BT)  # [BT] token rows
     m_t = o_t < eos
     o_p = o_t * H + i_h  # [BT]
     # partial sums are NTH apart; stepping a pointer keeps the offsets 64-bit

@@ -49,6 +49,11 @@ Varlen (B = 1, device `cu_seqlens`, N sequences): the per-chunk kernel runs over
 of chunk slots, (T + (BT−1)·N) // BT ≥ Σ_n cdiv(len_n, BT), from shapes only; a device-side table
 built by a small kernel (no host read) maps each slot to its sequence, and
 slots past the last chunk exit at once. The scan reads its sequence's bounds from cu_seqlens.
+
+Index tensors (cu_seqlens and the chunk table) are loaded in the kernel bodies, never by a
+@triton.jit helper: torch's analysis of what a kernel writes (the one Inductor relies on) takes a
+pointer passed to a helper as written once anything the helper returns enters a store's address,
+and Inductor would clone such an input for the kernel and copy it back (tests/test_triton_writes.py).
 """
 
 from collections.abc import Callable
@@ -80,43 +85,6 @@ def _load_rows(p_base, o_t, m_t, o_d, m_d, STRIDE: tl.constexpr):
 def _store_rows(p_base, b_x, o_t, m_t, o_d, m_d, STRIDE: tl.constexpr):
     p = p_base + o_t[:, None] * STRIDE + o_d[None, :]
     tl.store(p, b_x.to(p_base.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
-
-
-@triton.jit
-def _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN: tl.constexpr):
-    """(sequence, chunk within it, first token, end token, chunk slot) of program row i_t.
-
-    Varlen: i_t is a chunk slot and the device table gives its sequence (N for an unused slot,
-    which the caller skips). Otherwise: sequence i_b, chunk i_t.
-    """
-    if IS_VARLEN:
-        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
-        i_m = tl.minimum(i_n, N - 1)  # in-bounds reads for unused slots
-        i_c = i_t - tl.load(chunk_offsets + i_m).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_m).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_m + 1).to(tl.int64)
-        i_s = i_t
-    else:
-        i_n = i_b
-        i_c = i_t
-        bos = i_b.to(tl.int64) * T
-        eos = bos + T
-        i_s = i_b * NT + i_t
-    return i_n, i_c, bos, eos, i_s
-
-
-@triton.jit
-def _sequence(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN: tl.constexpr):
-    """(first token, end token, slot of the first chunk) of sequence i_n, for the scans."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        i_s0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-        i_s0 = i_n.to(tl.int64) * NT
-    return bos, eos, i_s0
 
 
 @triton.jit
@@ -181,11 +149,16 @@ def chunk_kda_fwd_chunk_kernel(
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    i_n, i_c, bos, eos, i_s = _chunk(i_t, i_b, cu_seqlens, chunk_seq, chunk_offsets, T, N, NT, IS_VARLEN)
-    if i_n >= N:
-        return
+    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        if i_n >= N:
+            return
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        t0, i_s = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT, i_t
+    else:
+        t0, eos, i_s = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T, i_b * NT + i_t
     o_i = tl.arange(0, BT)
-    o_t = bos + i_c * BT + o_i  # [BT] token rows
+    o_t = t0 + o_i  # [BT] token rows
     m_t = o_t < eos
     p_q, p_k, p_g = q + i_h * K, k + i_h * K, g + i_h * K
 
@@ -264,22 +237,22 @@ def chunk_kda_fwd_chunk_kernel(
     o_c = tl.arange(0, BC)
     o_r3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, :, None]  # [4, BC, 1] chunk rows
     o_j3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, None, :]  # [4, 1, BC] chunk columns
-    m_r3 = (bos + i_c * BT + o_r3) < eos
+    m_r3 = (t0 + o_r3) < eos
     b_dqk3 = tl.reshape(b_dqk, (4, BC))[:, :, None]
     b_Dqk = tl.where(o_r3 == o_j3, b_dqk3, b_Dqk)
     b_beta3 = tl.reshape(b_beta, (4, BC))[:, :, None]
-    p_row3 = (bos + i_c * BT + o_r3) * H * BT
+    p_row3 = (t0 + o_r3) * H * BT
     tl.store(p_aqk + p_row3 + o_j3, b_Dqk * scale, mask=m_r3)
     # level 4 blocks: rows 32c + 16 + r, columns 32c + r'
     o_h = tl.arange(0, H2)
     o_p3 = tl.arange(0, 2)[:, None, None] * H2 + o_h[None, :, None]  # [2, H2, 1] chunk rows
     o_q3 = tl.arange(0, 2)[:, None, None] * H2 + o_h[None, None, :]  # [2, 1, H2] chunk columns
-    m_p3 = ((bos + i_c * BT + o_p3) < eos) & (o_h[None, :, None] >= BC) & (o_h[None, None, :] < BC)
+    m_p3 = ((t0 + o_p3) < eos) & (o_h[None, :, None] >= BC) & (o_h[None, None, :] < BC)
     b_beta_p = tl.reshape(b_beta, (2, H2))[:, :, None]
-    p_row_p = (bos + i_c * BT + o_p3) * H * BT
+    p_row_p = (t0 + o_p3) * H * BT
     tl.store(p_aqk + p_row_p + o_q3, b_Pqk * scale, mask=m_p3)
     # level 5: rows 32 + r, columns r'
-    o_tl = bos + i_c * BT + H2 + o_h  # [H2]
+    o_tl = t0 + H2 + o_h  # [H2]
     m_tl = o_tl < eos
     _, b_beta_bot = tl.split(tl.permute(tl.reshape(b_beta, (2, H2)), (1, 0)))
     _store_rows(p_aqk, b_Lqk * scale, o_tl, m_tl, o_h, o_h < H2, H * BT)
@@ -307,7 +280,7 @@ def chunk_kda_fwd_chunk_kernel(
     b_HL = tl.dot(b_H1, b_Lkk * b_beta_bot[:, None], input_precision="tf32x3")
     b_Tbl = -tl.dot(b_HL, b_H0, input_precision="tf32x3")  # [H2, H2] rows 32-63, columns 0-31
 
-    o_tt = bos + i_c * BT + o_h  # [H2] rows of the top half
+    o_tt = t0 + o_h  # [H2] rows of the top half
     m_tt = o_tt < eos
     if STORE_T:
         # [BT, BT] T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]] as whole rows, by [H2, H2] blocks:
@@ -365,7 +338,11 @@ def chunk_kda_fwd_scan_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, i_s0 = _sequence(i_n, cu_seqlens, chunk_offsets, T, NT, IS_VARLEN)
+    if IS_VARLEN:
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        i_s0 = tl.load(chunk_offsets + i_n).to(tl.int64)  # the sequence's first chunk slot
+    else:
+        bos, eos, i_s0 = i_n.to(tl.int64) * T, i_n.to(tl.int64) * T + T, i_n.to(tl.int64) * NT
 
     o_k = tl.arange(0, BK)
     m_k = o_k < K

@@ -22,6 +22,12 @@ so one CUDA graph serves every step:
 2. `mla_decode_combine_kernel`, grid (B, H, cdiv(V, BLOCK_VC)): finds the programs that covered
    sequence b (the inverse of the partition), merges their partials with log-sum-exp and writes
    o (in o's dtype) and lse (natural log). A sequence of length 0 gets o = 0, lse = -inf.
+
+Both kernels load seq_lens in their own bodies and hand the lengths, not the pointer, to
+@triton.jit helpers: torch's analysis of what a kernel writes (the one Inductor relies on) takes a
+pointer passed to a helper as written once anything the helper returns enters a store's address
+(here the workspace row of the sequence a tile belongs to), and Inductor would clone seq_lens for
+the kernel and copy it back (tests/test_triton_writes.py).
 """
 
 import math
@@ -39,41 +45,9 @@ COMBINE_BLOCK_V = 128  # value columns per combine program
 
 
 @triton.jit
-def _tile_counts(seq_lens, o_b, B, stride_sl, capacity, BLOCK_N: tl.constexpr):
-    """[BLOCK_B] tiles of the sequences o_b: cdiv(seq_len clamped to [0, capacity], BLOCK_N);
-    0 past the batch."""
-    b_len = tl.load(seq_lens + o_b * stride_sl, mask=o_b < B, other=0)
+def _tile_counts(b_len, capacity, BLOCK_N: tl.constexpr):
+    """Tiles of sequences of lengths b_len: cdiv(b_len clamped to [0, capacity], BLOCK_N)."""
     return tl.cdiv(tl.minimum(tl.maximum(b_len, 0), capacity), BLOCK_N)
-
-
-@triton.jit
-def _tiles_total_and_before(seq_lens, B, stride_sl, capacity, i_b, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """(tiles of the whole batch, tiles of the sequences before i_b)."""
-    b_total = 0
-    b_before = 0
-    for i_b0 in range(0, B, BLOCK_B):
-        o_b = i_b0 + tl.arange(0, BLOCK_B)
-        b_tiles = _tile_counts(seq_lens, o_b, B, stride_sl, capacity, BLOCK_N)  # [BLOCK_B]
-        b_total += tl.sum(b_tiles, 0)
-        b_before += tl.sum(tl.where(o_b < i_b, b_tiles, 0), 0)
-    return b_total, b_before
-
-
-@triton.jit
-def _sequence_of_tile(seq_lens, B, stride_sl, capacity, i_t, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """(b, first tile of b) for the sequence b that holds global tile i_t (< the total)."""
-    b_carry = 0
-    i_b = 0
-    b_first = 0
-    for i_b0 in range(0, B, BLOCK_B):
-        o_b = i_b0 + tl.arange(0, BLOCK_B)
-        b_tiles = _tile_counts(seq_lens, o_b, B, stride_sl, capacity, BLOCK_N)  # [BLOCK_B]
-        b_end = b_carry + tl.cumsum(b_tiles, 0)  # [BLOCK_B] one past each sequence's last tile
-        m_before = (b_end <= i_t) & (o_b < B)  # sequences that end at or before i_t
-        i_b += tl.sum(m_before.to(tl.int32), 0)
-        b_first = tl.maximum(b_first, tl.max(tl.where(m_before, b_end, 0), 0))
-        b_carry += tl.sum(b_tiles, 0)
-    return i_b, b_first
 
 
 @triton.jit
@@ -208,12 +182,28 @@ def mla_decode_split_kernel(
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_p, i_hb = tl.program_id(0), tl.program_id(1)
     capacity = max_blocks * PAGE_SIZE
-    b_total, _ = _tiles_total_and_before(seq_lens, B, stride_sl, capacity, 0, BLOCK_N, BLOCK_B)
+    b_total = 0  # tiles of the whole batch
+    for i_b0 in range(0, B, BLOCK_B):
+        o_b = i_b0 + tl.arange(0, BLOCK_B)
+        b_len = tl.load(seq_lens + o_b * stride_sl, mask=o_b < B, other=0)  # [BLOCK_B]
+        b_total += tl.sum(_tile_counts(b_len, capacity, BLOCK_N), 0)
     i_t = ((i_p.to(tl.int64) * b_total) // num_programs).to(tl.int32)
     t_end = (((i_p.to(tl.int64) + 1) * b_total) // num_programs).to(tl.int32)
     if i_t >= t_end:
         return
-    i_b, b_first = _sequence_of_tile(seq_lens, B, stride_sl, capacity, i_t, BLOCK_N, BLOCK_B)
+    # the sequence i_b that holds tile i_t, and its first tile b_first
+    b_carry = 0
+    i_b = 0
+    b_first = 0
+    for i_b0 in range(0, B, BLOCK_B):
+        o_b = i_b0 + tl.arange(0, BLOCK_B)
+        b_len = tl.load(seq_lens + o_b * stride_sl, mask=o_b < B, other=0)  # [BLOCK_B]
+        b_tiles = _tile_counts(b_len, capacity, BLOCK_N)  # [BLOCK_B]
+        b_end = b_carry + tl.cumsum(b_tiles, 0)  # [BLOCK_B] one past each sequence's last tile
+        m_before = (b_end <= i_t) & (o_b < B)  # sequences that end at or before i_t
+        i_b += tl.sum(m_before.to(tl.int32), 0)
+        b_first = tl.maximum(b_first, tl.max(tl.where(m_before, b_end, 0), 0))
+        b_carry += tl.sum(b_tiles, 0)
 
     o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
     m_h = o_h < H
@@ -271,8 +261,15 @@ def mla_decode_combine_kernel(
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = i_b.to(tl.int64)
     capacity = max_blocks * PAGE_SIZE
-    b_total, b_first = _tiles_total_and_before(seq_lens, B, stride_sl, capacity, i_b, BLOCK_N, BLOCK_B)
-    n_tiles = tl.cdiv(tl.minimum(tl.maximum(tl.load(seq_lens + i_b64 * stride_sl), 0), capacity), BLOCK_N)
+    b_total = 0  # tiles of the whole batch
+    b_first = 0  # tiles of the sequences before i_b
+    for i_b0 in range(0, B, BLOCK_B):
+        o_b = i_b0 + tl.arange(0, BLOCK_B)
+        b_len = tl.load(seq_lens + o_b * stride_sl, mask=o_b < B, other=0)  # [BLOCK_B]
+        b_tiles = _tile_counts(b_len, capacity, BLOCK_N)  # [BLOCK_B]
+        b_total += tl.sum(b_tiles, 0)
+        b_first += tl.sum(tl.where(o_b < i_b, b_tiles, 0), 0)
+    n_tiles = _tile_counts(tl.load(seq_lens + i_b64 * stride_sl), capacity, BLOCK_N)
     o_v = i_v * BLOCK_VC + tl.arange(0, BLOCK_VC)
     m_v = o_v < V
     p_o = o + i_b64 * stride_o_b + i_h * stride_o_h + o_v
