@@ -4,12 +4,12 @@ the derivation in meta/chunk_kda_bwd.py (the oracle these kernels are tested aga
 The forward op saves only its inputs, so the backward recomputes what it needs. Chunk length
 BT = 64 in sub-chunks of BC = 16 rows; the forward's per-chunk kernel, then five of ours:
 
-1. `chunk_kda_fwd_chunk_kernel` (the forward's, with STORE_T set, so with the forward's
-   roundings), parallel over chunks:
+1. `chunk_kda_fwd_chunk_kernel` (the forward's, so with the forward's roundings, with
+   BACKWARD_RECOMPUTE set), parallel over chunks:
    qg = scale·q⊙e^G, kg = k⊙e^(G_last−G), A_qk, w = T(β⊙k⊙e^G), u = T(β⊙v) and G_last for the
-   scans, what the forward treats as scratch and the backward keeps: the cumulative gate G
-   (fp32) and the q/k row norms, and what only the backward stores: T = (I + A_kk)^-1 (fp32,
-   the T that w and u were formed with), so the WY backward does not invert I + A_kk again.
+   scans, as the forward stores them, and what only this rerun stores: the cumulative gate G
+   (fp32), the q/k row norms and T = (I + A_kk)^-1 (fp32, the T that w and u were formed
+   with), so the WY backward does not invert I + A_kk again.
 2. `chunk_kda_bwd_state_kernel`, one program per (sequence, head, V tile), forward over chunks:
    stores the state entering each chunk, h = S₀ (input dtype), and v_new = u − w·S₀ (fp32).
 3. `chunk_kda_bwd_dstate_kernel`, same grid, backward over chunks with the state gradient dS in
@@ -283,7 +283,7 @@ def chunk_kda_bwd_wy_kernel(
     IS_VARLEN: tl.constexpr,
 ):
     """Per (chunk, head), over V tiles: dv_b = Tᵀ·dv_new (over dv_new) with T = (I + A_kk)^-1 as
-    the forward's chunk kernel stored it (STORE_T), dv = β⊙dv_b, dβ's v term (slot 0 of db) and
+    the forward's chunk kernel stored it (BACKWARD_RECOMPUTE), dv = β⊙dv_b, dβ's v term (slot 0 of db) and
     the intra-chunk backward's M_qk = scale·dO·v_newᵀ (over A_qk) and M_kk = −dv_b·v_newᵀ (over
     T), both masked to where the forward's A is nonzero."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
@@ -393,7 +393,7 @@ def chunk_kda_bwd_intra_kernel(
     p_Mq, p_Mk = mqk + i_h * BT, mkk + i_h * BT  # [*, H * BT] rows of M_qk, M_kk
     p_state = (i_s * H + i_h).to(tl.int64) * K * V  # this chunk's S₀ in h, dS₁ in dh
     b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    # [BT] x 2: 1/||x|| per row of q and k, as the forward's prep kernel stored them (ones
+    # [BT] x 2: 1/||x|| per row of q and k, as the forward's chunk kernel stored them (ones
     # without the norm)
     if USE_QK_L2NORM:
         b_rq = tl.load(rqk + (o_t * H + i_h) * 2, mask=m_t, other=0.0)
@@ -692,10 +692,10 @@ def chunk_kda_bwd_triton(
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
 
     # 1. the forward's per-chunk quantities, by the forward's own per-chunk kernel (so with its
-    # roundings): G, G_last, the q/k norms, qg, kg, A_qk, w and u, and with STORE_T the T its
-    # w and u were formed with. The forward treats G and the norms as scratch and does not
-    # store T; the backward's chunk kernels read them back. Every buffer a kernel writes is
-    # token-flat, [B*T, ...], as in the forward (pytorch#181735).
+    # roundings): G_last, qg, kg, A_qk, w and u, and with BACKWARD_RECOMPUTE what the forward
+    # op does not store: G, the q/k norms and the T its w and u were formed with, which the
+    # backward's chunk kernels read back. Every buffer a kernel writes is token-flat,
+    # [B*T, ...], as in the forward (pytorch#181735).
     w = torch.empty((B * T, H, K), dtype=dt, device=dev)
     qg = torch.empty((B * T, H, K), dtype=dt, device=dev)
     kg = torch.empty((B * T, H, K), dtype=dt, device=dev)
@@ -710,7 +710,7 @@ def chunk_kda_bwd_triton(
     launch(chunk_kda_fwd_chunk_kernel)[grid_chunks](
         q, k, v, g, beta, gc, qg, kg, gl, rqk, aqk, tkk, w, u, *index, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=fwd_cfg.chunk_bk, BV=fwd_cfg.chunk_bv, num_warps=fwd_cfg.chunk_warps,
-        STORE_T=True, **common,
+        BACKWARD_RECOMPUTE=True, **common,
     )
 
     # 2. chunk-entry states and v_new

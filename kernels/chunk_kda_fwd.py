@@ -3,12 +3,13 @@
 Chunk length BT = 64, split into four sub-chunks of BC = 16 rows. Two kernels:
 
 1. `chunk_kda_fwd_chunk_kernel`, per (chunk, head), everything that is parallel over chunks: the
-   chunk-local cumulative gate G (fp32, also to a scratch `gc` the backward reads), G_last, the
-   q/k L2 norms, qg = scale·q⊙e^G and kg = k⊙e^(G_last−G); A_qk (with scale) and A_kk (with
-   beta) on tensor cores by levels of anchored products (below); T = (I + A_kk)^-1 in registers
-   along the same levels; w = T(β⊙k⊙e^G) and u = T(β⊙v). A_qk goes to memory for the scan;
-   A_kk stays in registers, and T goes to memory only under STORE_T, which the backward's
-   recompute sets (its WY backward needs T; the forward op does not set it).
+   chunk-local cumulative gate G (fp32), G_last, the q/k L2 norms, qg = scale·q⊙e^G and
+   kg = k⊙e^(G_last−G); A_qk (with scale) and A_kk (with beta) on tensor cores by levels of
+   anchored products (below); T = (I + A_kk)^-1 in registers along the same levels;
+   w = T(β⊙k⊙e^G) and u = T(β⊙v). What the scan reads goes to memory: qg, kg, w, u, A_qk and
+   G_last. G, the norms and T stay in registers; they go to memory only under
+   BACKWARD_RECOMPUTE, which the backward sets when it reruns this kernel (its kernels read them
+   back; the forward op neither allocates nor writes them).
 2. `chunk_kda_fwd_scan_kernel`, per (sequence, head, V tile), sequential over the sequence's
    chunks with the state tile S [K, BV] in registers (fp32). Per chunk it forms
    v_new = u − w·S, writes o = qg·S + A_qk·v_new and updates S ← e^(G_last)⊙S + kgᵀ·v_new.
@@ -125,13 +126,14 @@ def chunk_kda_fwd_chunk_kernel(
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
-    STORE_T: tl.constexpr,
+    BACKWARD_RECOMPUTE: tl.constexpr,
 ):
-    """Per (chunk, head): G = chunk-local cumsum of g (to gc), G_last (to gl), the q/k norms (to
-    rqk), qg = scale·q⊙e^G, kg = k⊙e^(G_last − G), A_qk (scale, incl. diagonal) as whole rows
-    with zeros above the diagonal (to aqk), A_kk (beta, strictly lower) in registers, then
-    T = (I + A_kk)^-1 in registers and w = T(β⊙k⊙e^G), u = T(β⊙v). With STORE_T (the backward's
-    recompute) T goes to tkk as well, whole rows like A_qk's.
+    """Per (chunk, head): G = chunk-local cumsum of g, G_last (to gl), the q/k norms,
+    qg = scale·q⊙e^G, kg = k⊙e^(G_last − G), A_qk (scale, incl. diagonal) as whole rows with
+    zeros above the diagonal (to aqk), A_kk (beta, strictly lower) in registers, then
+    T = (I + A_kk)^-1 in registers and w = T(β⊙k⊙e^G), u = T(β⊙v). With BACKWARD_RECOMPUTE (the
+    backward's rerun; the forward op leaves it off and passes None for gc, rqk and tkk) G goes to
+    gc, the norms to rqk and T to tkk, whole rows like A_qk's.
 
     A's strictly lower pairs (i, j) are split by the highest bit where i and j differ (level b,
     i has bit b set, j not, both in one aligned block of 2^(b+1) rows) and each level runs on
@@ -175,8 +177,9 @@ def chunk_kda_fwd_chunk_kernel(
             b_rk += tl.sum(b_x * b_x, axis=1)
         b_rq = tl.rsqrt(b_rq + 1e-6)
         b_rk = tl.rsqrt(b_rk + 1e-6)
-        tl.store(rqk + (o_t * H + i_h) * 2, b_rq, mask=m_t)
-        tl.store(rqk + (o_t * H + i_h) * 2 + 1, b_rk, mask=m_t)
+        if BACKWARD_RECOMPUTE:
+            tl.store(rqk + (o_t * H + i_h) * 2, b_rq, mask=m_t)
+            tl.store(rqk + (o_t * H + i_h) * 2 + 1, b_rk, mask=m_t)
     else:
         b_rq += 1.0
         b_rk += 1.0
@@ -193,7 +196,8 @@ def chunk_kda_fwd_chunk_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_G = tl.cumsum(_load_rows(p_g, o_t, m_t, o_k, m_k, H * K), axis=0)  # [BT, BK]
-        _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
+        if BACKWARD_RECOMPUTE:
+            _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
         # padded rows add g = 0, so the last row is G at the last real row
         b_gl = _row(b_G, o_i, BT - 1)  # [BK]
         tl.store(gl + (i_s * H + i_h).to(tl.int64) * K + o_k, b_gl, mask=m_k)
@@ -282,7 +286,7 @@ def chunk_kda_fwd_chunk_kernel(
 
     o_tt = t0 + o_h  # [H2] rows of the top half
     m_tt = o_tt < eos
-    if STORE_T:
+    if BACKWARD_RECOMPUTE:
         # [BT, BT] T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]] as whole rows, by [H2, H2] blocks:
         # the backward's wy kernel reads it instead of inverting I + A_kk again
         p_tkk = tkk + i_h * BT
@@ -521,18 +525,14 @@ def chunk_kda_fwd_triton(
     u = torch.empty((B * T, H, V), dtype=f32, device=q.device)
     aqk = torch.empty((B * T, H, BT), dtype=f32, device=q.device)
     gl = torch.empty((slots, H, K), dtype=f32, device=q.device)
-    # scratch: the cumulative gate and the q/k norms (unused without them), which the backward
-    # reads when it runs this kernel; T is not stored here (STORE_T off)
-    gc = torch.empty((B * T, H, K), dtype=f32, device=q.device)
-    rqk = torch.empty((B * T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=q.device)
 
     rows = NT if not is_varlen else slots  # program rows: chunks, or chunk slots when varlen
     common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
     index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
     launch(chunk_kda_fwd_chunk_kernel)[(rows, B * H)](
-        q, k, v, g, beta, gc, qg, kg, gl, rqk, aqk, None, w, u, *index, scale,
+        q, k, v, g, beta, None, qg, kg, gl, None, aqk, None, w, u, *index, scale,  # no gc, rqk, tkk
         H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv, num_warps=cfg.chunk_warps,
-        STORE_T=False, **common,
+        BACKWARD_RECOMPUTE=False, **common,
     )
     store_final = final_state.dim() == 4
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
