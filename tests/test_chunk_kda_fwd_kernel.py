@@ -206,3 +206,28 @@ def test_compile_fullgraph_emits_the_kernels(varlen):
     assert torch.equal(o, o_eager) and torch.equal(s, s_eager)
     ref_o, ref_final = _reference(x, cu_seqlens, 128**-0.5, True)
     assert rel_rms(o, 2 * ref_o) <= BAR and rel_rms(s, ref_final) <= BAR
+
+
+@pytest.mark.gpu
+def test_compile_reduce_overhead_varlen_captures_a_cuda_graph():
+    """cu_seqlens as a plain input of a reduce-overhead region: the kernels only read it, so
+    Inductor counts no input as mutated and CUDA-graph trees capture the region (a mutated input
+    makes them skip it; tests/test_triton_writes.py checks torch's view of the writes on CPU)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cu_seqlens = torch.tensor([0, 15, 100, 300], dtype=torch.int32, device="cuda")
+    x = kernel_check_inputs(1, 300, 2, 128, 128, n_seqs=3, initial_state=True, l2norm_in_op=True, gate_floor=True)
+
+    def f(q, k, v, g, beta, initial_state, cu_seqlens):
+        return chunk_kda(q, k, v, g, beta, initial_state=initial_state, output_final_state=True,
+                         use_qk_l2norm=True, cu_seqlens=cu_seqlens)
+
+    o_eager, s_eager = f(*x.values(), cu_seqlens)
+    step = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        o, s = step(*x.values(), cu_seqlens)
+        assert torch.equal(o, o_eager) and torch.equal(s, s_eager)
+    assert counters["inductor"]["cudagraph_skips"] == 0

@@ -121,6 +121,25 @@ def test_gpu_compile_inductor_fullgraph():
 
 
 @pytest.mark.gpu
+def test_gpu_compile_reduce_overhead_captures_a_cuda_graph():
+    """seq_lens and the block table as plain inputs of a reduce-overhead region: the kernels only
+    read them, so Inductor counts no input as mutated and CUDA-graph trees capture the region (a
+    mutated input makes them skip it; tests/test_triton_writes.py checks torch's view of the
+    writes on CPU)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    args = _small_cuda_args()
+    step = torch.compile(_decode, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        o, lse = step(*args)
+        _check_against_reference(o, lse, *args, 512)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_graph_replay_with_changing_lengths_and_tables():
     """One captured graph serves steps whose lengths (so also split counts), block tables and
     poisoned pages all change; each replay equals an eager call and meets the bars."""
