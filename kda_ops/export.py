@@ -289,6 +289,19 @@ def _validate_bounds(max_batch: int, max_len: int, batch_buckets: Sequence[int] 
     return buckets
 
 
+def aoti_inductor_configs(device: torch.device, overrides: dict | None) -> dict:
+    """The Inductor configs of export_model's AOTInductor compiles: `overrides` over, on CUDA,
+    triton.autotune_at_compile_time = False.
+
+    Compile-time autotuning benchmarks each generated Triton kernel alone on synthetic inputs, so
+    a kernel that gathers through a computed index (the prefill's short-conv gather over the
+    packed sequences) reads random indices and trips its bounds assert: a device-side assert that
+    ends the compile (pytorch#192143, seen for the prefill on an H100 with torch 2.11). With it
+    off, Inductor tunes those kernels while running the graph on the real example inputs."""
+    defaults = {"triton.autotune_at_compile_time": False} if device.type == "cuda" else {}
+    return {**defaults, **(overrides or {})}
+
+
 @torch.no_grad()
 def export_model(
     model_or_config: KimiLinearForCausalLM | KimiLinearConfig,
@@ -318,12 +331,14 @@ def export_model(
     aoti: also compile every program with AOTInductor (the slow part: tens of seconds per
         program on a small CPU).
     aoti_configs: Inductor config overrides for those compiles (aoti_compile_and_package's
-        inductor_configs), recorded in the metadata.
+        inductor_configs), recorded in the metadata; on CUDA they go over
+        `aoti_inductor_configs`' default.
     The model is left as it was (its own caches, if any, are restored)."""
     say = progress or (lambda message: None)
     buckets = _validate_bounds(max_batch, max_len, batch_buckets, block_size)
     model = _model_for_export(model_or_config, device, dtype, seed)
     device = model.device
+    aoti_configs = aoti_inductor_configs(device, aoti_configs)
     os.makedirs(out_dir, exist_ok=True)
     metadata_path = os.path.join(out_dir, METADATA_FILE)
     if os.path.exists(metadata_path):
@@ -388,7 +403,7 @@ def export_model(
             },
         ),
         kda_ops=dict(in_programs=sorted(ops_in_programs), aoti_runtime=sorted(ops_called_back)),
-        aoti_configs=aoti_configs or {},
+        aoti_configs=aoti_configs if aoti else {},
         load_requirements="import kda_ops before loading (kda_ops.load_exported does): the programs call kda:: ops",
         files=files,
         export_seconds={k: round(v, 2) for k, v in seconds.items()},

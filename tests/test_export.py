@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kda_ops import KimiLinearConfig, KimiLinearForCausalLM, export_model, load_exported
-from kda_ops.export import ArtifactError, ExportBoundsError
+from kda_ops.export import ArtifactError, ExportBoundsError, aoti_inductor_configs
 
 WORKER = os.path.join(os.path.dirname(__file__), "exported_worker.py")
 MAX_BATCH, MAX_LEN = 3, 32
@@ -52,9 +52,11 @@ GENERATE_PROMPTS = [prompt(n, seed=100 + n) for n in GENERATE_PROMPT_LENGTHS]
 def eager_logits(model: KimiLinearForCausalLM, ids: list[int], steps: int) -> list[torch.Tensor]:
     """Prefill logits then `steps` greedy decode-step logits, with caches of the exported bounds."""
     model.allocate_caches(MAX_BATCH, MAX_LEN)
-    slots = torch.arange(1)
+    device = model.device
+    slots = torch.arange(1, device=device)
     model.reset_sequences(slots)
-    out = [model.prefill(torch.tensor(ids), torch.tensor([0, len(ids)], dtype=torch.int32), slots)]
+    lengths = torch.tensor([0, len(ids)], dtype=torch.int32, device=device)
+    out = [model.prefill(torch.tensor(ids, device=device), lengths, slots)]
     for _ in range(steps):
         out.append(model.decode_step(out[-1].argmax(-1), slots))
     return out
@@ -289,3 +291,42 @@ def test_cli_export_writes_a_directory_that_generates(tmp_path):
     eager = KimiLinearForCausalLM(KimiLinearConfig.preset("micro"), dtype=torch.float32).init_weights(0)
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
     assert exported.generate(prompts, 3, greedy=True) == eager.generate(prompts, 3, greedy=True)
+
+
+# ---------------------------------------------------------------------------- AOTInductor configs
+
+
+def test_aoti_configs_turn_off_compile_time_autotuning_on_cuda_only():
+    """It benchmarks kernels on random inputs, which trips the prefill's gather asserts
+    (pytorch#192143); the caller's overrides still win."""
+    assert aoti_inductor_configs(torch.device("cuda"), None) == {"triton.autotune_at_compile_time": False}
+    assert aoti_inductor_configs(torch.device("cuda"), {"triton.autotune_at_compile_time": True, "max_autotune": True}) == {
+        "triton.autotune_at_compile_time": True,
+        "max_autotune": True,
+    }
+    assert aoti_inductor_configs(torch.device("cpu"), None) == {}
+    assert aoti_inductor_configs(torch.device("cpu"), {"cpp.vec_isa_ok": False}) == {"cpp.vec_isa_ok": False}
+
+
+# ---------------------------------------------------------------------------- CUDA (device tool)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_export_builds_packages_and_its_programs_generate_eager_tokens(tmp_path):
+    """CUDA, fp32 micro model: export_model writes the programs and the AOTInductor packages
+    (the prefill's compile needs aoti_inductor_configs' default), the packages call no op back
+    (the triton_op kernels are compiled in), and the programs, loaded in a fresh process, give
+    eager's logits and greedy tokens. Loading the packages themselves segfaults on the lent H100
+    image for any package, a plain Linear included (bench/aoti_gpu_probe.py, bench/NOTES.md)."""
+    model = micro_model().cuda()
+    directory = tmp_path / "cuda"
+    metadata = export_model(model, directory, max_batch=2, max_len=MAX_LEN, batch_buckets=(2,), aoti=True)
+    assert metadata["device"] == "cuda"
+    assert metadata["aoti_configs"] == {"triton.autotune_at_compile_time": False}
+    assert metadata["kda_ops"]["aoti_runtime"] == []
+    assert {"prefill.aoti.pt2", "decode_batch2.aoti.pt2"} <= set(metadata["files"])
+    ids = LOGIT_PROMPTS["prompt_len_13"]
+    results = run_worker(directory, tmp_path, use_aoti=False, logit_prompts=[ids], decode_steps=2)
+    assert results["tokens"] == model.generate(GENERATE_PROMPTS, NEW_TOKENS, greedy=True)
+    for e, g in zip(eager_logits(model, ids, 2), results["logits"][0]):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-4)
