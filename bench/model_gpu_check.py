@@ -1,7 +1,10 @@
-"""GPU check of the Kimi-Linear model (small preset, bf16), for the device tool; exits non-zero on
-any failed check:
-- varlen prefill then decode steps give the logits of one forward over each whole sequence;
-- bf16 vs fp32 logits agreement (reported: a measure, not a bar);
+"""GPU check of the Kimi-Linear model (small preset), for the device tool; exits non-zero on any
+failed check:
+- varlen prefill then decode steps give the logits of one forward over each whole sequence: a bar
+  on the fp32 model; the bf16 model's figures are reported (a measure, not a bar: a bf16 rounding
+  difference can flip an MoE top-k choice, and one flipped expert moves a token's logits by
+  several percent);
+- bf16 vs fp32 logits agreement (reported);
 - 1,000 greedy decode steps as a manual CUDA graph equal eager, token for token;
 - the compiled decode step (mode="reduce-overhead", fullgraph) runs with cudagraph_skips == 0,
   and its tokens are compared with eager (reported: Inductor's fusions may round differently).
@@ -19,30 +22,43 @@ from kda_ops import KimiLinearConfig, KimiLinearForCausalLM
 
 PROMPT_LENGTHS = [37, 300, 5, 129]
 PREFILL_DECODE_STEPS = 8
-PREFILL_DECODE_BAR = 0.02  # bf16 relative error of logits between two evaluation orders
+# fp32 relative error of logits between two evaluation orders: chunked vs recurrent KDA (tf32
+# tensor-core products inside the chunked kernels), packed vs single-sequence attention
+PREFILL_DECODE_BAR_FP32 = 5e-3
 
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check_prefill_decode(model, ref32, failures):
-    seqs = [torch.randint(0, model.config.vocab_size, (n + PREFILL_DECODE_STEPS,), device="cuda") for n in PROMPT_LENGTHS]
+@torch.no_grad()
+def prefill_decode_errors(model, seqs) -> list[dict]:
+    """Per sequence: relative error of the varlen prefill's and of the decode steps' logits
+    against one forward over the whole sequence, and that forward's logits."""
     slots = torch.arange(len(seqs), device="cuda")
     cu = torch.tensor([0] + PROMPT_LENGTHS, device="cuda").cumsum(0).to(torch.int32)
-    with torch.no_grad():
-        model.reset_sequences(slots)
-        pre = model.prefill(torch.cat([s[:n] for s, n in zip(seqs, PROMPT_LENGTHS)]), cu, slots, all_logits=True)
-        steps = [model.decode_step(torch.stack([s[n + t] for s, n in zip(seqs, PROMPT_LENGTHS)]), slots)
-                 for t in range(PREFILL_DECODE_STEPS)]
-        for i, (s, n) in enumerate(zip(seqs, PROMPT_LENGTHS)):
-            full = model(s[None])[0]
-            full32 = ref32(s[None])[0]
-            dec = torch.stack([st[i] for st in steps])
-            errors = {"prefill vs forward": rel(pre[cu[i]:cu[i + 1]], full[:n]), "decode vs forward": rel(dec, full[n:])}
-            print(f"seq {i} len {n}: " + ", ".join(f"{k} rel {v:.2e}" for k, v in errors.items())
-                  + f", bf16 forward vs fp32 rel {rel(full, full32):.2e}")
-            failures += [f"seq {i}: {k} {v:.2e} > {PREFILL_DECODE_BAR}" for k, v in errors.items() if not v <= PREFILL_DECODE_BAR]
+    model.reset_sequences(slots)
+    pre = model.prefill(torch.cat([s[:n] for s, n in zip(seqs, PROMPT_LENGTHS)]), cu, slots, all_logits=True)
+    steps = [model.decode_step(torch.stack([s[n + t] for s, n in zip(seqs, PROMPT_LENGTHS)]), slots)
+             for t in range(PREFILL_DECODE_STEPS)]
+    rows = []
+    for i, (s, n) in enumerate(zip(seqs, PROMPT_LENGTHS)):
+        full = model(s[None])[0]
+        dec = torch.stack([st[i] for st in steps])
+        rows.append({"prefill vs forward": rel(pre[cu[i]:cu[i + 1]], full[:n]), "decode vs forward": rel(dec, full[n:]), "forward": full})
+    return rows
+
+
+def check_prefill_decode(model, ref32, failures):
+    seqs = [torch.randint(0, model.config.vocab_size, (n + PREFILL_DECODE_STEPS,), device="cuda") for n in PROMPT_LENGTHS]
+    ref32.allocate_caches(len(PROMPT_LENGTHS), max(PROMPT_LENGTHS) + PREFILL_DECODE_STEPS)
+    for i, (r16, r32) in enumerate(zip(prefill_decode_errors(model, seqs), prefill_decode_errors(ref32, seqs))):
+        errors = {k: v for k, v in r32.items() if k != "forward"}
+        print(f"seq {i} len {PROMPT_LENGTHS[i]}: fp32 " + ", ".join(f"{k} rel {v:.2e}" for k, v in errors.items())
+              + "; bf16 " + ", ".join(f"{k} rel {v:.2e}" for k, v in r16.items() if k != "forward")
+              + f"; bf16 forward vs fp32 rel {rel(r16['forward'], r32['forward']):.2e}")
+        failures += [f"seq {i}: fp32 {k} {v:.2e} > {PREFILL_DECODE_BAR_FP32}" for k, v in errors.items()
+                     if not v <= PREFILL_DECODE_BAR_FP32]
 
 
 def check_generation(model, steps, failures):
