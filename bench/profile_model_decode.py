@@ -1,11 +1,14 @@
 """Where an eager decode step of the Kimi-Linear model spends its host time: torch.profiler over a
 few eager steps of the small preset (bf16, batch 1, context 1024 declared in the caches), the ops
-sorted by self CPU time, and the step's wall time against its GPU time.
+sorted by self CPU time, and the step's wall time against its GPU time; then cProfile over the same
+steps, the Python functions sorted by cumulative time (where a custom op's host time goes).
 
     python bench/profile_model_decode.py [--steps 10] [--rows 30]
 """
 
 import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -41,6 +44,11 @@ def main(argv=None) -> None:
                 model.decode_step(tokens, slots)
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=70))
+    with torch.no_grad(), cProfile.Profile() as python_profile:
+        for _ in range(args.steps):
+            model.decode_step(tokens, slots)
+        torch.cuda.synchronize()
+    pstats.Stats(python_profile).sort_stats("cumulative").print_stats(args.rows)
 
 
 if __name__ == "__main__":
