@@ -1,7 +1,7 @@
 """Sweeps the launch configuration of the chunked KDA forward's two kernels (the per-chunk kernel's
-K/V tiles and warps; the scan's V tile, warps and stages) on the GPU at hand, one kernel at a time
-around kernels/chunk_kda_fwd.py's launch_config, at the benchmark shapes (bf16, K = V = 128).
-launch_config is chosen from these tables.
+K/V tiles, warps and diagonal-block precision; the scan's V tile, warps and stages) on the GPU at
+hand, one kernel at a time around kernels/chunk_kda_fwd.py's launch_config, at the benchmark
+shapes (bf16, K = V = 128). launch_config is chosen from these tables.
 
     KDA_OPS_COMMIT=$(git rev-parse HEAD) python bench/tune_chunk_kda_fwd.py [results.json]
 
@@ -19,10 +19,13 @@ import triton
 from bench_chunk_kda import SHAPES, K, V, _forward_flops, _inputs
 from common import rel_rms
 
-from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton, launch_config
+from kda_ops.kernels.chunk_kda_fwd import DIAG_PRECISIONS, chunk_kda_fwd_triton, launch_config
 from kda_ops.meta.chunk_kda import chunk_kda_fwd_reference
 
-CHUNK_CHOICES = [dict(chunk_bk=bk, chunk_bv=bv, chunk_warps=w) for bk in (16, 32) for bv in (16, 32) for w in (4, 8)]
+CHUNK_CHOICES = [
+    dict(chunk_bk=bk, chunk_bv=bv, chunk_warps=w, diag_precision=p)
+    for bk in (16, 32) for bv in (16, 32) for w in (4, 8) for p in DIAG_PRECISIONS
+]
 SCAN_CHOICES = [
     dict(scan_bv=bv, scan_warps=w, scan_stages=s) for bv in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)
 ]

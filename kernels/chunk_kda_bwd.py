@@ -710,7 +710,7 @@ def chunk_kda_bwd_triton(
     launch(chunk_kda_fwd_chunk_kernel)[grid_chunks](
         q, k, v, g, beta, gc, qg, kg, gl, rqk, aqk, tkk, w, u, *index, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=fwd_cfg.chunk_bk, BV=fwd_cfg.chunk_bv, num_warps=fwd_cfg.chunk_warps,
-        BACKWARD_RECOMPUTE=True, **common,
+        BACKWARD_RECOMPUTE=True, DIAG_PRECISION=fwd_cfg.diag_precision, **common,
     )
 
     # 2. chunk-entry states and v_new

@@ -7,6 +7,7 @@ DESIGN.md (relative RMS error <= 0.005 for o and the final state), full coverage
 opcheck on CUDA and the kernels inside a fullgraph torch.compile.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from kda_inputs import kernel_check_inputs, rel_rms
 
 from kda_ops import chunk_kda
-from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton
+from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton, launch_config
 from kda_ops.meta.chunk_kda import chunk_kda_fwd_reference
 from kda_ops.meta.kda_recurrent import recurrent_kda
 
@@ -31,6 +32,11 @@ def test_interpreted_kernels_match_reference():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_launch_config_rejects_unknown_diag_precision():
+    with pytest.raises(ValueError, match="diag_precision"):
+        dataclasses.replace(launch_config(128, 128, torch.bfloat16), diag_precision="bf16")
 
 
 def _reference(x, cu_seqlens, scale, l2):
@@ -79,6 +85,23 @@ def test_forward_bf16_within_bar(B, T, H, K, V, cu, initial_state, l2, gate_floo
     ref_o, ref_final = _reference(x, cu_seqlens, K**-0.5, l2)
     assert o.dtype == torch.bfloat16 and final_state.dtype == torch.float32
     assert torch.isfinite(o).all() and torch.isfinite(final_state).all()
+    assert rel_rms(o, ref_o) <= BAR
+    assert rel_rms(final_state, ref_final) <= BAR
+
+
+@pytest.mark.gpu
+def test_forward_diag_tf32x3_within_bar():
+    """The diagonal blocks in tf32x3 instead of launch_config's tf32, through the launcher: the
+    same bar, so both precisions stay covered."""
+    cu = [0, 15, 100, 300, 1200, 2000]
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32, device="cuda")
+    n, T, H, K = len(cu) - 1, cu[-1], 2, 128
+    x = kernel_check_inputs(1, T, H, K, K, n_seqs=n, initial_state=True, l2norm_in_op=True, gate_floor=True)
+    config = dataclasses.replace(launch_config(K, K, torch.bfloat16), diag_precision="tf32x3")
+    o = torch.empty((1, T, H, K), dtype=torch.bfloat16, device="cuda")
+    final_state = torch.empty((n, H, K, K), device="cuda")
+    chunk_kda_fwd_triton(*x.values(), cu_seqlens, K**-0.5, True, o, final_state, config=config)
+    ref_o, ref_final = _reference(x, cu_seqlens, K**-0.5, True)
     assert rel_rms(o, ref_o) <= BAR
     assert rel_rms(final_state, ref_final) <= BAR
 
