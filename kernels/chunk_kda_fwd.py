@@ -36,8 +36,9 @@ underflows, the true product, smaller than either, underflows too), and the anch
 later row than i, so no rounding leaks from future tokens. Each level costs one exponential per
 element of [BT, BK] (G at the anchors by tl.gather) and two tensor-core products: levels 0-3
 (inside the sub-chunks) batched as [4, 16, 16] in LaunchConfig.diag_precision, levels 4-5 in tf32
-(as the anchored off-diagonal blocks always were). The diagonal's default is plain tf32, not
-tf32x3: measured 14% faster on an H100 with o's error 2.2e-3 vs 2.1e-3 (bar 5e-3), bench/NOTES.md.
+(as the anchored off-diagonal blocks always were). For 16-bit inputs the diagonal is plain tf32,
+not tf32x3: measured 14% faster on an H100 with o's error 2.2e-3 vs 2.1e-3 (bar 5e-3,
+bench/NOTES.md); fp32 inputs keep tf32x3.
 G_last is read off the last row of G exactly (a masked sum adds zeros). The L2 norm is a row
 scaling of the q and k tiles.
 
@@ -436,6 +437,8 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
         scan_bv=32,
         scan_warps=4,
         scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
+        # fp32 inputs keep an fp32-accurate diagonal: tf32's 2^-11 would be most of their error
+        diag_precision="tf32x3" if wide else "tf32",
     )
 
 
