@@ -362,7 +362,8 @@ def export_model(
 
             start = time.perf_counter()
             package = os.path.join(out_dir, aoti_file(name))
-            aoti_compile_and_package(exported, package_path=package, inductor_configs=aoti_configs)
+            # a copy: aoti_compile_and_package adds its own keys to the dict it is given
+            aoti_compile_and_package(exported, package_path=package, inductor_configs=dict(aoti_configs))
             seconds[aoti_file(name)] = time.perf_counter() - start
             ops_called_back.update(_ops_called_back_by_package(package))
             say(f"  {aoti_file(name)}: compiled by AOTInductor in {seconds[aoti_file(name)]:.1f} s")
