@@ -98,8 +98,8 @@ def test_forward_diag_tf32x3_within_bar():
     n, T, H, K = len(cu) - 1, cu[-1], 2, 128
     x = kernel_check_inputs(1, T, H, K, K, n_seqs=n, initial_state=True, l2norm_in_op=True, gate_floor=True)
     config = dataclasses.replace(launch_config(K, K, torch.bfloat16), diag_precision="tf32x3")
-    o = torch.empty((1, T, H, K), dtype=torch.bfloat16, device="cuda")
-    final_state = torch.empty((n, H, K, K), device="cuda")
+    o = torch.full((1, T, H, K), float("nan"), dtype=torch.bfloat16, device="cuda")
+    final_state = torch.full((n, H, K, K), float("nan"), device="cuda")
     chunk_kda_fwd_triton(*x.values(), cu_seqlens, K**-0.5, True, o, final_state, config=config)
     ref_o, ref_final = _reference(x, cu_seqlens, K**-0.5, True)
     assert rel_rms(o, ref_o) <= BAR
