@@ -87,8 +87,8 @@ from .chunk_kda_fwd import (
     BT,
     _load_rows,
     _store_rows,
-    chunk_kda_fwd_chunk_kernel,
-    chunk_table,
+    chunk_index,
+    run_chunk_kernel,
 )
 from .chunk_kda_fwd import launch_config as fwd_launch_config
 
@@ -678,40 +678,19 @@ def chunk_kda_bwd_triton(
     fwd_cfg = fwd_launch_config(K, V, q.dtype)
     cfg = launch_config(K, V, q.dtype)
     is_varlen = cu_seqlens is not None
-    if is_varlen:
-        N = cu_seqlens.shape[0] - 1
-        chunk_seq, chunk_offsets, slots = chunk_table(cu_seqlens, T, launch)
-        NT = slots
-    else:
-        N = B
-        chunk_seq = chunk_offsets = None
-        NT = triton.cdiv(T, BT)
-        slots = B * NT
+    index, rows, slots = chunk_index(cu_seqlens, B, T, launch)
+    _, _, chunk_offsets, _, N, NT = index
     dt, f32, dev = q.dtype, torch.float32, q.device
-    grid_chunks = (NT, B * H)  # chunks per sequence, or chunk slots when varlen (B = 1)
+    grid_chunks = (rows, B * H)
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
 
     # 1. the forward's per-chunk quantities, by the forward's own per-chunk kernel (so with its
     # roundings): G_last, qg, kg, A_qk, w and u, and with BACKWARD_RECOMPUTE what the forward
     # op does not store: G, the q/k norms and the T its w and u were formed with, which the
-    # backward's chunk kernels read back. Every buffer a kernel writes is token-flat,
-    # [B*T, ...], as in the forward (pytorch#181735).
-    w = torch.empty((B * T, H, K), dtype=dt, device=dev)
-    qg = torch.empty((B * T, H, K), dtype=dt, device=dev)
-    kg = torch.empty((B * T, H, K), dtype=dt, device=dev)
-    u = torch.empty((B * T, H, V), dtype=f32, device=dev)
-    aqk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
-    gl = torch.empty((slots, H, K), dtype=f32, device=dev)
-    gc = torch.empty((B * T, H, K), dtype=f32, device=dev)
-    tkk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
-    rqk = torch.empty((B * T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev)
+    # backward's chunk kernels read back.
+    x = run_chunk_kernel(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, fwd_cfg, launch, backward_recompute=True)
+    w, u, qg, kg, aqk, gl, gc, rqk, tkk = (x.pop(name) for name in ("w", "u", "qg", "kg", "aqk", "gl", "gc", "rqk", "tkk"))
     common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
-    index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
-    launch(chunk_kda_fwd_chunk_kernel)[grid_chunks](
-        q, k, v, g, beta, gc, qg, kg, gl, rqk, aqk, tkk, w, u, *index, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, BK=fwd_cfg.chunk_bk, BV=fwd_cfg.chunk_bv, num_warps=fwd_cfg.chunk_warps,
-        BACKWARD_RECOMPUTE=True, DIAG_PRECISION=fwd_cfg.diag_precision, **common,
-    )
 
     # 2. chunk-entry states and v_new
     h = torch.empty((slots, H, K, V), dtype=dt, device=dev)

@@ -492,6 +492,68 @@ def chunk_table(
     return chunk_seq, chunk_offsets, slots
 
 
+def chunk_index(cu_seqlens: torch.Tensor | None, B: int, T: int, launch: Callable) -> tuple[tuple, int, int]:
+    """How the per-chunk and scan kernels find their chunks: (index, rows, slots).
+
+    index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT), the kernels' index arguments in
+    their order; rows: program rows of the per-chunk kernels (chunks per sequence, or chunk slots
+    when varlen, B = 1); slots: chunk slots in all (per-chunk buffers such as G_last)."""
+    if cu_seqlens is None:
+        NT = triton.cdiv(T, BT)
+        return (None, None, None, T, B, NT), NT, B * NT
+    chunk_seq, chunk_offsets, slots = chunk_table(cu_seqlens, T, launch)
+    return (cu_seqlens, chunk_seq, chunk_offsets, T, cu_seqlens.shape[0] - 1, slots), slots, slots
+
+
+def run_chunk_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    index: tuple,
+    rows: int,
+    slots: int,
+    scale: float,
+    use_qk_l2norm: bool,
+    cfg: LaunchConfig,
+    launch: Callable,
+    backward_recompute: bool,
+) -> dict[str, torch.Tensor]:
+    """Allocates what chunk_kda_fwd_chunk_kernel writes and launches it (q, k, v, g, beta
+    contiguous; index, rows, slots from chunk_index): w, u, qg, kg, aqk (A_qk) and gl (G_last)
+    for the scans; with backward_recompute (the backward's rerun) also gc (G), rqk (the q/k
+    norms, empty without them) and tkk (T).
+
+    w, qg, kg in the input dtype; u and A_qk in fp32: rounding either to bf16 costs as much
+    relative error as rounding o itself (~1.7e-3 each), w, qg, kg ~2e-4 together. Every buffer
+    a kernel writes is token-flat, [B*T, ...]: see meta/chunk_kda.py empty_tokens (pytorch#181735).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt, f32, dev = q.dtype, torch.float32, q.device
+    x = dict(
+        w=torch.empty((B * T, H, K), dtype=dt, device=dev),
+        u=torch.empty((B * T, H, V), dtype=f32, device=dev),
+        qg=torch.empty((B * T, H, K), dtype=dt, device=dev),
+        kg=torch.empty((B * T, H, K), dtype=dt, device=dev),
+        aqk=torch.empty((B * T, H, BT), dtype=f32, device=dev),
+        gl=torch.empty((slots, H, K), dtype=f32, device=dev),
+    )
+    if backward_recompute:
+        x["gc"] = torch.empty((B * T, H, K), dtype=f32, device=dev)
+        x["rqk"] = torch.empty((B * T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev)
+        x["tkk"] = torch.empty((B * T, H, BT), dtype=f32, device=dev)
+    launch(chunk_kda_fwd_chunk_kernel)[(rows, B * H)](
+        q, k, v, g, beta, x.get("gc"), x["qg"], x["kg"], x["gl"], x.get("rqk"), x["aqk"], x.get("tkk"), x["w"], x["u"],
+        *index, scale,
+        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv, num_warps=cfg.chunk_warps,
+        IS_VARLEN=index[0] is not None, USE_QK_L2NORM=use_qk_l2norm,
+        BACKWARD_RECOMPUTE=backward_recompute, DIAG_PRECISION=cfg.diag_precision,
+    )
+    return x
+
+
 def chunk_kda_fwd_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -520,35 +582,10 @@ def chunk_kda_fwd_triton(
     B, T, H, K = q.shape
     V = v.shape[-1]
     cfg = config or launch_config(K, V, q.dtype)
-    is_varlen = cu_seqlens is not None
-    if is_varlen:
-        N = cu_seqlens.shape[0] - 1
-        chunk_seq, chunk_offsets, slots = chunk_table(cu_seqlens, T, launch)
-        NT = slots
-    else:
-        N = B
-        chunk_seq = chunk_offsets = None
-        NT = triton.cdiv(T, BT)
-        slots = B * NT
-    # w, qg, kg in the input dtype; u and A_qk in fp32: rounding either to bf16 costs as much
-    # relative error as rounding o itself (~1.7e-3 each), w, qg, kg ~2e-4 together. Every buffer
-    # a kernel writes is token-flat, [B*T, ...]: see meta/chunk_kda.py empty_tokens (pytorch#181735)
-    dt, f32 = q.dtype, torch.float32
-    w = torch.empty((B * T, H, K), dtype=dt, device=q.device)
-    qg = torch.empty((B * T, H, K), dtype=dt, device=q.device)
-    kg = torch.empty((B * T, H, K), dtype=dt, device=q.device)
-    u = torch.empty((B * T, H, V), dtype=f32, device=q.device)
-    aqk = torch.empty((B * T, H, BT), dtype=f32, device=q.device)
-    gl = torch.empty((slots, H, K), dtype=f32, device=q.device)
-
-    rows = NT if not is_varlen else slots  # program rows: chunks, or chunk slots when varlen
-    common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
-    index = (cu_seqlens, chunk_seq, chunk_offsets, T, N, NT)
-    launch(chunk_kda_fwd_chunk_kernel)[(rows, B * H)](
-        q, k, v, g, beta, None, qg, kg, gl, None, aqk, None, w, u, *index, scale,  # no gc, rqk, tkk
-        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv, num_warps=cfg.chunk_warps,
-        BACKWARD_RECOMPUTE=False, DIAG_PRECISION=cfg.diag_precision, **common,
-    )
+    index, rows, slots = chunk_index(cu_seqlens, B, T, launch)
+    _, _, chunk_offsets, _, N, NT = index
+    x = run_chunk_kernel(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, cfg, launch, backward_recompute=False)
+    w, u, qg, kg, aqk, gl = (x[name] for name in ("w", "u", "qg", "kg", "aqk", "gl"))
     store_final = final_state.dim() == 4
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
     launch(chunk_kda_fwd_scan_kernel)[grid_scan](
@@ -559,7 +596,7 @@ def chunk_kda_fwd_triton(
         H=H, K=K, V=V, BT=BT, BK=cfg.scan_bk, BV=cfg.scan_bv,
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=store_final,
-        IS_VARLEN=is_varlen,
+        IS_VARLEN=cu_seqlens is not None,
         num_warps=cfg.scan_warps,
         num_stages=cfg.scan_stages,
     )
