@@ -1,9 +1,11 @@
 """Helpers shared by the benchmark suites (imported by bench_*.py and bench scripts only)."""
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import triton
+from torch.profiler import ProfilerActivity, profile
 
 CEILING_COPY_BYTES = 2**30  # bytes of the copied tensor: 20x the H100's L2
 CEILING_MATMUL_N = 8192
@@ -109,3 +111,19 @@ def declare_context(model, length: int) -> None:
         for pool in (attn.q_conv_state, attn.k_conv_state, attn.v_conv_state):
             pool.normal_()
     model.seq_lens.fill_(length)
+
+
+def kernel_times(run, calls: int) -> dict[str, float]:
+    """Mean CUDA microseconds per call of each kernel `run` launches."""
+    for _ in range(2):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    totals = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time
+    return {name: t / calls for name, t in sorted(totals.items(), key=lambda kv: -kv[1])}

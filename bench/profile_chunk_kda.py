@@ -15,14 +15,13 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_chunk_kda import K, _forward_backward, _inputs  # noqa: E402
+from common import kernel_times  # noqa: E402
 
 from kda_ops import chunk_kda  # noqa: E402
 from kda_ops.kernels import chunk_kda_bwd, chunk_kda_fwd  # noqa: E402
@@ -45,22 +44,6 @@ def use_diag_precision(diag_precision: str) -> None:
 
     chunk_kda_fwd.launch_config = config
     chunk_kda_bwd.fwd_launch_config = config
-
-
-def kernel_times(run, calls: int) -> dict[str, float]:
-    """Mean CUDA microseconds per call of each kernel `run` launches."""
-    for _ in range(2):
-        run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            run()
-        torch.cuda.synchronize()
-    totals = defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            totals[event.name] += event.device_time
-    return {name: t / calls for name, t in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def profile_shape(provider, B, T, H, calls):
