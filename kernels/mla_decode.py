@@ -20,8 +20,10 @@ so one CUDA graph serves every step:
    - token-major: S^T = K Q^T [BLOCK_N, BLOCK_H], O^T += V^T P^T [V, BLOCK_H]. MMA M = BLOCK_N
      and V, so wgmma at any head count without padding; the softmax runs along axis 0.
 2. `mla_decode_combine_kernel`, grid (B, H, cdiv(V, BLOCK_VC)): finds the programs that covered
-   sequence b (the inverse of the partition), merges their partials with log-sum-exp and writes
-   o (in o's dtype) and lse (natural log). A sequence of length 0 gets o = 0, lse = -inf.
+   sequence b (the inverse of the partition), merges their partials with log-sum-exp, BLOCK_S at
+   a time, and writes o (in o's dtype) and lse (natural log). BLOCK_S and BLOCK_VC follow from
+   B and P (combine_blocks), so the usual sequence needs one step: each step's loads wait on
+   nothing but the scan of seq_lens. A sequence of length 0 gets o = 0, lse = -inf.
 
 Both kernels load seq_lens in their own bodies and hand the lengths, not the pointer, to
 @triton.jit helpers: torch's analysis of what a kernel writes (the one Inductor relies on) takes a
@@ -40,8 +42,8 @@ import triton.language as tl
 
 LN2 = tl.constexpr(math.log(2.0))
 BLOCK_B = 256  # sequence lengths read per step of the on-device tile count
-COMBINE_BLOCK_S = 32  # partials merged per step of the combine kernel
-COMBINE_BLOCK_V = 128  # value columns per combine program
+COMBINE_TILE = 4096  # partial elements [BLOCK_S, BLOCK_VC] a combine program loads per step
+COMBINE_MAX_BLOCK_S = 256  # partials per step at most (one step at B = 1 up to 256 programs)
 
 
 @triton.jit
@@ -281,29 +283,27 @@ def mla_decode_combine_kernel(
     b_total = tl.maximum(b_total, 1)
     i_p0 = _program_of_tile(b_first, num_programs, b_total)
     n_parts = (_program_of_tile(b_first + n_tiles - 1, num_programs, b_total) - i_p0 + 1).to(tl.int32)
-    # Programs between the first and the last may own no tiles at all (T < P): their rows are unwritten.
-    b_m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)  # [BLOCK_S] running max of the partials' lse
+    # One pass over the partials, BLOCK_S at a time, with a running max: the partial's lse and o
+    # loads are independent, so a sequence with at most BLOCK_S partials costs one round trip.
+    b_m = tl.full([], float("-inf"), dtype=tl.float32)  # running max of the partials' lse (log2)
+    b_l = tl.zeros([], dtype=tl.float32)  # running sum of exp2(lse - b_m)
+    b_acc = tl.zeros([BLOCK_VC], dtype=tl.float32)  # [BLOCK_VC]
     for i_s in range(0, n_parts, BLOCK_S):
         o_p = i_p0 + i_s + tl.arange(0, BLOCK_S)  # [BLOCK_S] programs
-        m_s = (i_s + tl.arange(0, BLOCK_S) < n_parts) & ((o_p * b_total) // num_programs < ((o_p + 1) * b_total) // num_programs)
-        b_lse_s = tl.load(lse_part + (i_b64 + o_p) * H + i_h, mask=m_s, other=float("-inf"))  # [BLOCK_S]
-        b_m = tl.maximum(b_m, b_lse_s)
-    b_mx = tl.max(b_m, 0)
-
-    b_l = tl.zeros([BLOCK_S], dtype=tl.float32)  # [BLOCK_S]
-    b_acc = tl.zeros([BLOCK_S, BLOCK_VC], dtype=tl.float32)  # [BLOCK_S, BLOCK_VC]
-    for i_s in range(0, n_parts, BLOCK_S):
-        o_p = i_p0 + i_s + tl.arange(0, BLOCK_S)  # [BLOCK_S] programs
+        # Programs between the first and the last may own no tiles at all (T < P): their rows are unwritten.
         m_s = (i_s + tl.arange(0, BLOCK_S) < n_parts) & ((o_p * b_total) // num_programs < ((o_p + 1) * b_total) // num_programs)
         o_ws = (i_b64 + o_p) * H + i_h  # [BLOCK_S] workspace rows
-        b_w = tl.exp2(tl.load(lse_part + o_ws, mask=m_s, other=float("-inf")) - b_mx)  # [BLOCK_S]
+        b_lse_s = tl.load(lse_part + o_ws, mask=m_s, other=float("-inf"))  # [BLOCK_S]
         b_os = tl.load(o_part + o_ws[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)  # [BLOCK_S, BLOCK_VC]
-        b_l += b_w
-        b_acc += b_w[:, None] * b_os
-    b_lsum = tl.sum(b_l, 0)
-    tl.store(p_o, (tl.sum(b_acc, 0) / b_lsum).to(o.dtype.element_ty), mask=m_v)
+        b_m_new = tl.maximum(b_m, tl.max(b_lse_s, 0))  # finite: the first step holds the sequence's first program, which owns a tile
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_w = tl.exp2(b_lse_s - b_m_new)  # [BLOCK_S]; 0 for masked rows
+        b_l = b_l * b_alpha + tl.sum(b_w, 0)
+        b_acc = b_acc * b_alpha + tl.sum(b_w[:, None] * b_os, 0)
+        b_m = b_m_new
+    tl.store(p_o, (b_acc / b_l).to(o.dtype.element_ty), mask=m_v)
     if i_v == 0:
-        tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, (b_mx + tl.log2(b_lsum)) * LN2)
+        tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, (b_m + tl.log2(b_l)) * LN2)
 
 
 @dataclass(frozen=True)
@@ -319,15 +319,14 @@ class MLADecodeConfig:
 
 
 # (arch, dtype, H, D_qk, v_dim) -> config: the winners of bench/tune_mla_decode.py on an H100
-# (results/h100/mla_decode_tune.json: head-major beat token-major at both head counts, by 5% at
-# H = 32, B = 128, L = 32768 and 10% at H = 16). Other keys take the heuristic.
+# (results/h100/mla_decode_tune.json). 5 stages: Triton's pipeliner spends one stage on the
+# page-id load that the tile load depends on, and only from 5 stages on does the KV tile get two
+# buffers, i.e. a load in flight while the dots read the other one (bench/NOTES.md).
 _SM90 = (9, 0)
 CONFIGS = {
-    (_SM90, dtype, 32, 576, 512): MLADecodeConfig(block_h=32, block_n=64, num_warps=8, num_stages=3, token_major=False, programs_per_sm=1)
+    (_SM90, dtype, heads, 576, 512): MLADecodeConfig(block_h=heads, block_n=64, num_warps=8, num_stages=5, token_major=False, programs_per_sm=1)
     for dtype in (torch.bfloat16, torch.float16)
-} | {
-    (_SM90, dtype, 16, 576, 512): MLADecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=2, token_major=False, programs_per_sm=1)
-    for dtype in (torch.bfloat16, torch.float16)
+    for heads in (16, 32)
 }
 SMEM_TILE_BYTES = 72 * 1024  # one pipelined [BLOCK_N, D_qk] KV tile: caps BLOCK_N for wide rows
 
@@ -345,15 +344,15 @@ def device_sm_count_and_arch(device: torch.device) -> tuple[int, tuple[int, int]
 def heuristic_config(num_heads: int, head_dim: int, v_dim: int, dtype: torch.dtype) -> MLADecodeConfig:
     """Head-major (it measured faster than token-major on the H100 at every swept head count),
     all heads (up to 64; 16 for fp32, whose IEEE dots run on FMA registers) in one program, the
-    widest power-of-two BLOCK_N <= 64 whose tile fits SMEM_TILE_BYTES, 8 warps, 2 stages, one
-    program per SM."""
+    widest power-of-two BLOCK_N <= 64 whose tile fits SMEM_TILE_BYTES, 8 warps, 5 stages (two
+    buffers of the KV tile, see CONFIGS), one program per SM."""
     padded_row = _block_v(v_dim) + _block_r(head_dim - v_dim)
     tile_rows = max(16, SMEM_TILE_BYTES // (padded_row * dtype.itemsize))
     return MLADecodeConfig(
         block_h=min(64 if dtype.itemsize < 4 else 16, max(16, triton.next_power_of_2(num_heads))),
         block_n=min(64, 1 << (tile_rows.bit_length() - 1)),
         num_warps=8,
-        num_stages=2,
+        num_stages=5,
         token_major=False,
         programs_per_sm=1,
     )
@@ -374,6 +373,17 @@ def _block_v(v_dim: int) -> int:
 def _block_r(rope_dim: int) -> int:
     """The shared-key tile width; 16 fully masked columns when there is no shared key."""
     return max(16, triton.next_power_of_2(rope_dim))
+
+
+def combine_blocks(num_programs: int, batch: int, v_dim: int) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_VC) of the combine kernel. With equal lengths a sequence spans at most
+    cdiv(P, B) + 1 of the P split programs: BLOCK_S covers that many partials, so the usual
+    sequence is merged in one step, and BLOCK_VC takes the rest of a COMBINE_TILE, so small
+    batches get more programs (B = 1: one per 16 value columns of each head) and large batches
+    fewer, wider ones. Longer sequences of a mixed batch take more steps."""
+    block_s = min(COMBINE_MAX_BLOCK_S, triton.next_power_of_2(triton.cdiv(num_programs, max(batch, 1)) + 1))
+    block_vc = max(16, min(_block_v(v_dim), COMBINE_TILE // block_s))
+    return block_s, block_vc
 
 
 def _launch_directly(kernel):
@@ -444,7 +454,8 @@ def mla_decode_triton(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    launch(mla_decode_combine_kernel)[(B, H, triton.cdiv(v_dim, COMBINE_BLOCK_V))](
+    block_s, block_vc = combine_blocks(num_programs, B, v_dim)
+    launch(mla_decode_combine_kernel)[(B, H, triton.cdiv(v_dim, block_vc))](
         o_part,
         lse_part,
         seq_lens,
@@ -463,8 +474,8 @@ def mla_decode_triton(
         PAGE_SIZE=page_size,
         BLOCK_N=config.block_n,
         BLOCK_B=BLOCK_B,
-        BLOCK_S=COMBINE_BLOCK_S,
-        BLOCK_VC=COMBINE_BLOCK_V,
+        BLOCK_S=block_s,
+        BLOCK_VC=block_vc,
         num_warps=4,
         num_stages=2,
     )
