@@ -7,8 +7,10 @@ ships in the triton wheel.
 The launch arguments are not restated here: each op's launcher (chunk_kda_fwd_triton,
 chunk_kda_bwd_triton, kda_decode_fwd, causal_conv1d_update_fwd, mla_decode_triton) runs on small
 CPU tensors with its kernel launches intercepted, so every kernel is compiled with exactly the
-arguments, constexprs, num_warps and num_stages that its launcher passes. Runtime integers are
-compiled as generic i32 (no value specialisation), pointers as 16-byte aligned (torch's
+arguments, constexprs, num_warps and num_stages that its launcher passes. Runtime integers that
+the launch passed as multiples of 16 are compiled as such, as Triton's JIT specialises them on
+the GPU (without it the paged loads of mla_decode are not vectorised, never pipelined, and their
+shared memory is underestimated), pointers as 16-byte aligned (torch's
 allocations are).
 
 Each op runs in two variants: `plain` (dense batch, every optional feature off) and `full`
@@ -64,11 +66,12 @@ class Launch:
     module: str
     signature: tuple  # ((name, type or "constexpr"), ...) in parameter order
     constexprs: tuple  # ((name, value), ...)
+    divisible: tuple  # indices of the integer arguments passed as multiples of 16
     num_warps: int
     num_stages: int
 
     def key(self):
-        return (self.module, self.kernel, self.signature, self.constexprs, self.num_warps, self.num_stages)
+        return (self.module, self.kernel, self.signature, self.constexprs, self.divisible, self.num_warps, self.num_stages)
 
     def config(self) -> str:
         shown = {n: v for n, v in self.constexprs if n.startswith("B") or n in ("D", "W")}
@@ -104,7 +107,7 @@ class _Recorder:
         num_stages = kwargs.pop("num_stages", 3)  # triton's default on CUDA
         bound = dict(zip(fn.arg_names, args))
         bound.update(kwargs)
-        signature, constexprs = [], []
+        signature, constexprs, divisible = [], [], []
         for param in fn.params:
             name = param.name
             if name not in bound and param.default is inspect.Parameter.empty:
@@ -119,13 +122,15 @@ class _Recorder:
                 signature.append((name, "i1"))
             elif isinstance(value, int):
                 signature.append((name, "i32" if -(2**31) <= value < 2**31 else "i64"))
+                if value % 16 == 0:
+                    divisible.append(len(signature) - 1)
             elif isinstance(value, float):
                 signature.append((name, "fp32"))
             else:
                 raise TypeError(f"{fn.__name__}: argument {name} of type {type(value).__name__}")
         self.launches.append(
             Launch(self.family, self.case, fn.__name__, fn.__module__, tuple(signature), tuple(constexprs),
-                   num_warps, num_stages)
+                   tuple(divisible), num_warps, num_stages)
         )
 
 
@@ -261,7 +266,8 @@ def compile_one(launch: Launch) -> Resources:
     module = {m.__name__: m for m in (chunk_kda_bwd, chunk_kda_fwd, kda_decode, mla_decode)}[launch.module]
     fn = getattr(module, launch.kernel)
     signature = dict(launch.signature)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (_, t) in enumerate(launch.signature) if t.startswith("*")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (_, t) in enumerate(launch.signature)
+             if t.startswith("*") or i in launch.divisible}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
     try:
         compiled = triton.compile(src, target=TARGET,

@@ -328,7 +328,7 @@ CONFIGS = {
     for dtype in (torch.bfloat16, torch.float16)
     for heads in (16, 32)
 }
-SMEM_TILE_BYTES = 72 * 1024  # one pipelined [BLOCK_N, D_qk] KV tile: caps BLOCK_N for wide rows
+SMEM_BUDGET = 200 * 1024  # the KV tile buffers and the q block; the rest of the 227 KB is scratch
 
 
 @lru_cache(maxsize=None)
@@ -343,13 +343,17 @@ def device_sm_count_and_arch(device: torch.device) -> tuple[int, tuple[int, int]
 
 def heuristic_config(num_heads: int, head_dim: int, v_dim: int, dtype: torch.dtype) -> MLADecodeConfig:
     """Head-major (it measured faster than token-major on the H100 at every swept head count),
-    all heads (up to 64; 16 for fp32, whose IEEE dots run on FMA registers) in one program, the
-    widest power-of-two BLOCK_N <= 64 whose tile fits SMEM_TILE_BYTES, 8 warps, 5 stages (two
-    buffers of the KV tile, see CONFIGS), one program per SM."""
-    padded_row = _block_v(v_dim) + _block_r(head_dim - v_dim)
-    tile_rows = max(16, SMEM_TILE_BYTES // (padded_row * dtype.itemsize))
+    all heads (up to 64; 16 for fp32, whose IEEE dots run on FMA registers) in one program, 8
+    warps, 5 stages (see CONFIGS), one program per SM, and the widest power-of-two BLOCK_N <= 64
+    whose KV tile buffers fit SMEM_BUDGET beside the q block: two buffers, three where the dots
+    compile to wgmma (16-bit inputs, 64 heads per program), as Triton's pipeliner allocates them
+    at 5 stages."""
+    row_bytes = (_block_v(v_dim) + _block_r(head_dim - v_dim)) * dtype.itemsize
+    block_h = min(64 if dtype.itemsize < 4 else 16, max(16, triton.next_power_of_2(num_heads)))
+    tile_buffers = 3 if block_h >= 64 and dtype.itemsize == 2 else 2
+    tile_rows = max(16, (SMEM_BUDGET - block_h * row_bytes) // (tile_buffers * row_bytes))
     return MLADecodeConfig(
-        block_h=min(64 if dtype.itemsize < 4 else 16, max(16, triton.next_power_of_2(num_heads))),
+        block_h=block_h,
         block_n=min(64, 1 << (tile_rows.bit_length() - 1)),
         num_warps=8,
         num_stages=5,

@@ -1,11 +1,13 @@
-"""The chunked KDA backward's own Triton kernels fit an H100 (sm_90): compiled offline for sm_90 at
-the launch configurations chunk_kda_bwd_triton uses, each needs at most 200 KB of shared memory
-per block (the hardware allows 232448 bytes; the margin is for other triton versions, the GPU
-machine runs 3.6) — bench/check_kernel_resources.py does the compiling and the ptxas report.
+"""The chunked KDA backward's own Triton kernels and the MLA decode split kernel fit an H100
+(sm_90): compiled offline for sm_90 at the launch configurations their launchers use, each needs
+at most 200 KB of shared memory per block (the hardware allows 232448 bytes; the margin is for
+other triton versions, the GPU machine runs 3.6) — bench/check_kernel_resources.py does the
+compiling and the ptxas report.
 
-CPU only, ~15 s: the state, dstate, wy, intra and finish kernels at K = V = 100 (masked tails)
+CPU only, ~40 s: the state, dstate, wy, intra and finish kernels at K = V = 100 (masked tails)
 and 256 (the largest tiles of the scans), bf16 and fp32 (the largest operands), every feature
-switched on.
+switched on; the split kernel at 16, 32 and 64+ heads in bf16 (its pipelined KV tile buffers
+are the largest allocation).
 `python bench/check_kernel_resources.py` covers every kernel of the package at every supported
 dim and dtype.
 """
@@ -34,11 +36,11 @@ def _ptxas() -> str | None:
     return None if tool is None else tool.path
 
 
-def _check(*args) -> subprocess.CompletedProcess:
+def _check(*args, family="chunk_kda_bwd", match="chunk_kda_bwd_") -> subprocess.CompletedProcess:
     if _ptxas() is None:
         pytest.skip("no ptxas for sm_90: triton's NVIDIA backend or its bundled ptxas is missing "
                     "(set TRITON_PTXAS_PATH to a CUDA 12.x ptxas)")
-    cmd = [sys.executable, str(SCRIPT), "--kernels", "chunk_kda_bwd", "--match", "chunk_kda_bwd_", "--jobs", "2", *args]
+    cmd = [sys.executable, str(SCRIPT), "--kernels", family, "--match", match, "--jobs", "2", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -55,6 +57,20 @@ def test_chunk_backward_kernels_fit_sm90_shared_memory():
     for kernel, config, shared, registers, *_ in rows:
         assert 0 < int(shared) <= MARGIN_SHARED, f"{kernel} {config}: {shared} bytes of shared memory"
         assert 0 < int(registers) <= 255, f"{kernel} {config}: {registers} registers"
+
+
+def test_mla_decode_split_kernel_fits_sm90_shared_memory():
+    """At 5 stages Triton gives the paged KV tile two buffers (three with wgmma at 64 heads per
+    program); the heuristic's BLOCK_N must leave them room beside the q block (64 heads once
+    asked for 295936 bytes)."""
+    run = _check("--dtypes", "bf16", "--variants", "plain", "--max-shared", str(MARGIN_SHARED),
+                 family="mla_decode", match="mla_decode_split")
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [m.groups() for line in run.stdout.splitlines() if (m := ROW.match(line)) and m.group(1) == "mla_decode_split_kernel"]
+    assert len(rows) == 3, run.stdout  # BLOCK_H 16, 32 and 64 (128 heads share 64's tile)
+    for _, config, shared, *_ in rows:
+        assert 0 < int(shared) <= MARGIN_SHARED, f"{config}: {shared} bytes of shared memory"
 
 
 def test_check_fails_over_the_shared_memory_limit():
