@@ -12,18 +12,20 @@ so one CUDA graph serves every step:
    the same number of cache bytes at any mix of lengths (no wave tail, no idle SMs at B = 1).
    Each program derives its range from seq_lens on the device. For each sequence its range
    touches it writes one partial (o normalised in fp32, log2-sum-exp) to workspace row b + p: the
-   ranges are ordered, so (b, p) -> b + p is one-to-one and the workspace has B + P rows.
+   ranges are ordered, so (b, p) -> b + p is one-to-one and the workspace has B + P rows. The
+   programs that hold a sequence's first and last tile write their index to part_span [2, B];
+   a program without tiles (T < P) inside a span writes lse = -inf to its row.
    Each [BLOCK_N, D_qk] tile is loaded once through the block table and its first V columns are
    the values. Two orientations of the two products (config.token_major):
    - head-major: S = Q K^T [BLOCK_H, BLOCK_N], O += P V [BLOCK_H, V]. MMA M = BLOCK_H, so H < 64
      compiles to mma.sync unless BLOCK_H pads the heads to 64.
    - token-major: S^T = K Q^T [BLOCK_N, BLOCK_H], O^T += V^T P^T [V, BLOCK_H]. MMA M = BLOCK_N
      and V, so wgmma at any head count without padding; the softmax runs along axis 0.
-2. `mla_decode_combine_kernel`, grid (B, H, cdiv(V, BLOCK_VC)): finds the programs that covered
-   sequence b (the inverse of the partition), merges their partials with log-sum-exp, BLOCK_S at
-   a time, and writes o (in o's dtype) and lse (natural log). BLOCK_S and BLOCK_VC follow from
-   B and P (combine_blocks), so the usual sequence needs one step: each step's loads wait on
-   nothing but the scan of seq_lens. A sequence of length 0 gets o = 0, lse = -inf.
+2. `mla_decode_combine_kernel`, grid (B, H): reads sequence b's span and merges its partials
+   with log-sum-exp, BLOCK_S rows of all V columns per pipelined step, and writes o (in o's
+   dtype) and lse (natural log). Its cost is per program (three loads, then the partials), not
+   per byte: one program per output row keeps the count at B * H whatever P is, with nothing
+   keyed on B (bench/NOTES.md). A sequence of length 0 gets o = 0, lse = -inf.
 
 Both kernels load seq_lens in their own bodies and hand the lengths, not the pointer, to
 @triton.jit helpers: torch's analysis of what a kernel writes (the one Inductor relies on) takes a
@@ -42,21 +44,13 @@ import triton.language as tl
 
 LN2 = tl.constexpr(math.log(2.0))
 BLOCK_B = 256  # sequence lengths read per step of the on-device tile count
-COMBINE_TILE = 4096  # partial elements [BLOCK_S, BLOCK_VC] a combine program loads per step
-COMBINE_MAX_BLOCK_S = 256  # partials per step at most (one step at B = 1 up to 256 programs)
+COMBINE_BLOCK_S = 8  # partials a combine program merges per step
 
 
 @triton.jit
 def _tile_counts(b_len, capacity, BLOCK_N: tl.constexpr):
     """Tiles of sequences of lengths b_len: cdiv(b_len clamped to [0, capacity], BLOCK_N)."""
     return tl.cdiv(tl.minimum(tl.maximum(b_len, 0), capacity), BLOCK_N)
-
-
-@triton.jit
-def _program_of_tile(i_t, num_programs, b_total):
-    """The program whose range [p*T // P, (p+1)*T // P) holds tile i_t: the largest p with
-    p*T // P <= i_t, i.e. ((i_t + 1) * P - 1) // T (int64: T * P can pass 2^31)."""
-    return ((i_t.to(tl.int64) + 1) * num_programs - 1) // b_total
 
 
 @triton.jit
@@ -157,6 +151,7 @@ def mla_decode_split_kernel(
     seq_lens,
     o_part,
     lse_part,
+    part_span,
     qk_scale,
     B,
     H,
@@ -191,8 +186,6 @@ def mla_decode_split_kernel(
         b_total += tl.sum(_tile_counts(b_len, capacity, BLOCK_N), 0)
     i_t = ((i_p.to(tl.int64) * b_total) // num_programs).to(tl.int32)
     t_end = (((i_p.to(tl.int64) + 1) * b_total) // num_programs).to(tl.int32)
-    if i_t >= t_end:
-        return
     # the sequence i_b that holds tile i_t, and its first tile b_first
     b_carry = 0
     i_b = 0
@@ -209,12 +202,24 @@ def mla_decode_split_kernel(
 
     o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
     m_h = o_h < H
+    if i_t >= t_end:
+        # No tile (T < P). Inside sequence i_b's span of programs the combine reads this
+        # program's row b + p: an lse of -inf gives it weight 0.
+        if (i_t > b_first) & (i_t < b_total):
+            tl.store(lse_part + (i_b.to(tl.int64) + i_p) * H + o_h, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=m_h)
+        return
     # Walk the sequences the range [i_t, t_end) crosses; an empty one has no tiles and is skipped.
     while i_t < t_end:
         i_b64 = i_b.to(tl.int64)
         seq_len = tl.minimum(tl.maximum(tl.load(seq_lens + i_b64 * stride_sl), 0), capacity)
-        seg_end = tl.minimum(b_first + tl.cdiv(seq_len, BLOCK_N), t_end)
+        seq_end = b_first + tl.cdiv(seq_len, BLOCK_N)
+        seg_end = tl.minimum(seq_end, t_end)
         if seg_end > i_t:
+            # the span [first, last] of programs that hold sequence i_b's partials
+            if (i_hb == 0) & (i_t == b_first):
+                tl.store(part_span + i_b64, i_p)
+            if (i_hb == 0) & (seg_end == seq_end):
+                tl.store(part_span + B + i_b64, i_p)
             bos = (i_t - b_first) * BLOCK_N
             eos = tl.minimum((seg_end - b_first) * BLOCK_N, seq_len)
             p_q = q + i_b64 * stride_q_b
@@ -241,13 +246,13 @@ def mla_decode_split_kernel(
 def mla_decode_combine_kernel(
     o_part,
     lse_part,
+    part_span,
     seq_lens,
     o,
     lse,
     B,
     H,
     max_blocks,
-    num_programs,
     stride_sl,
     stride_o_b,
     stride_o_h,
@@ -256,54 +261,40 @@ def mla_decode_combine_kernel(
     V: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_B: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    BLOCK_VC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
     i_b64 = i_b.to(tl.int64)
-    capacity = max_blocks * PAGE_SIZE
-    b_total = 0  # tiles of the whole batch
-    b_first = 0  # tiles of the sequences before i_b
-    for i_b0 in range(0, B, BLOCK_B):
-        o_b = i_b0 + tl.arange(0, BLOCK_B)
-        b_len = tl.load(seq_lens + o_b * stride_sl, mask=o_b < B, other=0)  # [BLOCK_B]
-        b_tiles = _tile_counts(b_len, capacity, BLOCK_N)  # [BLOCK_B]
-        b_total += tl.sum(b_tiles, 0)
-        b_first += tl.sum(tl.where(o_b < i_b, b_tiles, 0), 0)
-    n_tiles = _tile_counts(tl.load(seq_lens + i_b64 * stride_sl), capacity, BLOCK_N)
-    o_v = i_v * BLOCK_VC + tl.arange(0, BLOCK_VC)
+    # three independent loads: the length, and the first and last program of the span
+    n_tiles = _tile_counts(tl.load(seq_lens + i_b64 * stride_sl), max_blocks * PAGE_SIZE, BLOCK_N)
+    i_p0 = tl.load(part_span + i_b64)
+    n_parts = tl.load(part_span + B + i_b64) - i_p0 + 1
+    o_v = tl.arange(0, BLOCK_V)
     m_v = o_v < V
     p_o = o + i_b64 * stride_o_b + i_h * stride_o_h + o_v
-    if n_tiles == 0:
-        tl.store(p_o, tl.zeros([BLOCK_VC], dtype=tl.float32).to(o.dtype.element_ty), mask=m_v)
+    if n_tiles == 0:  # the span was not written
+        tl.store(p_o, tl.zeros([BLOCK_V], dtype=tl.float32).to(o.dtype.element_ty), mask=m_v)
         tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, float("-inf"))
         return
 
-    b_total = tl.maximum(b_total, 1)
-    i_p0 = _program_of_tile(b_first, num_programs, b_total)
-    n_parts = (_program_of_tile(b_first + n_tiles - 1, num_programs, b_total) - i_p0 + 1).to(tl.int32)
-    # One pass over the partials, BLOCK_S at a time, with a running max: the partial's lse and o
-    # loads are independent, so a sequence with at most BLOCK_S partials costs one round trip.
     b_m = tl.full([], float("-inf"), dtype=tl.float32)  # running max of the partials' lse (log2)
     b_l = tl.zeros([], dtype=tl.float32)  # running sum of exp2(lse - b_m)
-    b_acc = tl.zeros([BLOCK_VC], dtype=tl.float32)  # [BLOCK_VC]
+    b_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # [BLOCK_V]
     for i_s in range(0, n_parts, BLOCK_S):
-        o_p = i_p0 + i_s + tl.arange(0, BLOCK_S)  # [BLOCK_S] programs
-        # Programs between the first and the last may own no tiles at all (T < P): their rows are unwritten.
-        m_s = (i_s + tl.arange(0, BLOCK_S) < n_parts) & ((o_p * b_total) // num_programs < ((o_p + 1) * b_total) // num_programs)
-        o_ws = (i_b64 + o_p) * H + i_h  # [BLOCK_S] workspace rows
+        m_s = i_s + tl.arange(0, BLOCK_S) < n_parts  # [BLOCK_S]
+        o_ws = (i_b64 + i_p0 + i_s + tl.arange(0, BLOCK_S)) * H + i_h  # [BLOCK_S] workspace rows b + p
         b_lse_s = tl.load(lse_part + o_ws, mask=m_s, other=float("-inf"))  # [BLOCK_S]
-        b_os = tl.load(o_part + o_ws[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)  # [BLOCK_S, BLOCK_VC]
-        b_m_new = tl.maximum(b_m, tl.max(b_lse_s, 0))  # finite: the first step holds the sequence's first program, which owns a tile
+        b_os = tl.load(o_part + o_ws[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)  # [BLOCK_S, BLOCK_V]
+        b_m_new = tl.maximum(b_m, tl.max(b_lse_s, 0))  # finite: the span's first program owns a tile
         b_alpha = tl.exp2(b_m - b_m_new)
-        b_w = tl.exp2(b_lse_s - b_m_new)  # [BLOCK_S]; 0 for masked rows
+        b_w = tl.exp2(b_lse_s - b_m_new)  # [BLOCK_S]
         b_l = b_l * b_alpha + tl.sum(b_w, 0)
-        b_acc = b_acc * b_alpha + tl.sum(b_w[:, None] * b_os, 0)
+        # a tileless program's row has lse = -inf and an unwritten o: weight 0 must not meet it
+        b_acc = b_acc * b_alpha + tl.sum(tl.where(b_w[:, None] > 0, b_w[:, None] * b_os, 0.0), 0)
         b_m = b_m_new
     tl.store(p_o, (b_acc / b_l).to(o.dtype.element_ty), mask=m_v)
-    if i_v == 0:
-        tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, (b_m + tl.log2(b_l)) * LN2)
+    tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, (b_m + tl.log2(b_l)) * LN2)
 
 
 @dataclass(frozen=True)
@@ -379,17 +370,6 @@ def _block_r(rope_dim: int) -> int:
     return max(16, triton.next_power_of_2(rope_dim))
 
 
-def combine_blocks(num_programs: int, batch: int, v_dim: int) -> tuple[int, int]:
-    """(BLOCK_S, BLOCK_VC) of the combine kernel. With equal lengths a sequence spans at most
-    cdiv(P, B) + 1 of the P split programs: BLOCK_S covers that many partials, so the usual
-    sequence is merged in one step, and BLOCK_VC takes the rest of a COMBINE_TILE, so small
-    batches get more programs (B = 1: one per 16 value columns of each head) and large batches
-    fewer, wider ones. Longer sequences of a mixed batch take more steps."""
-    block_s = min(COMBINE_MAX_BLOCK_S, triton.next_power_of_2(triton.cdiv(num_programs, max(batch, 1)) + 1))
-    block_vc = max(16, min(_block_v(v_dim), COMBINE_TILE // block_s))
-    return block_s, block_vc
-
-
 def _launch_directly(kernel):
     return kernel
 
@@ -425,6 +405,7 @@ def mla_decode_triton(
     num_programs = max(1, config.programs_per_sm * sm_count // head_blocks)
     o_part = torch.empty((B + num_programs, H, v_dim), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B + num_programs, H), dtype=torch.float32, device=q.device)
+    part_span = torch.empty((2, B), dtype=torch.int32, device=q.device)  # first and last program of each sequence
 
     launch(mla_decode_split_kernel)[(num_programs, head_blocks)](
         q,
@@ -433,6 +414,7 @@ def mla_decode_triton(
         seq_lens,
         o_part,
         lse_part,
+        part_span,
         scale * math.log2(math.e),
         B,
         H,
@@ -458,17 +440,16 @@ def mla_decode_triton(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    block_s, block_vc = combine_blocks(num_programs, B, v_dim)
-    launch(mla_decode_combine_kernel)[(B, H, triton.cdiv(v_dim, block_vc))](
+    launch(mla_decode_combine_kernel)[(B, H)](
         o_part,
         lse_part,
+        part_span,
         seq_lens,
         o,
         lse,
         B,
         H,
         max_blocks,
-        num_programs,
         seq_lens.stride(0),
         o.stride(0),
         o.stride(1),
@@ -477,9 +458,8 @@ def mla_decode_triton(
         V=v_dim,
         PAGE_SIZE=page_size,
         BLOCK_N=config.block_n,
-        BLOCK_B=BLOCK_B,
-        BLOCK_S=block_s,
-        BLOCK_VC=block_vc,
+        BLOCK_S=COMBINE_BLOCK_S,
+        BLOCK_V=_block_v(v_dim),
         num_warps=4,
-        num_stages=2,
+        num_stages=3,
     )

@@ -5,7 +5,7 @@ Run as a script (test_mla_decode_kernel.py starts it in a subprocess, because TR
 must be set before triton is first imported). Tiny shapes, every path: a length-0 row, lengths
 within one tile and over several, tile ranges that cross sequences, fewer tiles than programs,
 one sequence over all programs, partials merged over several combine steps (with programs
-that own no tile among them), a batch over one chunk of the tile count, both orientations,
+that hold no tile among them), a batch over one chunk of the tile count, both orientations,
 two head blocks,
 no shared-key slice (D_qk = v_dim), non-power-of-two widths, pages smaller than a tile and not a
 power of two, lengths above the table's capacity, strided q / cache / block table. Unowned cache
@@ -32,6 +32,8 @@ from kda_ops.meta.mla_decode import mla_cache_write_reference, mla_decode_refere
 # 4 "SMs" in the interpreter: 8 programs share the tiles of a launch.
 TOKEN_MAJOR = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=True, programs_per_sm=2)
 HEAD_MAJOR = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=False, programs_per_sm=2)
+# 16 programs: a sequence's span can pass the combine's 8 partials per step
+HEAD_MAJOR_P16 = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=False, programs_per_sm=4)
 # id, lens, H, D_qk, v_dim, block_size, dtype, config (None: the heuristic), variant:
 # "strided" inputs, or "over-capacity": a row that fills its table is passed as length 1000
 CASES = [
@@ -43,9 +45,8 @@ CASES = [
     ("one-sequence-all-programs", [200], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, ""),
     ("H20-two-head-blocks-fp16", [33, 0, 70], 20, 48, 32, 16, torch.float16, TOKEN_MAJOR, ""),
     ("H20-two-head-blocks-head-major", [33, 0, 70], 20, 48, 32, 16, torch.float32, HEAD_MAJOR, ""),
-    # combine_blocks sizes its steps for equal lengths; these need several steps of BLOCK_S partials
-    ("combine-steps-long-among-short", [200, 1, 1, 1, 1, 1, 1, 1], 4, 80, 64, 16, torch.float32, HEAD_MAJOR, ""),
-    ("combine-steps-unowned-programs", [40, 0, 0, 0], 4, 80, 64, 16, torch.float32, HEAD_MAJOR, ""),
+    ("combine-steps-long-among-short", [200, 1, 1, 1, 1, 1, 1, 1], 4, 80, 64, 16, torch.float32, HEAD_MAJOR_P16, ""),
+    ("combine-steps-tileless-programs", [40, 0, 0, 0], 4, 80, 64, 16, torch.float32, HEAD_MAJOR_P16, ""),
     ("batch-over-one-length-chunk", [i % 3 for i in range(300)], 2, 32, 32, 16, torch.float32, TOKEN_MAJOR, ""),
     ("no-shared-key-D32V32", [1, 33, 16], 3, 32, 32, 16, torch.float32, None, ""),
     ("non-pow2-V48-D60-page12", [0, 11, 12, 13, 50], 5, 60, 48, 12, torch.float32, TOKEN_MAJOR, ""),

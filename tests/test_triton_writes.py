@@ -223,11 +223,11 @@ WRITE_CASES = [
     ("kda_decode-gate-l2norm", lambda d: _kda_decode(d, True), [("kda_decode_kernel", "o state")]),
     ("causal_conv1d_update", _causal_conv1d_update, [("causal_conv1d_update_kernel", "conv_state y")]),
     ("mla_decode", _mla_decode, [
-        ("mla_decode_split_kernel", "lse_part o_part"),
+        ("mla_decode_split_kernel", "lse_part o_part part_span"),
         ("mla_decode_combine_kernel", "lse o"),
     ]),
     ("mla_decode-token-major", _mla_decode_token_major, [
-        ("mla_decode_split_kernel", "lse_part o_part"),
+        ("mla_decode_split_kernel", "lse_part o_part part_span"),
         ("mla_decode_combine_kernel", "lse o"),
     ]),
     ("mla_cache_write", _mla_cache_write, [("mla_cache_write_kernel", "kv_cache")]),
