@@ -11,17 +11,18 @@ so one CUDA graph serves every step:
    (p+1)*T // P) of the T in total, whatever sequences they belong to, so every program streams
    the same number of cache bytes at any mix of lengths (no wave tail, no idle SMs at B = 1).
    Each program derives its range from seq_lens on the device. For each sequence its range
-   touches it writes one partial (o normalised in fp32, log2-sum-exp) to workspace row b + p: the
-   ranges are ordered, so (b, p) -> b + p is one-to-one and the workspace has B + P rows. The
-   programs that hold a sequence's first and last tile write their index to part_span [2, B];
-   a program without tiles (T < P) inside a span writes lse = -inf to its row.
+   touches it writes one partial (o normalised in fp32, log2-sum-exp) to workspace row b + r,
+   r = p when T >= P (then every program holds a tile) and r = its only tile when T < P: the
+   ranges are ordered, so (b, r) -> b + r is one-to-one, the workspace has B + P rows, and a
+   sequence's partials are consecutive rows. The programs that hold a sequence's first and last
+   tile write their r to part_span [2, B].
    Each [BLOCK_N, D_qk] tile is loaded once through the block table and its first V columns are
    the values. Two orientations of the two products (config.token_major):
    - head-major: S = Q K^T [BLOCK_H, BLOCK_N], O += P V [BLOCK_H, V]. MMA M = BLOCK_H, so H < 64
      compiles to mma.sync unless BLOCK_H pads the heads to 64.
    - token-major: S^T = K Q^T [BLOCK_N, BLOCK_H], O^T += V^T P^T [V, BLOCK_H]. MMA M = BLOCK_N
      and V, so wgmma at any head count without padding; the softmax runs along axis 0.
-2. `mla_decode_combine_kernel`, grid (B, H): reads sequence b's span and merges its partials
+2. `mla_decode_combine_kernel`, grid (B, H, 1): reads sequence b's span and merges its partials
    with log-sum-exp, BLOCK_S rows of all V columns per pipelined step, and writes o (in o's
    dtype) and lse (natural log). Its cost is per program (three loads, then the partials), not
    per byte: one program per output row keeps the count at B * H whatever P is, with nothing
@@ -186,6 +187,11 @@ def mla_decode_split_kernel(
         b_total += tl.sum(_tile_counts(b_len, capacity, BLOCK_N), 0)
     i_t = ((i_p.to(tl.int64) * b_total) // num_programs).to(tl.int32)
     t_end = (((i_p.to(tl.int64) + 1) * b_total) // num_programs).to(tl.int32)
+    if i_t >= t_end:
+        return
+    # Partial rows are b + r: r = p when T >= P, and the program's only tile when T < P, so
+    # the rows of a sequence's partials are consecutive (no program without tiles among them).
+    i_r = tl.minimum(i_p, i_t)
     # the sequence i_b that holds tile i_t, and its first tile b_first
     b_carry = 0
     i_b = 0
@@ -202,12 +208,6 @@ def mla_decode_split_kernel(
 
     o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
     m_h = o_h < H
-    if i_t >= t_end:
-        # No tile (T < P). Inside sequence i_b's span of programs the combine reads this
-        # program's row b + p: an lse of -inf gives it weight 0.
-        if (i_t > b_first) & (i_t < b_total):
-            tl.store(lse_part + (i_b.to(tl.int64) + i_p) * H + o_h, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=m_h)
-        return
     # Walk the sequences the range [i_t, t_end) crosses; an empty one has no tiles and is skipped.
     while i_t < t_end:
         i_b64 = i_b.to(tl.int64)
@@ -215,16 +215,16 @@ def mla_decode_split_kernel(
         seq_end = b_first + tl.cdiv(seq_len, BLOCK_N)
         seg_end = tl.minimum(seq_end, t_end)
         if seg_end > i_t:
-            # the span [first, last] of programs that hold sequence i_b's partials
+            # the span [first, last] of r over sequence i_b's partials
             if (i_hb == 0) & (i_t == b_first):
-                tl.store(part_span + i_b64, i_p)
+                tl.store(part_span + i_b64, i_r)
             if (i_hb == 0) & (seg_end == seq_end):
-                tl.store(part_span + B + i_b64, i_p)
+                tl.store(part_span + B + i_b64, i_r)
             bos = (i_t - b_first) * BLOCK_N
             eos = tl.minimum((seg_end - b_first) * BLOCK_N, seq_len)
             p_q = q + i_b64 * stride_q_b
             p_bt = block_table + i_b64 * stride_bt_b
-            o_ws = (i_b64 + i_p) * H  # workspace row b + p
+            o_ws = (i_b64 + i_r) * H  # workspace row b + r
             if TOKEN_MAJOR:
                 _attend_token_major(
                     p_q, p_bt, kv_cache, o_part + o_ws * V, lse_part + o_ws, bos, eos, qk_scale, o_h, m_h, H,
@@ -262,39 +262,40 @@ def mla_decode_combine_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_VC: tl.constexpr,
 ):
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = i_b.to(tl.int64)
     # three independent loads: the length, and the first and last program of the span
     n_tiles = _tile_counts(tl.load(seq_lens + i_b64 * stride_sl), max_blocks * PAGE_SIZE, BLOCK_N)
-    i_p0 = tl.load(part_span + i_b64)
-    n_parts = tl.load(part_span + B + i_b64) - i_p0 + 1
-    o_v = tl.arange(0, BLOCK_V)
+    i_r0 = tl.load(part_span + i_b64)
+    n_parts = tl.load(part_span + B + i_b64) - i_r0 + 1
+    o_v = i_v * BLOCK_VC + tl.arange(0, BLOCK_VC)
     m_v = o_v < V
     p_o = o + i_b64 * stride_o_b + i_h * stride_o_h + o_v
     if n_tiles == 0:  # the span was not written
-        tl.store(p_o, tl.zeros([BLOCK_V], dtype=tl.float32).to(o.dtype.element_ty), mask=m_v)
-        tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, float("-inf"))
+        tl.store(p_o, tl.zeros([BLOCK_VC], dtype=tl.float32).to(o.dtype.element_ty), mask=m_v)
+        if i_v == 0:
+            tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, float("-inf"))
         return
 
     b_m = tl.full([], float("-inf"), dtype=tl.float32)  # running max of the partials' lse (log2)
     b_l = tl.zeros([], dtype=tl.float32)  # running sum of exp2(lse - b_m)
-    b_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # [BLOCK_V]
+    b_acc = tl.zeros([BLOCK_VC], dtype=tl.float32)  # [BLOCK_VC]
     for i_s in range(0, n_parts, BLOCK_S):
         m_s = i_s + tl.arange(0, BLOCK_S) < n_parts  # [BLOCK_S]
-        o_ws = (i_b64 + i_p0 + i_s + tl.arange(0, BLOCK_S)) * H + i_h  # [BLOCK_S] workspace rows b + p
+        o_ws = (i_b64 + i_r0 + i_s + tl.arange(0, BLOCK_S)) * H + i_h  # [BLOCK_S] workspace rows b + r
         b_lse_s = tl.load(lse_part + o_ws, mask=m_s, other=float("-inf"))  # [BLOCK_S]
-        b_os = tl.load(o_part + o_ws[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)  # [BLOCK_S, BLOCK_V]
-        b_m_new = tl.maximum(b_m, tl.max(b_lse_s, 0))  # finite: the span's first program owns a tile
+        b_os = tl.load(o_part + o_ws[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)  # [BLOCK_S, BLOCK_VC]
+        b_m_new = tl.maximum(b_m, tl.max(b_lse_s, 0))  # finite: every step holds a partial
         b_alpha = tl.exp2(b_m - b_m_new)
         b_w = tl.exp2(b_lse_s - b_m_new)  # [BLOCK_S]
         b_l = b_l * b_alpha + tl.sum(b_w, 0)
-        # a tileless program's row has lse = -inf and an unwritten o: weight 0 must not meet it
-        b_acc = b_acc * b_alpha + tl.sum(tl.where(b_w[:, None] > 0, b_w[:, None] * b_os, 0.0), 0)
+        b_acc = b_acc * b_alpha + tl.sum(b_w[:, None] * b_os, 0)
         b_m = b_m_new
     tl.store(p_o, (b_acc / b_l).to(o.dtype.element_ty), mask=m_v)
-    tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, (b_m + tl.log2(b_l)) * LN2)
+    if i_v == 0:
+        tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, (b_m + tl.log2(b_l)) * LN2)
 
 
 @dataclass(frozen=True)
@@ -440,7 +441,8 @@ def mla_decode_triton(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    launch(mla_decode_combine_kernel)[(B, H)](
+    block_vc = _block_v(v_dim)
+    launch(mla_decode_combine_kernel)[(B, H, triton.cdiv(v_dim, block_vc))](
         o_part,
         lse_part,
         part_span,
@@ -459,7 +461,7 @@ def mla_decode_triton(
         PAGE_SIZE=page_size,
         BLOCK_N=config.block_n,
         BLOCK_S=COMBINE_BLOCK_S,
-        BLOCK_V=_block_v(v_dim),
+        BLOCK_VC=block_vc,
         num_warps=4,
         num_stages=3,
     )

@@ -4,10 +4,9 @@ TRITON_INTERPRET=1 on CPU against meta's references; exits non-zero on any misma
 Run as a script (test_mla_decode_kernel.py starts it in a subprocess, because TRITON_INTERPRET
 must be set before triton is first imported). Tiny shapes, every path: a length-0 row, lengths
 within one tile and over several, tile ranges that cross sequences, fewer tiles than programs,
-one sequence over all programs, partials merged over several combine steps (with programs
-that hold no tile among them), a batch over one chunk of the tile count, both orientations,
-two head blocks,
-no shared-key slice (D_qk = v_dim), non-power-of-two widths, pages smaller than a tile and not a
+one sequence over all programs, partials merged over several combine steps (also with fewer
+tiles than programs, where partial rows follow tiles), a batch over one chunk of the tile
+count, both orientations, two head blocks, no shared-key slice (D_qk = v_dim), non-power-of-two widths, pages smaller than a tile and not a
 power of two, lengths above the table's capacity, strided q / cache / block table. Unowned cache
 rows are NaN and unused table entries out of range; outputs start as NaN. fp32 and fp16 (the
 interpreter multiplies bf16 as raw integers, so bf16 runs only in the GPU tests). The cache
@@ -46,7 +45,7 @@ CASES = [
     ("H20-two-head-blocks-fp16", [33, 0, 70], 20, 48, 32, 16, torch.float16, TOKEN_MAJOR, ""),
     ("H20-two-head-blocks-head-major", [33, 0, 70], 20, 48, 32, 16, torch.float32, HEAD_MAJOR, ""),
     ("combine-steps-long-among-short", [200, 1, 1, 1, 1, 1, 1, 1], 4, 80, 64, 16, torch.float32, HEAD_MAJOR_P16, ""),
-    ("combine-steps-tileless-programs", [40, 0, 0, 0], 4, 80, 64, 16, torch.float32, HEAD_MAJOR_P16, ""),
+    ("combine-steps-fewer-tiles-than-programs", [200, 0, 0, 0], 4, 80, 64, 16, torch.float32, HEAD_MAJOR_P16, ""),
     ("batch-over-one-length-chunk", [i % 3 for i in range(300)], 2, 32, 32, 16, torch.float32, TOKEN_MAJOR, ""),
     ("no-shared-key-D32V32", [1, 33, 16], 3, 32, 32, 16, torch.float32, None, ""),
     ("non-pow2-V48-D60-page12", [0, 11, 12, 13, 50], 5, 60, 48, 12, torch.float32, TOKEN_MAJOR, ""),
