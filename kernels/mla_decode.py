@@ -22,8 +22,9 @@ so one CUDA graph serves every step:
      compiles to mma.sync unless BLOCK_H pads the heads to 64.
    - token-major: S^T = K Q^T [BLOCK_N, BLOCK_H], O^T += V^T P^T [V, BLOCK_H]. MMA M = BLOCK_N
      and V, so wgmma at any head count without padding; the softmax runs along axis 0.
-2. `mla_decode_combine_kernel`, grid (B, H, 1): reads sequence b's span and merges its partials
-   with log-sum-exp, BLOCK_S rows of all V columns per pipelined step, and writes o (in o's
+2. `mla_decode_combine_kernel`, grid (B, H, cdiv(V, BLOCK_VC)) with BLOCK_VC covering all V
+   (bench/sweep_mla_combine.py tries narrower): reads sequence b's span and merges its partials
+   with log-sum-exp, BLOCK_S rows per pipelined step, and writes o (in o's
    dtype) and lse (natural log). Its cost is per program (three loads, then the partials), not
    per byte: one program per output row keeps the count at B * H whatever P is, with nothing
    keyed on B (bench/NOTES.md). A sequence of length 0 gets o = 0, lse = -inf.
@@ -266,7 +267,7 @@ def mla_decode_combine_kernel(
 ):
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b64 = i_b.to(tl.int64)
-    # three independent loads: the length, and the first and last program of the span
+    # three independent loads: the length, and the first and last partial row of the span
     n_tiles = _tile_counts(tl.load(seq_lens + i_b64 * stride_sl), max_blocks * PAGE_SIZE, BLOCK_N)
     i_r0 = tl.load(part_span + i_b64)
     n_parts = tl.load(part_span + B + i_b64) - i_r0 + 1
@@ -406,7 +407,7 @@ def mla_decode_triton(
     num_programs = max(1, config.programs_per_sm * sm_count // head_blocks)
     o_part = torch.empty((B + num_programs, H, v_dim), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B + num_programs, H), dtype=torch.float32, device=q.device)
-    part_span = torch.empty((2, B), dtype=torch.int32, device=q.device)  # first and last program of each sequence
+    part_span = torch.empty((2, B), dtype=torch.int32, device=q.device)  # first and last partial row r of each sequence
 
     launch(mla_decode_split_kernel)[(num_programs, head_blocks)](
         q,
