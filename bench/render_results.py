@@ -1,5 +1,5 @@
 """Renders benchmark results (pytest-benchmark JSON with DESIGN.md's extra_info) into README tables
-and SVG plots.
+and PNG plots.
 
     python bench/render_results.py bench/results/h100 [--readme README.md] [--plots-dir DIR]
 
@@ -11,16 +11,18 @@ first calls of every op (ops named *_first_call) share one table per file. Entri
 hybrid-vs-all-MLA suite (extra_info "model") get their own side-by-side table; the synthetic-task
 training runs (synthetic/*.json, from bench/synthetic/train.py) one table of final accuracies per
 gate kind. The tables replace what stands between README_BEGIN
-and README_END in the README. Plots (SVG, written by hand: matplotlib is not a dependency) go to
-the plots folder (default: the results folder): speed against sequence length or batch, one line
-per provider and remaining shape.
+and README_END in the README. PNG plots (matplotlib's Agg canvas through its object API, no
+pyplot state) go to the plots folder (default: the results folder): speed against sequence length
+or batch over a log2 axis, one line per provider and remaining shape.
 """
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 README_BEGIN = "<!-- results:begin -->"
 README_END = "<!-- results:end -->"
@@ -200,44 +202,26 @@ def replace_between_markers(text: str, content: str) -> str:
     return text[: begin + len(README_BEGIN)] + "\n" + content + "\n" + text[end:]
 
 
-def svg_line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, title: str) -> str:
-    """Lines over a log2 x axis and a linear y axis from 0, with ticks at the data's x values."""
-    width, height, left, right, top, bottom = 720, 420, 70, 230, 40, 50
+def line_plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, title: str) -> Figure:
+    """One line with markers per series over a log2 x axis ticked at the data's x values, y from 0,
+    the legend right of the axes."""
+    figure = Figure(figsize=(9, 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for label, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        axes.plot(xs, ys, marker="o", label=label)
     xs = sorted({x for points in series.values() for x, _ in points})
-    y_max = max(y for points in series.values() for _, y in points) * 1.1
-    x_lo, x_hi = math.log2(xs[0]), math.log2(xs[-1])
-    span = (x_hi - x_lo) or 1.0
-
-    def px(x: float) -> float:
-        return left + (math.log2(x) - x_lo) / span * (width - left - right)
-
-    def py(y: float) -> float:
-        return height - bottom - y / y_max * (height - top - bottom)
-
-    colors = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
-        f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
-        f'<line x1="{left}" y1="{py(0)}" x2="{width - right}" y2="{py(0)}" stroke="black"/>',
-        f'<line x1="{left}" y1="{py(0)}" x2="{left}" y2="{top}" stroke="black"/>',
-        f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">{x_label}</text>',
-        f'<text x="15" y="{(top + height - bottom) / 2}" transform="rotate(-90 15 {(top + height - bottom) / 2})" text-anchor="middle">{y_label}</text>',
-    ]
-    for x in xs:
-        parts.append(f'<text x="{px(x):.1f}" y="{py(0) + 16:.1f}" text-anchor="middle">{x:g}</text>')
-    for i in range(6):
-        y = y_max * i / 5
-        parts.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
-    for i, (label, points) in enumerate(sorted(series.items())):
-        color = colors[i % len(colors)]
-        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(points))
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"/>')
-        parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>' for x, y in points]
-        legend_y = top + 18 * i
-        parts.append(f'<rect x="{width - right + 15}" y="{legend_y}" width="12" height="12" fill="{color}"/>')
-        parts.append(f'<text x="{width - right + 32}" y="{legend_y + 10}">{label}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(xs, [f"{x:g}" for x in xs])
+    axes.minorticks_off()
+    axes.set_ylim(bottom=0)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return figure
 
 
 def plot_series(entries: list[dict], x_key: str, y_key: str) -> dict[str, list[tuple[float, float]]]:
@@ -264,8 +248,8 @@ def write_plots(runs: list[dict], folder: Path) -> list[Path]:
             continue
         machine = next(run["machine"] for run in runs if any(e["op"] == op for e in run["entries"]))
         title = f"{op} — {machine.get('gpu')}, torch {machine.get('torch')}, triton {machine.get('triton')}"
-        path = folder / f"{op}.svg"
-        path.write_text(svg_line_plot(series, x_key, y_label, title))
+        path = folder / f"{op}.png"
+        line_plot(series, x_key, y_label, title).savefig(path, dpi=100)
         written.append(path)
     return written
 
@@ -274,7 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="bench/results/<gpu> folder of pytest-benchmark JSON files")
     parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
-    parser.add_argument("--plots-dir", type=Path, help="where the SVG plots go (default: the results folder)")
+    parser.add_argument("--plots-dir", type=Path, help="where the PNG plots go (default: the results folder)")
     args = parser.parse_args()
     runs = load_results(args.results)
     markdown = render_markdown(runs)

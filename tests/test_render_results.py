@@ -1,15 +1,18 @@
 """bench/render_results.py on the committed H100 results and on a hybrid-vs-all-MLA results file:
-the README tables between the markers (figures with their hardware), the SVG plots, nothing
+the README tables between the markers (figures with their hardware), the PNG plots, nothing
 outside the markers touched."""
 
 import json
 import subprocess
 import sys
-import xml.dom.minidom
 from pathlib import Path
+
+from matplotlib.image import imread
 
 ROOT = Path(__file__).resolve().parents[1]
 RENDER = ROOT / "bench" / "render_results.py"
+sys.path.insert(0, str(RENDER.parent))
+from render_results import PLOTS, line_plot, load_results, plot_series  # noqa: E402
 README = "# title\n\n## Results\n\nintro\n\n<!-- results:begin -->\nstale\n<!-- results:end -->\n\n## After\n"
 MACHINE = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "triton": "3.6.0", "kda_ops_commit": "abc1234"}
 
@@ -24,6 +27,14 @@ def render(results: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, 
         capture_output=True, text=True,
     )
     return run, readme.read_text()
+
+
+def plotted_lines(results: Path, op: str) -> dict[str, list]:
+    """label -> x values of each line in op's plot, drawn from the results as render_results does."""
+    x_key, y_key, y_label = PLOTS[op]
+    entries = [e for run in load_results(results) for e in run["entries"] if e["op"] == op]
+    axes = line_plot(plot_series(entries, x_key, y_key), x_key, y_label, op).axes[0]
+    return {line.get_label(): list(line.get_xdata()) for line in axes.get_lines()}
 
 
 def write_results(folder: Path, name: str, entries: list[dict], machine: dict = MACHINE) -> None:
@@ -46,9 +57,10 @@ def test_committed_h100_results(tmp_path):
     assert "| 1 | 14.54 ms (69 tok/s) | 502.7 µs (1,989 tok/s) | 930.3 µs (1,075 tok/s) |" in inside
     assert "| mqar | 256 | 100.0% / 100.0% | 300 | 46.8% / 51.4% | – |" in inside
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert plots == ["chunk_kda_fwd.svg", "chunk_kda_fwdbwd.svg", "kda_decode.svg", "mla_decode.svg", "model_decode.svg"]
-    decode_plot = xml.dom.minidom.parse(str(tmp_path / "plots" / "kda_decode.svg"))
-    assert len(decode_plot.getElementsByTagName("polyline")) == 2  # kda_ops and fla
+    assert plots == ["chunk_kda_fwd.png", "chunk_kda_fwdbwd.png", "kda_decode.png", "mla_decode.png", "model_decode.png"]
+    image = imread(tmp_path / "plots" / "kda_decode.png")
+    assert image.shape[:2] == (480, 900) and image.std() > 0  # 9 x 4.8 in at 100 dpi, not blank
+    assert sorted(plotted_lines(ROOT / "bench" / "results" / "h100", "kda_decode")) == ["fla T1 H32 K128 V128", "kda_ops T1 H32 K128 V128"]
 
 
 def decode_entry(model, B, L, ms):
@@ -78,8 +90,8 @@ def test_hybrid_vs_all_mla_tables(tmp_path):
     assert "| 1M | 1 | 1 | 12.00 ms | 12.00 ms | 1 | 30.00 ms | 30.00 ms | 2.50× |" in text
     assert "| 1M | largest | 8 | 40.00 ms | 5.00 ms | 2 | 60.00 ms | 30.00 ms | 6.00× |" in text
     assert "| 32768 | 1.50 s (21,845 tok/s) | 3.00 s (10,923 tok/s) | 2.00× |" in text
-    plot = xml.dom.minidom.parse(str(tmp_path / "plots" / "model_decode.svg"))
-    assert len(plot.getElementsByTagName("polyline")) == 4  # two models × (B = 1, largest)
+    assert (tmp_path / "plots" / "model_decode.png").stat().st_size > 0
+    assert len(plotted_lines(tmp_path / "results", "model_decode")) == 4  # two models × (B = 1, largest)
 
 
 def test_readme_without_markers_is_an_error(tmp_path):
@@ -117,8 +129,7 @@ def test_floors_sweep_and_first_calls(tmp_path):
     assert "`first_call` — NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0, commit abc1234 (`first_call.json`)\n" in text
     assert "| chunk_kda_fwdbwd | B = 1, T = 8192, H = 16 | 21.50 s |" in text
     assert "| mla_decode | B = 1, L = 4096, H = 32 | 3.25 s |" in text
-    plot = xml.dom.minidom.parse(str(tmp_path / "plots" / "chunk_kda_fwd.svg"))
-    lines = [p.getAttribute("points").split() for p in plot.getElementsByTagName("polyline")]
-    assert sorted(len(points) for points in lines) == [1, 3, 3]  # the B1 H16 sweep per provider, one B8 H32 point
-    legend = [t.firstChild.data for t in plot.getElementsByTagName("text")]
-    assert "kda_ops B1 H16 K128 V128" in legend and "fla B1 H16 K128 V128" in legend
+    assert (tmp_path / "plots" / "chunk_kda_fwd.png").stat().st_size > 0
+    lines = plotted_lines(tmp_path / "results", "chunk_kda_fwd")
+    assert sorted(len(xs) for xs in lines.values()) == [1, 3, 3]  # the B1 H16 sweep per provider, one B8 H32 point
+    assert "kda_ops B1 H16 K128 V128" in lines and "fla B1 H16 K128 V128" in lines
