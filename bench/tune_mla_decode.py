@@ -36,8 +36,9 @@ SHAPES = [(1, 32768), (32, 4096), (32, 32768), (128, 4096), (128, 32768)]  # (B,
 # Triton's pipeliner splits num_stages between the page-id load and the KV tile load it feeds:
 # stages 2-4 leave the tile one buffer (its next load is issued after the dots read it and waited
 # for at the top of the next iteration: no overlap), 5 gives it two buffers, 7 three
-# (bench/NOTES.md). The first row is the table's previous winner, kept as the baseline; two
-# programs per SM only where two fit in shared memory.
+# (bench/NOTES.md). The first row, the 3-stage tile that won before that was known, stays as the
+# baseline; two programs per SM only where two fit in shared memory. 64 padded heads (wgmma) and
+# 16 warps lost at 5 and 7 stages too (results/h100/mla_decode_alt_tiles_profile.json).
 CANDIDATES = [
     (64, 8, 3, False, 1),
     (64, 8, 5, False, 1),
