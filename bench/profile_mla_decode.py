@@ -11,6 +11,7 @@ the launch table's row for each shape.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ def profile_config(H: int, B: int, L: int, config: MLADecodeConfig, calls: int) 
     kernels = kernel_times(step, calls)
     graph_ms = triton.testing.do_bench(capture_cuda_graph(step).replay, return_mode="median")
     cache_bytes = B * L * D_QK * kv_cache.element_size()
-    return dict(H=H, B=B, L=L, config=config.__dict__, kernels_us=kernels, graph_us=graph_ms * 1e3,
+    return dict(H=H, B=B, L=L, config=dataclasses.asdict(config), kernels_us=kernels, graph_us=graph_ms * 1e3,
                 graph_tbps=cache_bytes / (graph_ms * 1e-3) / 1e12)
 
 

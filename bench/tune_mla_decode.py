@@ -17,6 +17,7 @@ says which configurations were left out.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -81,11 +82,6 @@ def time_config(args, ref, cfg: MLADecodeConfig) -> tuple[float | None, str]:
     return triton.testing.do_bench(graph.replay, return_mode="median"), ""
 
 
-def config_row(cfg: MLADecodeConfig) -> dict:
-    return dict(block_h=cfg.block_h, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                token_major=cfg.token_major, programs_per_sm=cfg.programs_per_sm)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -105,7 +101,7 @@ def main() -> None:
             print(f"\nH={H} B={B} L={L} ({torch.cuda.get_device_name()})", flush=True)
             for cfg in configs:
                 if time.perf_counter() - start > args.budget_s:
-                    skipped.append(dict(H=H, B=B, L=L, **config_row(cfg)))
+                    skipped.append(dict(H=H, B=B, L=L, **dataclasses.asdict(cfg)))
                     continue
                 t, error = (None, broken[cfg]) if cfg in broken else time_config(shape_args, ref, cfg)
                 if t is None and not error.startswith("correctness"):
@@ -113,9 +109,9 @@ def main() -> None:
                 ms[cfg, (B, L)] = t
                 gbps = None if t is None else total_bytes / (t * 1e-3) / 1e9
                 results.append(dict(H=H, B=B, L=L, D_qk=D_QK, D_v=V_DIM, block_size=BLOCK_SIZE, dtype="bfloat16",
-                                    **config_row(cfg), ms=t, gbps=gbps, error=error))
+                                    **dataclasses.asdict(cfg), ms=t, gbps=gbps, error=error))
                 shown = error if t is None else f"{t * 1e3:8.1f} us {gbps:7.0f} GB/s"
-                print(f"  {config_row(cfg)}: {shown}", flush=True)
+                print(f"  {dataclasses.asdict(cfg)}: {shown}", flush=True)
             del shape_args, ref
             torch.cuda.empty_cache()
         scores = {}
@@ -125,7 +121,7 @@ def main() -> None:
                 scores[cfg] = math.exp(-sum(math.log(t) for t in times) / len(times))  # geometric mean of 1/ms
         if scores:
             best = max(scores, key=scores.get)
-            winners[H] = config_row(best)
+            winners[H] = dataclasses.asdict(best)
             print(f"\nH={H} winner: {best}", flush=True)
     arch = torch.cuda.get_device_capability()
     machine = dict(gpu=torch.cuda.get_device_name(), arch=list(arch), torch=torch.__version__, triton=triton.__version__,
