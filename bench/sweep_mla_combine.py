@@ -1,6 +1,7 @@
 """Times mla_decode_combine_kernel alone, on the partials of a real split-kernel run, over its tile
-[BLOCK_S partials, BLOCK_VC value columns], num_warps and num_stages: the evidence behind the
-combine's fixed launch in kernels/mla_decode.py (bench/NOTES.md, "kda::mla_decode").
+[BLOCK_S partials (BLOCK_S_TALL when a sequence has more than BLOCK_S), BLOCK_VC value columns],
+num_warps and num_stages: the evidence behind the combine's fixed launch in kernels/mla_decode.py
+(bench/NOTES.md, "kda::mla_decode"). BLOCK_S_TALL = BLOCK_S is a fixed step height.
 
     python bench/sweep_mla_combine.py > bench/results/<gpu>/mla_combine_sweep.log
 
@@ -23,9 +24,9 @@ from bench_mla_decode import SCALE, V_DIM, paged_inputs  # noqa: E402
 from kda_ops.kernels.mla_decode import mla_decode_triton  # noqa: E402
 
 SHAPES = [(32, 1, 32768), (32, 1, 4096), (32, 32, 4096), (32, 128, 4096), (16, 1, 32768), (16, 128, 4096)]  # (H, B, L)
-TILES = [  # (BLOCK_S, BLOCK_VC, num_warps, num_stages)
-    (8, 512, 4, 3), (8, 512, 4, 1), (8, 512, 2, 3), (16, 512, 4, 3), (16, 512, 8, 3), (32, 512, 8, 3),
-    (16, 256, 4, 3), (32, 256, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+TILES = [  # (BLOCK_S, BLOCK_S_TALL, BLOCK_VC, num_warps, num_stages)
+    (8, 8, 512, 4, 3), (16, 16, 512, 4, 3), (64, 64, 64, 4, 3),
+    (8, 16, 512, 4, 3), (8, 32, 512, 4, 3), (8, 32, 512, 8, 3), (8, 64, 512, 8, 3),
 ]
 
 
@@ -55,8 +56,9 @@ def main():
         torch.cuda.synchronize()
         kernel, args, kwargs = launches[1]
         expected = o.clone()
-        for block_s, block_vc, warps, stages in TILES:
-            tile = dict(kwargs, BLOCK_S=block_s, BLOCK_VC=block_vc, num_warps=warps, num_stages=stages)
+        for block_s, block_s_tall, block_vc, warps, stages in TILES:
+            tile = dict(kwargs, BLOCK_S=block_s, BLOCK_S_TALL=block_s_tall, BLOCK_VC=block_vc, num_warps=warps,
+                        num_stages=stages)
             grid = (B, H, triton.cdiv(V_DIM, block_vc))
 
             def combine():
@@ -67,7 +69,8 @@ def main():
             torch.cuda.synchronize()
             ok = torch.allclose(o.float(), expected.float(), atol=1e-2, rtol=1e-2)
             us = triton.testing.do_bench(combine, return_mode="median") * 1e3
-            print(f"H{H} B{B} L{L} BLOCK_S={block_s:3d} BLOCK_VC={block_vc:3d} warps={warps} stages={stages}: "
+            print(f"H{H} B{B} L{L} BLOCK_S={block_s:3d} BLOCK_S_TALL={block_s_tall:3d} BLOCK_VC={block_vc:3d} "
+                  f"warps={warps} stages={stages}: "
                   f"{us:7.1f} us {'ok' if ok else 'MISMATCH'}", flush=True)
 
 

@@ -24,10 +24,12 @@ so one CUDA graph serves every step:
      and V, so wgmma at any head count without padding; the softmax runs along axis 0.
 2. `mla_decode_combine_kernel`, grid (B, H, cdiv(V, BLOCK_VC)) with BLOCK_VC covering all V
    (bench/sweep_mla_combine.py tries narrower): reads sequence b's span and merges its partials
-   with log-sum-exp, BLOCK_S rows per pipelined step, and writes o (in o's
-   dtype) and lse (natural log). Its cost is per program (three loads, then the partials), not
-   per byte: one program per output row keeps the count at B * H whatever P is, with nothing
-   keyed on B (bench/NOTES.md). A sequence of length 0 gets o = 0, lse = -inf.
+   with log-sum-exp and writes o (in o's dtype) and lse (natural log). Its cost is per program
+   (three loads, then the partials), not per byte: one program per output row keeps the count
+   at B * H whatever P is, with nothing keyed on B (bench/NOTES.md). The step height is chosen
+   at run time from the span: one BLOCK_S-row step for the few partials of a sequence in a
+   large batch, BLOCK_S_TALL-row steps for the many of a small batch. A sequence of length 0
+   gets o = 0, lse = -inf.
 
 Both kernels load seq_lens in their own bodies and hand the lengths, not the pointer, to
 @triton.jit helpers: torch's analysis of what a kernel writes (the one Inductor relies on) takes a
@@ -46,7 +48,8 @@ import triton.language as tl
 
 LN2 = tl.constexpr(math.log(2.0))
 BLOCK_B = 256  # sequence lengths read per step of the on-device tile count
-COMBINE_BLOCK_S = 8  # partials a combine program merges per step
+COMBINE_BLOCK_S = 8  # partials a combine program merges per step, when a sequence has at most this many
+COMBINE_BLOCK_S_TALL = 32  # partials per step when it has more
 
 
 @triton.jit
@@ -244,6 +247,28 @@ def mla_decode_split_kernel(
 
 
 @triton.jit
+def _merge_partials(p_os, p_lses, n_parts, H, m_v, V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_VC: tl.constexpr):
+    """(max, sum, acc): the log-sum-exp merge of n_parts consecutive workspace rows (row stride
+    H·V for p_os [BLOCK_VC], H for p_lses) in steps of BLOCK_S rows: m = max of their lse (log2),
+    l = Σ 2^(lse − m), acc = Σ 2^(lse − m)·o [BLOCK_VC]."""
+    b_m = tl.full([], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_VC], dtype=tl.float32)  # [BLOCK_VC]
+    for i_s in range(0, n_parts, BLOCK_S):
+        o_s = i_s + tl.arange(0, BLOCK_S)  # [BLOCK_S] rows of the span
+        m_s = o_s < n_parts
+        b_lse_s = tl.load(p_lses + o_s * H, mask=m_s, other=float("-inf"))  # [BLOCK_S]
+        b_os = tl.load(p_os[None, :] + o_s[:, None].to(tl.int64) * H * V, mask=m_s[:, None] & m_v[None, :], other=0.0)  # [BLOCK_S, BLOCK_VC]
+        b_m_new = tl.maximum(b_m, tl.max(b_lse_s, 0))  # finite: every step holds a partial
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_w = tl.exp2(b_lse_s - b_m_new)  # [BLOCK_S]
+        b_l = b_l * b_alpha + tl.sum(b_w, 0)
+        b_acc = b_acc * b_alpha + tl.sum(b_w[:, None] * b_os, 0)
+        b_m = b_m_new
+    return b_m, b_l, b_acc
+
+
+@triton.jit
 def mla_decode_combine_kernel(
     o_part,
     lse_part,
@@ -263,6 +288,7 @@ def mla_decode_combine_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_S_TALL: tl.constexpr,
     BLOCK_VC: tl.constexpr,
 ):
     i_b, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -280,20 +306,15 @@ def mla_decode_combine_kernel(
             tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, float("-inf"))
         return
 
-    b_m = tl.full([], float("-inf"), dtype=tl.float32)  # running max of the partials' lse (log2)
-    b_l = tl.zeros([], dtype=tl.float32)  # running sum of exp2(lse - b_m)
-    b_acc = tl.zeros([BLOCK_VC], dtype=tl.float32)  # [BLOCK_VC]
-    for i_s in range(0, n_parts, BLOCK_S):
-        m_s = i_s + tl.arange(0, BLOCK_S) < n_parts  # [BLOCK_S]
-        o_ws = (i_b64 + i_r0 + i_s + tl.arange(0, BLOCK_S)) * H + i_h  # [BLOCK_S] workspace rows b + r
-        b_lse_s = tl.load(lse_part + o_ws, mask=m_s, other=float("-inf"))  # [BLOCK_S]
-        b_os = tl.load(o_part + o_ws[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.0)  # [BLOCK_S, BLOCK_VC]
-        b_m_new = tl.maximum(b_m, tl.max(b_lse_s, 0))  # finite: every step holds a partial
-        b_alpha = tl.exp2(b_m - b_m_new)
-        b_w = tl.exp2(b_lse_s - b_m_new)  # [BLOCK_S]
-        b_l = b_l * b_alpha + tl.sum(b_w, 0)
-        b_acc = b_acc * b_alpha + tl.sum(b_w[:, None] * b_os, 0)
-        b_m = b_m_new
+    p_os = o_part + (i_b64 + i_r0) * H * V + i_h * V + o_v  # [BLOCK_VC] the span's first partial
+    p_lses = lse_part + (i_b64 + i_r0) * H + i_h
+    # one program per output row whatever the split, so the step height follows the span at run
+    # time: one short step covers the few partials of a sequence in a large batch, tall steps
+    # keep more bytes in flight for the many partials of a small one (bench/NOTES.md)
+    if n_parts <= BLOCK_S:
+        b_m, b_l, b_acc = _merge_partials(p_os, p_lses, n_parts, H, m_v, V, BLOCK_S, BLOCK_VC)
+    else:
+        b_m, b_l, b_acc = _merge_partials(p_os, p_lses, n_parts, H, m_v, V, BLOCK_S_TALL, BLOCK_VC)
     tl.store(p_o, (b_acc / b_l).to(o.dtype.element_ty), mask=m_v)
     if i_v == 0:
         tl.store(lse + i_b64 * stride_lse_b + i_h * stride_lse_h, (b_m + tl.log2(b_l)) * LN2)
@@ -462,6 +483,7 @@ def mla_decode_triton(
         PAGE_SIZE=page_size,
         BLOCK_N=config.block_n,
         BLOCK_S=COMBINE_BLOCK_S,
+        BLOCK_S_TALL=COMBINE_BLOCK_S_TALL,
         BLOCK_VC=block_vc,
         num_warps=4,
         num_stages=3,

@@ -33,6 +33,8 @@ TOKEN_MAJOR = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1,
 HEAD_MAJOR = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=False, programs_per_sm=2)
 # 16 programs: a sequence's span can pass the combine's 8 partials per step
 HEAD_MAJOR_P16 = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=False, programs_per_sm=4)
+# 64 programs: a span of more than 32 partials takes several of the combine's tall steps
+HEAD_MAJOR_P64 = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=False, programs_per_sm=16)
 # id, lens, H, D_qk, v_dim, block_size, dtype, config (None: the heuristic), variant:
 # "strided" inputs, or "over-capacity": a row that fills its table is passed as length 1000
 CASES = [
@@ -46,6 +48,7 @@ CASES = [
     ("H20-two-head-blocks-head-major", [33, 0, 70], 20, 48, 32, 16, torch.float32, HEAD_MAJOR, ""),
     ("combine-steps-long-among-short", [200, 1, 1, 1, 1, 1, 1, 1], 4, 80, 64, 16, torch.float32, HEAD_MAJOR_P16, ""),
     ("combine-steps-fewer-tiles-than-programs", [200, 0, 0, 0], 4, 80, 64, 16, torch.float32, HEAD_MAJOR_P16, ""),
+    ("combine-tall-steps", [3, 1000, 20], 2, 48, 32, 16, torch.float32, HEAD_MAJOR_P64, ""),
     ("batch-over-one-length-chunk", [i % 3 for i in range(300)], 2, 32, 32, 16, torch.float32, TOKEN_MAJOR, ""),
     ("no-shared-key-D32V32", [1, 33, 16], 3, 32, 32, 16, torch.float32, None, ""),
     ("non-pow2-V48-D60-page12", [0, 11, 12, 13, 50], 5, 60, 48, 12, torch.float32, TOKEN_MAJOR, ""),
