@@ -42,6 +42,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from kda_ops.kernels import chunk_kda_bwd, chunk_kda_fwd, kda_decode, mla_decode
+from kda_ops.meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_residuals_meta
 
 H100_SHARED_BYTES = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on an H100 (227 KB)
 TARGET = GPUTarget("cuda", 90, 32)
@@ -172,8 +173,9 @@ def _launches_chunk_bwd(K, V, dtype, full, rec):
     dht = torch.randn(n, H, K, V) if full else None
     outs = [torch.empty_like(x[name]) for name in ("q", "k", "v", "g", "beta")]
     dh0 = torch.empty(n, H, K, V) if full else torch.empty(0)
-    chunk_kda_bwd.chunk_kda_bwd_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], h0, cu, do, dht, K**-0.5, full,
-                                       *outs, dh0, launch=rec)
+    for residuals in (None, dict(zip(RESIDUAL_NAMES, chunk_kda_residuals_meta(x["q"], full, save=True)))):
+        chunk_kda_bwd.chunk_kda_bwd_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], h0, cu, do, dht, K**-0.5, full,
+                                           *outs, dh0, launch=rec, residuals=residuals)
 
 
 def _launches_kda_decode(K, V, dtype, full, rec):

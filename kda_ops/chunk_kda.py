@@ -16,7 +16,14 @@ from torch.library import custom_op, triton_op, wrap_triton
 
 from .kernels.chunk_kda_bwd import chunk_kda_bwd_triton
 from .kernels.chunk_kda_fwd import chunk_kda_fwd_triton
-from .meta.chunk_kda import chunk_kda_bwd_meta, chunk_kda_fwd_meta, chunk_kda_fwd_reference
+from .meta.chunk_kda import (
+    RESIDUAL_NAMES,
+    check_chunk_kda_residuals,
+    chunk_kda_bwd_meta,
+    chunk_kda_fwd_meta,
+    chunk_kda_fwd_reference,
+    chunk_kda_residuals_meta,
+)
 from .meta.chunk_kda_bwd import chunk_kda_bwd_reference
 
 
@@ -63,6 +70,11 @@ def _chunk_kda_bwd_reference(
 _chunk_kda_bwd_reference.register_fake(chunk_kda_bwd_meta)
 
 
+def _triton_serves(q: Tensor) -> bool:
+    """The Triton kernels run CUDA tensors in bf16, fp16 and fp32; the references run the rest."""
+    return q.device.type == "cuda" and q.dtype != torch.float64
+
+
 @triton_op("kda::chunk_kda_fwd", mutates_args=())
 def chunk_kda_fwd(
     q: Tensor,
@@ -75,21 +87,28 @@ def chunk_kda_fwd(
     scale: float,
     output_final_state: bool,
     use_qk_l2norm: bool,
-) -> tuple[Tensor, Tensor]:
+    save_for_backward: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Chunked KDA forward: (o [B, T, H, V] in v's dtype, final state [N, H, K, V] fp32 or an
-    empty [0] tensor when output_final_state is False). See meta/chunk_kda.py for the contract.
+    empty [0] tensor when output_final_state is False, then the residuals gc, aqk, tkk, rqk that
+    kda::chunk_kda_bwd reads instead of recomputing them: fp32, shaped as
+    meta/chunk_kda.py chunk_kda_residuals_meta says when save_for_backward is set and the Triton
+    kernels run, else four empty [0] tensors). See meta/chunk_kda.py for the contract.
     CUDA tensors (bf16/fp16/fp32) run the Triton kernels; CPU and fp64 run the reference."""
-    if q.device.type != "cuda" or q.dtype == torch.float64:
-        return torch.ops.kda.chunk_kda_fwd_reference(
+    residuals = chunk_kda_residuals_meta(q, use_qk_l2norm, save_for_backward and _triton_serves(q))
+    if not _triton_serves(q):
+        o, final_state = torch.ops.kda.chunk_kda_fwd_reference(
             q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm
         )
+        return (o, final_state, *residuals)
     o, final_state = chunk_kda_fwd_meta(
         q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm, token_flat=True
     )
     chunk_kda_fwd_triton(
-        q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, o, final_state, launch=wrap_triton
+        q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, o, final_state, launch=wrap_triton,
+        residuals=dict(zip(RESIDUAL_NAMES, residuals)) if save_for_backward else None,
     )
-    return o.view(v.shape), final_state
+    return (o.view(v.shape), final_state, *residuals)
 
 
 @triton_op("kda::chunk_kda_bwd", mutates_args=())
@@ -105,38 +124,51 @@ def chunk_kda_bwd(
     dht: Optional[Tensor],
     scale: float,
     use_qk_l2norm: bool,
+    gc: Optional[Tensor] = None,
+    aqk: Optional[Tensor] = None,
+    tkk: Optional[Tensor] = None,
+    rqk: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Chunked KDA backward: (dq, dk, dv, dg, dbeta, dh0), dh0 an empty [0] tensor when there is
-    no initial state. Recomputes the forward's intermediates from the inputs. CUDA tensors
-    (bf16/fp16/fp32) run the Triton kernels; CPU and fp64 run the reference."""
-    if q.device.type != "cuda" or q.dtype == torch.float64:
+    no initial state. gc, aqk, tkk, rqk: kda::chunk_kda_fwd's residuals for the same inputs (all
+    or none; read, never written); without them the backward recomputes them. CUDA tensors
+    (bf16/fp16/fp32) run the Triton kernels; CPU and fp64 run the reference, which recomputes
+    everything and ignores residuals."""
+    residuals = (gc, aqk, tkk, rqk)
+    if not _triton_serves(q):
+        check_chunk_kda_residuals("chunk_kda_bwd", q, residuals, use_qk_l2norm)
         return torch.ops.kda.chunk_kda_bwd_reference(
             q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm
         )
     dq, dk, dv, dg, dbeta, dh0 = chunk_kda_bwd_meta(
-        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, token_flat=True
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, residuals, token_flat=True
     )
     chunk_kda_bwd_triton(
         q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm,
         dq, dk, dv, dg, dbeta, dh0, launch=wrap_triton,
+        residuals=None if gc is None else {name: r.contiguous() for name, r in zip(RESIDUAL_NAMES, residuals)},
     )
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg.view(g.shape), dbeta.view(beta.shape), dh0
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, g, beta, initial_state, cu_seqlens, scale, _, use_qk_l2norm = inputs
-    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+    q, k, v, g, beta, initial_state, cu_seqlens, scale, _, use_qk_l2norm, _ = inputs
+    residuals = output[2:]
+    ctx.mark_non_differentiable(*residuals)
+    ctx.has_residuals = residuals[0].numel() > 0
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *(residuals if ctx.has_residuals else ()))
     ctx.scale, ctx.use_qk_l2norm = scale, use_qk_l2norm
 
 
-def _backward(ctx, do: Tensor, dht: Optional[Tensor]):
-    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do: Tensor, dht: Optional[Tensor], *residual_grads):
+    q, k, v, g, beta, initial_state, cu_seqlens, *residuals = ctx.saved_tensors
     if dht is not None and dht.numel() == 0:
         dht = None  # the forward returned no final state
     dq, dk, dv, dg, dbeta, dh0 = torch.ops.kda.chunk_kda_bwd(
-        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, ctx.scale, ctx.use_qk_l2norm
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, ctx.scale, ctx.use_qk_l2norm,
+        *(residuals if ctx.has_residuals else (None,) * 4),
     )
-    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None, None, None
+    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None, None, None, None
 
 
 chunk_kda_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -174,7 +206,9 @@ def chunk_kda(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    o, final_state = chunk_kda_fwd(
-        q, k, v, g, beta, initial_state, cu_seqlens, float(scale), output_final_state, use_qk_l2norm
+    inputs = (q, k, v, g, beta, initial_state)
+    save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    o, final_state, *_ = chunk_kda_fwd(
+        q, k, v, g, beta, initial_state, cu_seqlens, float(scale), output_final_state, use_qk_l2norm, save
     )
     return o, (final_state if output_final_state else None)

@@ -1,15 +1,17 @@
 """Triton kernels of the chunked KDA backward (kda::chunk_kda_bwd); math in docs/kda_math.md §3 and
 the derivation in meta/chunk_kda_bwd.py (the oracle these kernels are tested against).
 
-The forward op saves only its inputs, so the backward recomputes what it needs. Chunk length
-BT = 64 in sub-chunks of BC = 16 rows; the forward's per-chunk kernel, then five of ours:
+Under autograd the forward op keeps four residuals (meta/chunk_kda.py RESIDUAL_NAMES): the
+chunk-local cumulative gate G, A_qk and T = (I + A_kk)^-1 (fp32) and the q/k row norms; the
+backward recomputes the rest. Chunk length BT = 64 in sub-chunks of BC = 16 rows; six kernels:
 
-1. `chunk_kda_fwd_chunk_kernel` (the forward's, so with the forward's roundings, with
-   BACKWARD_RECOMPUTE set), parallel over chunks:
-   qg = scale·q⊙e^G, kg = k⊙e^(G_last−G), A_qk, w = T(β⊙k⊙e^G), u = T(β⊙v) and G_last for the
-   scans, as the forward stores them, and what only this rerun stores: the cumulative gate G
-   (fp32), the q/k row norms and T = (I + A_kk)^-1 (fp32, the T that w and u were formed
-   with), so the WY backward does not invert I + A_kk again.
+1. what the scans read, G_last, qg = scale·q⊙e^G, kg = k⊙e^(G_last−G), w = T(β⊙k⊙e^G) and
+   u = T(β⊙v), per (chunk, head), by the forward's formulas:
+   - from the residuals, `chunk_kda_bwd_prep_kernel`: memory-bound, no A and no inverse;
+   - without them (kda::chunk_kda_bwd called on inputs alone), by a rerun of the forward's
+     `chunk_kda_fwd_chunk_kernel` with STORE_RESIDUALS, which also stores the residuals in
+     buffers of the backward's own. Either way the WY backward reads T and does not invert
+     I + A_kk again.
 2. `chunk_kda_bwd_state_kernel`, one program per (sequence, head, V tile), forward over chunks:
    stores the state entering each chunk, h = S₀ (input dtype), and v_new = u − w·S₀ (fp32).
 3. `chunk_kda_bwd_dstate_kernel`, same grid, backward over chunks with the state gradient dS in
@@ -17,13 +19,13 @@ BT = 64 in sub-chunks of BC = 16 rows; the forward's per-chunk kernel, then five
    dtype) and dv_new = A_qkᵀ·dO + kg·dS₁ (fp32), steps dS₀ = e^(G_last)⊙dS₁ + qgᵀ·dO − wᵀ·dv_new
    and writes dh0.
 4. everything else, fully parallel over chunks, in three kernels:
-   (a) `chunk_kda_bwd_wy_kernel`, per (chunk, head), over V tiles, from Tᵀ (T as step 1
-       stored it, loaded transposed): dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the dβ term Σ_v dv_b⊙v,
+   (a) `chunk_kda_bwd_wy_kernel`, per (chunk, head), over V tiles, from Tᵀ (T as the
+       forward's chunk kernel stored it, loaded transposed): dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the dβ term Σ_v dv_b⊙v,
        and the two C×C gradients dA_qk = dO·v_newᵀ and dA_kk = −dv_b·v_newᵀ
        (strictly lower). The latter is the reference's −Tᵀ·dT·Tᵀ simplified: dT =
        dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is T⁻¹·v_new, so −Tᵀ·dT·Tᵀ =
-       −Tᵀ·dv_new·v_newᵀ; it needs no pass over K. dv_b goes back over dv_new, the masked
-       M_qk = scale·dA_qk and M_kk = dA_kk over A_qk's and T's rows.
+       −Tᵀ·dv_new·v_newᵀ; it needs no pass over K. dv_b goes back over dv_new; the masked
+       M_qk = scale·dA_qk and M_kk = dA_kk go to their own buffers.
    (b) `chunk_kda_bwd_intra_kernel`, per (K tile, chunk, head), every row of the chunk: over V
        tiles of h and dh, read once, dO·S₀ᵀ, dv_b·S₀ᵀ (the WY gradient Tᵀ·dw with
        dw = −dv_new·S₀ᵀ), v_new·dS₁ᵀ and Σ_v dS₁⊙S₀; the intra-chunk backward of A_qk and A_kk
@@ -37,15 +39,16 @@ BT = 64 in sub-chunks of BC = 16 rows; the forward's per-chunk kernel, then five
    every K tile, [64, 64] × [64, 16] products for 16-row blocks: 3.8 ms at B1 T8192 H16
    (bench/NOTES.md, "Chunked KDA backward v2", has the cost analysis).
 
-Saved vs recomputed. Nothing but the op's inputs survives the forward (fla keeps A_qk and T
-from forward to backward). The backward holds, besides inputs and gradients: w, qg, kg (input
-dtype) until the reverse scan is done; u (fp32) until the forward scan is done; G (fp32,
-[B, T, H, K]), A_qk and T (fp32, [B, T, H, 64], M_qk and M_kk after the reverse scan), h
-and dh (per chunk K×V, input dtype), v_new and dv_new (fp32, [B, T, H, V]) until the end, the
-parts of dβ (fp32 [K/BK + 1, B, T, H]); with the L2 norm the row norms (fp32 [B, T, H, 2]), two
-fp32 [B, T, H, K] workspaces and the parts of the row dots (fp32 [K/BK, 2, B, T, H]). fla's
-backward materialises w, u, qg, kg, h, dh, v_new and fp32 dq, dk, dg, dA workspaces as well;
-bench/bench_chunk_kda.py records both peaks.
+Saved vs recomputed. Between forward and backward: the op's inputs and the residuals, ≈ 1 KB
+per token and head at K = 128 (G 512 B, A_qk and T 256 B each, the norms 8 B; fla keeps A_qk,
+T and G as well). The backward holds, besides inputs, residuals and gradients: w, qg, kg (input
+dtype) until the reverse scan is done; u (fp32) until the forward scan is done; M_qk and M_kk
+(fp32, [B, T, H, 64]; over A_qk and T's buffers when the backward made them itself), h and dh
+(per chunk K×V, input dtype), v_new and dv_new (fp32, [B, T, H, V]) until the end, the
+parts of dβ (fp32 [K/BK + 1, B, T, H]); with the L2 norm two fp32 [B, T, H, K] workspaces and
+the parts of the row dots (fp32 [K/BK, 2, B, T, H]). fla's backward materialises w, u, qg,
+kg, h, dh, v_new and fp32 dq, dk, dg, dA workspaces as well; bench/bench_chunk_kda.py records
+both peaks.
 
 Precision. h and dh are stored in the input dtype: they are only ever operands of tl.dot, which
 takes bf16 operands anyway, and the scans form v_new and dv_new from the same rounded states, so
@@ -82,6 +85,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_residuals_meta
 from .chunk_kda_fwd import (
     BC,
     BT,
@@ -110,6 +114,82 @@ def _l2norm_bwd_rows(p_x, p_dy, p_dx, o_t, m_t, b_r, b_s, K: tl.constexpr, BK: t
         b_x = _load_rows(p_x, o_t, m_t, o_k, m_k, STRIDE)
         b_dy = _load_rows(p_dy, o_t, m_t, o_k, m_k, STRIDE)
         _store_rows(p_dx, b_r[:, None] * (b_dy - b_x * (b_r * b_s)[:, None]), o_t, m_t, o_k, m_k, STRIDE)
+
+
+@triton.jit
+def chunk_kda_bwd_prep_kernel(
+    q,
+    k,
+    v,
+    beta,
+    gc,
+    rqk,
+    tkk,
+    qg,
+    kg,
+    gl,
+    w,
+    u,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+):
+    """Per (chunk, head), from the forward's residuals G (gc), T (tkk) and the q/k norms (rqk):
+    what the scans read, by the forward chunk kernel's formulas: G_last (to gl, G at the chunk's
+    last row), qg = scale·q̂⊙e^G, kg = k̂⊙e^(G_last − G), w = T(β⊙k̂⊙e^G) and u = T(β⊙v), q̂ and k̂
+    the rows scaled by their norms. Memory-bound: no A, no inverse."""
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        if i_n >= N:
+            return
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        t0, i_s = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT, i_t
+    else:
+        t0, eos, i_s = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T, i_b * NT + i_t
+    o_i = tl.arange(0, BT)
+    o_t = t0 + o_i  # [BT] token rows
+    m_t = o_t < eos
+    t_last = tl.minimum(t0 + BT, eos) - 1  # the chunk's last row
+    if USE_QK_L2NORM:
+        b_rq = tl.load(rqk + (o_t * H + i_h) * 2, mask=m_t, other=0.0)  # [BT]
+        b_rk = tl.load(rqk + (o_t * H + i_h) * 2 + 1, mask=m_t, other=0.0)  # [BT]
+    else:
+        b_rq = tl.full([BT], 1.0, dtype=tl.float32)
+        b_rk = tl.full([BT], 1.0, dtype=tl.float32)
+    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+    b_kb = b_beta * b_rk  # [BT]
+    b_T = tl.load(tkk + (o_t[:, None] * H + i_h) * BT + o_i[None, :], mask=m_t[:, None], other=0.0)  # [BT, BT]
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_G = _load_rows(gc + i_h * K, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
+        b_gl = tl.load(gc + (t_last * H + i_h) * K + o_k, mask=m_k, other=0.0)  # [BK]
+        tl.store(gl + (i_s * H + i_h).to(tl.int64) * K + o_k, b_gl, mask=m_k)
+        b_q = _load_rows(q + i_h * K, o_t, m_t, o_k, m_k, H * K) * b_rq[:, None]  # [BT, BK]
+        _store_rows(qg + i_h * K, scale * b_q * tl.exp(b_G), o_t, m_t, o_k, m_k, H * K)
+        b_k = _load_rows(k + i_h * K, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
+        _store_rows(kg + i_h * K, (b_k * b_rk[:, None]) * tl.exp(b_gl[None, :] - b_G), o_t, m_t, o_k, m_k, H * K)
+        _store_rows(w + i_h * K, tl.dot(b_T, b_k * b_kb[:, None] * tl.exp(b_G)), o_t, m_t, o_k, m_k, H * K)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_x = _load_rows(v + i_h * V, o_t, m_t, o_v, m_v, H * V) * b_beta[:, None]  # [BT, BV]
+        _store_rows(u + i_h * V, tl.dot(b_T, b_x), o_t, m_t, o_v, m_v, H * V)
 
 
 @triton.jit
@@ -265,6 +345,7 @@ def chunk_kda_bwd_wy_kernel(
     do,
     tkk,
     mqk,
+    mkk,
     v_new,
     dv_new,
     dv,
@@ -283,9 +364,10 @@ def chunk_kda_bwd_wy_kernel(
     IS_VARLEN: tl.constexpr,
 ):
     """Per (chunk, head), over V tiles: dv_b = Tᵀ·dv_new (over dv_new) with T = (I + A_kk)^-1 as
-    the forward's chunk kernel stored it (BACKWARD_RECOMPUTE), dv = β⊙dv_b, dβ's v term (slot 0 of db) and
-    the intra-chunk backward's M_qk = scale·dO·v_newᵀ (over A_qk) and M_kk = −dv_b·v_newᵀ (over
-    T), both masked to where the forward's A is nonzero."""
+    the forward's chunk kernel stored it (STORE_RESIDUALS), dv = β⊙dv_b, dβ's v term (slot 0 of
+    db) and the intra-chunk backward's M_qk = scale·dO·v_newᵀ (to mqk) and M_kk = −dv_b·v_newᵀ
+    (to mkk, which may be tkk itself: each program reads its T rows before it writes), both
+    masked to where the forward's A is nonzero."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -324,7 +406,7 @@ def chunk_kda_bwd_wy_kernel(
     b_Mqk = tl.where(o_i[:, None] >= o_i[None, :], b_dAqk * scale, 0.0)  # [BT, BT]
     b_Mkk = tl.where(o_i[:, None] > o_i[None, :], b_dAkk, 0.0)  # [BT, BT]
     _store_rows(mqk + i_h * BT, b_Mqk, o_t, m_t, o_i, o_i < BT, H * BT)
-    _store_rows(p_T, b_Mkk, o_t, m_t, o_i, o_i < BT, H * BT)
+    _store_rows(mkk + i_h * BT, b_Mkk, o_t, m_t, o_i, o_i < BT, H * BT)
     tl.store(db + o_t * H + i_h, b_db, mask=m_t)
 
 
@@ -607,6 +689,8 @@ class LaunchConfig:
     intra_warps: int
     intra_stages: int
     finish_bk: int
+    prep_bk: int
+    prep_bv: int
 
 
 def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
@@ -621,6 +705,7 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     The intra kernel runs one program per 32-wide K tile (K/32 times the chunk kernel of v1's
     programs) with 4 warps: its ~14 live [64, 32] fp32 tiles are 16 registers a thread each.
     The wy kernel holds Tᵀ and the two C×C gradients ([64, 64] fp32) over 32-wide V tiles.
+    The prep kernel holds T ([64, 64] fp32) over 32-wide K and V tiles on 4 warps.
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
@@ -636,6 +721,8 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
         intra_warps=4,
         intra_stages=1,
         finish_bk=min(64, scan_bk),
+        prep_bk=min(32, scan_bk),
+        prep_bv=min(32, max(16, triton.next_power_of_2(V))),
     )
 
 
@@ -662,15 +749,18 @@ def chunk_kda_bwd_triton(
     dbeta: torch.Tensor,
     dh0: torch.Tensor,
     launch: Callable = _direct,
+    residuals: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Runs the chunked KDA backward into preallocated outputs (those of chunk_kda_bwd_meta).
 
     dq, dk, dv, dg, dbeta have their inputs' dtypes and shapes (or are token-flat, [B*T, ...], as
     the op passes them), are contiguous and are written in full; dh0 is [N, H, K, V] fp32 when
     there is an initial state, else an empty [0] tensor (not written).
-    dht (None = zero) is the gradient of the final state. Inputs follow meta/chunk_kda.py's
-    contract (validated by the caller). `launch` wraps each kernel before its launch:
-    torch.library.wrap_triton inside the op, the identity when tests call directly.
+    dht (None = zero) is the gradient of the final state. residuals: gc, aqk, tkk, rqk as
+    chunk_kda_fwd_triton wrote them for the same inputs (read, never written); None reruns the
+    forward's chunk kernel instead. Inputs follow meta/chunk_kda.py's contract (validated by the
+    caller). `launch` wraps each kernel before its launch: torch.library.wrap_triton inside the
+    op, the identity when tests call directly.
     """
     q, k, v, g, beta, do = (x.contiguous() for x in (q, k, v, g, beta, do))
     B, T, H, K = q.shape
@@ -683,14 +773,32 @@ def chunk_kda_bwd_triton(
     dt, f32, dev = q.dtype, torch.float32, q.device
     grid_chunks = (rows, B * H)
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)
-
-    # 1. the forward's per-chunk quantities, by the forward's own per-chunk kernel (so with its
-    # roundings): G_last, qg, kg, A_qk, w and u, and with BACKWARD_RECOMPUTE what the forward
-    # op does not store: G, the q/k norms and the T its w and u were formed with, which the
-    # backward's chunk kernels read back.
-    x = run_chunk_kernel(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, fwd_cfg, launch, backward_recompute=True)
-    w, u, qg, kg, aqk, gl, gc, rqk, tkk = (x.pop(name) for name in ("w", "u", "qg", "kg", "aqk", "gl", "gc", "rqk", "tkk"))
     common = dict(IS_VARLEN=is_varlen, USE_QK_L2NORM=use_qk_l2norm)
+
+    # 1. what the scans read: G_last, qg, kg, w, u (and A_qk). From the forward's residuals (G,
+    # A_qk, T, the q/k norms) by a memory-bound kernel; without them by a rerun of the forward's
+    # chunk kernel, which stores the same residuals in buffers of the backward's own.
+    if residuals is None:
+        residuals = dict(zip(RESIDUAL_NAMES, chunk_kda_residuals_meta(q, use_qk_l2norm, save=True)))
+        x = run_chunk_kernel(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, fwd_cfg, launch, residuals)
+        mqk, mkk = residuals["aqk"], residuals["tkk"]  # the wy kernel's M over A_qk and T (read first)
+    else:
+        x = dict(
+            w=torch.empty((B * T, H, K), dtype=dt, device=dev),
+            u=torch.empty((B * T, H, V), dtype=f32, device=dev),
+            qg=torch.empty((B * T, H, K), dtype=dt, device=dev),
+            kg=torch.empty((B * T, H, K), dtype=dt, device=dev),
+            gl=torch.empty((slots, H, K), dtype=f32, device=dev),
+        )
+        launch(chunk_kda_bwd_prep_kernel)[grid_chunks](
+            q, k, v, beta, residuals["gc"], residuals["rqk"], residuals["tkk"],
+            x["qg"], x["kg"], x["gl"], x["w"], x["u"],
+            *index, scale,
+            H=H, K=K, V=V, BT=BT, BK=cfg.prep_bk, BV=cfg.prep_bv, **common,
+        )
+        mqk, mkk = (torch.empty((B * T, H, BT), dtype=f32, device=dev) for _ in range(2))
+    w, u, qg, kg, gl = (x.pop(name) for name in ("w", "u", "qg", "kg", "gl"))
+    aqk, gc, rqk, tkk = (residuals[name] for name in ("aqk", "gc", "rqk", "tkk"))
 
     # 2. chunk-entry states and v_new
     h = torch.empty((slots, H, K, V), dtype=dt, device=dev)
@@ -725,8 +833,8 @@ def chunk_kda_bwd_triton(
 
     # 4. everything else, per chunk: the WY backward and the C×C gradients (wy), then per K tile
     # the products with the states and the intra-chunk backward (intra), then dβ and the norm's
-    # backward (finish). A_qk's buffer takes M_qk, T's M_kk, dv_new's dv_b (each program
-    # its own rows); db and ds hold per-program partial row sums, reduced by finish
+    # backward (finish). dv_new's buffer takes dv_b (each program its own rows); db and ds hold
+    # per-program partial row sums, reduced by finish
     NK = triton.cdiv(K, cfg.intra_bk)
     NTH = B * T * H
     db = torch.empty((NK + 1, B * T, H), dtype=f32, device=dev)
@@ -737,13 +845,13 @@ def chunk_kda_bwd_triton(
     else:
         dqn, dkn, ds = dq, dk, None
     launch(chunk_kda_bwd_wy_kernel)[grid_chunks](
-        v, beta, do, tkk, aqk, v_new, dv_new, dv, db,
+        v, beta, do, tkk, mqk, mkk, v_new, dv_new, dv, db,
         *index, scale,
         H=H, V=V, BT=BT, BV=cfg.wy_bv, IS_VARLEN=is_varlen,
         num_warps=cfg.wy_warps,
     )
     launch(chunk_kda_bwd_intra_kernel)[(NK, NT, B * H)](
-        q, k, beta, do, gc, aqk, tkk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, db, ds,
+        q, k, beta, do, gc, mqk, mkk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, db, ds,
         *index, NTH, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.intra_bk, BV=cfg.intra_bv, **common,
         num_warps=cfg.intra_warps,

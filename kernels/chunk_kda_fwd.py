@@ -8,8 +8,9 @@ Chunk length BT = 64, split into four sub-chunks of BC = 16 rows. Two kernels:
    anchored products (below); T = (I + A_kk)^-1 in registers along the same levels;
    w = T(β⊙k⊙e^G) and u = T(β⊙v). What the scan reads goes to memory: qg, kg, w, u, A_qk and
    G_last. G, the norms and T stay in registers; they go to memory only under
-   BACKWARD_RECOMPUTE, which the backward sets when it reruns this kernel (its kernels read them
-   back; the forward op neither allocates nor writes them).
+   STORE_RESIDUALS, for the backward's kernels: set when the forward op keeps them for autograd
+   (save_for_backward, with A_qk: the residuals, ≈ 1 KB per token and head) and when the
+   backward, given no residuals, reruns this kernel. Inference writes none of them.
 2. `chunk_kda_fwd_scan_kernel`, per (sequence, head, V tile), sequential over the sequence's
    chunks with the state tile S [K, BV] in registers (fp32). Per chunk it forms
    v_new = u − w·S, writes o = qg·S + A_qk·v_new and updates S ← e^(G_last)⊙S + kgᵀ·v_new.
@@ -128,15 +129,15 @@ def chunk_kda_fwd_chunk_kernel(
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
-    BACKWARD_RECOMPUTE: tl.constexpr,
+    STORE_RESIDUALS: tl.constexpr,
     DIAG_PRECISION: tl.constexpr,
 ):
     """Per (chunk, head): G = chunk-local cumsum of g, G_last (to gl), the q/k norms,
     qg = scale·q⊙e^G, kg = k⊙e^(G_last − G), A_qk (scale, incl. diagonal) as whole rows with
     zeros above the diagonal (to aqk), A_kk (beta, strictly lower) in registers, then
-    T = (I + A_kk)^-1 in registers and w = T(β⊙k⊙e^G), u = T(β⊙v). With BACKWARD_RECOMPUTE (the
-    backward's rerun; the forward op leaves it off and passes None for gc, rqk and tkk) G goes to
-    gc, the norms to rqk and T to tkk, whole rows like A_qk's.
+    T = (I + A_kk)^-1 in registers and w = T(β⊙k⊙e^G), u = T(β⊙v). With STORE_RESIDUALS (what
+    the backward reads; without it gc, rqk and tkk are None) G goes to gc, the norms to rqk and T
+    to tkk, whole rows like A_qk's.
 
     A's strictly lower pairs (i, j) are split by the highest bit where i and j differ (level b,
     i has bit b set, j not, both in one aligned block of 2^(b+1) rows) and each level runs on
@@ -180,7 +181,7 @@ def chunk_kda_fwd_chunk_kernel(
             b_rk += tl.sum(b_x * b_x, axis=1)
         b_rq = tl.rsqrt(b_rq + 1e-6)
         b_rk = tl.rsqrt(b_rk + 1e-6)
-        if BACKWARD_RECOMPUTE:
+        if STORE_RESIDUALS:
             tl.store(rqk + (o_t * H + i_h) * 2, b_rq, mask=m_t)
             tl.store(rqk + (o_t * H + i_h) * 2 + 1, b_rk, mask=m_t)
     else:
@@ -199,7 +200,7 @@ def chunk_kda_fwd_chunk_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_G = tl.cumsum(_load_rows(p_g, o_t, m_t, o_k, m_k, H * K), axis=0)  # [BT, BK]
-        if BACKWARD_RECOMPUTE:
+        if STORE_RESIDUALS:
             _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
         # padded rows add g = 0, so the last row is G at the last real row
         b_gl = _row(b_G, o_i, BT - 1)  # [BK]
@@ -289,7 +290,7 @@ def chunk_kda_fwd_chunk_kernel(
 
     o_tt = t0 + o_h  # [H2] rows of the top half
     m_tt = o_tt < eos
-    if BACKWARD_RECOMPUTE:
+    if STORE_RESIDUALS:
         # [BT, BT] T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]] as whole rows, by [H2, H2] blocks:
         # the backward's wy kernel reads it instead of inverting I + A_kk again
         p_tkk = tkk + i_h * BT
@@ -518,12 +519,13 @@ def run_chunk_kernel(
     use_qk_l2norm: bool,
     cfg: LaunchConfig,
     launch: Callable,
-    backward_recompute: bool,
+    residuals: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Allocates what chunk_kda_fwd_chunk_kernel writes and launches it (q, k, v, g, beta
-    contiguous; index, rows, slots from chunk_index): w, u, qg, kg, aqk (A_qk) and gl (G_last)
-    for the scans; with backward_recompute (the backward's rerun) also gc (G), rqk (the q/k
-    norms, empty without them) and tkk (T).
+    """Allocates what chunk_kda_fwd_chunk_kernel writes for the scans and launches it (q, k, v, g,
+    beta contiguous; index, rows, slots from chunk_index): returns w, u, qg, kg, aqk (A_qk) and gl
+    (G_last). With residuals (gc, aqk, tkk, rqk preallocated as chunk_kda_residuals_meta makes
+    them) the kernel runs with STORE_RESIDUALS and also writes G, T and the q/k norms there,
+    and A_qk into the given aqk.
 
     w, qg, kg in the input dtype; u and A_qk in fp32: rounding either to bf16 costs as much
     relative error as rounding o itself (~1.7e-3 each), w, qg, kg ~2e-4 together. Every buffer
@@ -537,19 +539,16 @@ def run_chunk_kernel(
         u=torch.empty((B * T, H, V), dtype=f32, device=dev),
         qg=torch.empty((B * T, H, K), dtype=dt, device=dev),
         kg=torch.empty((B * T, H, K), dtype=dt, device=dev),
-        aqk=torch.empty((B * T, H, BT), dtype=f32, device=dev),
+        aqk=residuals["aqk"] if residuals else torch.empty((B * T, H, BT), dtype=f32, device=dev),
         gl=torch.empty((slots, H, K), dtype=f32, device=dev),
     )
-    if backward_recompute:
-        x["gc"] = torch.empty((B * T, H, K), dtype=f32, device=dev)
-        x["rqk"] = torch.empty((B * T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev)
-        x["tkk"] = torch.empty((B * T, H, BT), dtype=f32, device=dev)
+    saved = residuals or {}
     launch(chunk_kda_fwd_chunk_kernel)[(rows, B * H)](
-        q, k, v, g, beta, x.get("gc"), x["qg"], x["kg"], x["gl"], x.get("rqk"), x["aqk"], x.get("tkk"), x["w"], x["u"],
-        *index, scale,
+        q, k, v, g, beta, saved.get("gc"), x["qg"], x["kg"], x["gl"], saved.get("rqk"), x["aqk"], saved.get("tkk"),
+        x["w"], x["u"], *index, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv, num_warps=cfg.chunk_warps,
         IS_VARLEN=index[0] is not None, USE_QK_L2NORM=use_qk_l2norm,
-        BACKWARD_RECOMPUTE=backward_recompute, DIAG_PRECISION=cfg.diag_precision,
+        STORE_RESIDUALS=residuals is not None, DIAG_PRECISION=cfg.diag_precision,
     )
     return x
 
@@ -568,15 +567,17 @@ def chunk_kda_fwd_triton(
     final_state: torch.Tensor,
     launch: Callable = _direct,
     config: LaunchConfig | None = None,
+    residuals: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Runs the chunked KDA forward into preallocated outputs.
 
     o (v's dtype, contiguous: [B, T, H, V], or token-flat [B*T, H, V] as the op passes it) and
     final_state [N, H, K, V] fp32 are written in full; final_state may be an empty [0] tensor
-    (final state not requested). Inputs follow meta/chunk_kda.py's contract (validated by the
-    caller). `launch` wraps each kernel before its launch: torch.library.wrap_triton inside the
-    op, the identity when tests call directly. `config` overrides launch_config
-    (bench/tune_chunk_kda_fwd.py sweeps it).
+    (final state not requested). residuals: gc, aqk, tkk, rqk as chunk_kda_residuals_meta
+    allocates them, written in full for chunk_kda_bwd_triton (None: nothing kept). Inputs follow
+    meta/chunk_kda.py's contract (validated by the caller). `launch` wraps each kernel before its
+    launch: torch.library.wrap_triton inside the op, the identity when tests call directly.
+    `config` overrides launch_config (bench/tune_chunk_kda_fwd.py sweeps it).
     """
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     B, T, H, K = q.shape
@@ -584,7 +585,7 @@ def chunk_kda_fwd_triton(
     cfg = config or launch_config(K, V, q.dtype)
     index, rows, slots = chunk_index(cu_seqlens, B, T, launch)
     _, _, chunk_offsets, _, N, NT = index
-    x = run_chunk_kernel(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, cfg, launch, backward_recompute=False)
+    x = run_chunk_kernel(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, cfg, launch, residuals)
     w, u, qg, kg, aqk, gl = (x[name] for name in ("w", "u", "qg", "kg", "aqk", "gl"))
     store_final = final_state.dim() == 4
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)

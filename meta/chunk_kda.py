@@ -101,6 +101,38 @@ def chunk_kda_fwd_meta(
     return o, torch.empty(shape, dtype=acc, device=q.device)
 
 
+RESIDUAL_NAMES = ("gc", "aqk", "tkk", "rqk")
+
+
+def _residual_shapes(q: torch.Tensor, use_qk_l2norm: bool) -> tuple[tuple, ...]:
+    B, T, H, K = q.shape
+    return (B * T, H, K), (B * T, H, CHUNK_SIZE), (B * T, H, CHUNK_SIZE), ((B * T, H, 2) if use_qk_l2norm else (0,))
+
+
+def chunk_kda_residuals_meta(q: torch.Tensor, use_qk_l2norm: bool, save: bool) -> tuple[torch.Tensor, ...]:
+    """What the Triton forward keeps for its backward, allocated (RESIDUAL_NAMES, fp32,
+    token-flat): gc [B*T, H, K] the chunk-local cumulative gate, aqk [B*T, H, 64] A_qk and tkk
+    [B*T, H, 64] T = (I + A_kk)^-1 as whole rows of their chunk, rqk [B*T, H, 2] the reciprocal
+    q and k row norms ([0] without the L2 norm). Four empty [0] tensors unless save."""
+    shapes = _residual_shapes(q, use_qk_l2norm) if save else ((0,),) * 4
+    return tuple(torch.empty(shape, dtype=torch.float32, device=q.device) for shape in shapes)
+
+
+def check_chunk_kda_residuals(op: str, q: torch.Tensor, residuals: Sequence, use_qk_l2norm: bool) -> bool:
+    """Validates the forward's residuals handed to the backward (all four, or all None); returns
+    whether they were given."""
+    given = [r is not None for r in residuals]
+    if not any(given):
+        return False
+    if not all(given):
+        missing = RESIDUAL_NAMES[given.index(False)]
+        fail(op, missing, "a tensor (the residuals gc, aqk, tkk and rqk come all together or not at all)", "None")
+    for name, r, shape in zip(RESIDUAL_NAMES, residuals, _residual_shapes(q, use_qk_l2norm)):
+        check_tensor(op, name, r, dtypes=(torch.float32,), device=q.device)
+        check_shape(op, name, r, shape, "(kda::chunk_kda_fwd's residual for these inputs)")
+    return True
+
+
 def chunk_kda_bwd_meta(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,13 +145,15 @@ def chunk_kda_bwd_meta(
     dht: torch.Tensor | None,
     scale: float,
     use_qk_l2norm: bool,
+    residuals: Sequence = (None, None, None, None),
     token_flat: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Validates and allocates (dq, dk, dv, dg, dbeta, dh0); each gradient has its input's shape
     and dtype (token_flat: [B*T, ...], see empty_tokens); dh0 is an empty [0] tensor when there is
-    no initial state."""
+    no initial state. residuals: the forward's (gc, aqk, tkk, rqk) or four Nones."""
     op = "chunk_kda_bwd"
     n = check_chunk_kda_inputs(op, q, k, v, g, beta, initial_state, cu_seqlens)
+    check_chunk_kda_residuals(op, q, residuals, use_qk_l2norm)
     check_tensor(op, "do", do, dtypes=(v.dtype,), device=v.device)
     check_shape(op, "do", do, v.shape, "(the shape of v)")
     if dht is not None:

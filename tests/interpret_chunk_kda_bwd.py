@@ -5,7 +5,8 @@ Run as a script (test_chunk_kda_bwd_kernel.py starts it in a subprocess, because
 TRITON_INTERPRET must be set before triton is first imported). Tiny shapes, every feature:
 T = 1, T < 64, T = 64, T not a multiple of 64, several chunks, several K and V tiles,
 non-power-of-two K and V, initial state on/off, dht on/off, in-kernel L2 norm on/off, gates of
--1000, varlen with tiny and empty sequences (and an unused chunk slot), half-precision storage
+-1000, varlen with tiny and empty sequences (and an unused chunk slot), the forward's residuals
+read back or recomputed (the backward must not write them), half-precision storage
 of the intermediates with fp32 beta (fp16: the interpreter's bf16 tl.dot is wrong in triton
 3.7.1; bf16 is covered by the GPU tests). Every gradient is written into a NaN-prefilled buffer, so unwritten elements show.
 
@@ -25,25 +26,33 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import torch
 
 from kda_ops.kernels.chunk_kda_bwd import chunk_kda_bwd_triton
-from kda_ops.meta.chunk_kda import chunk_kda_bwd_meta
+from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton
+from kda_ops.meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_bwd_meta, chunk_kda_fwd_meta, chunk_kda_residuals_meta
 from kda_ops.meta.chunk_kda_bwd import chunk_kda_bwd_reference
 from kda_ops.meta.kda_recurrent import l2norm
 
 NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 FP16_BAR = 1e-3
 
-# (id, B, T, H, K, V, cu_seqlens, initial state, dht, l2norm, -1000 gates, dtype, beta dtype)
+# (id, B, T, H, K, V, cu_seqlens, initial state, dht, l2norm, -1000 gates, dtype, beta dtype,
+#  residuals: the forward kernels keep them and the backward reads them, else it recomputes them)
 CASES = [
-    ("T1-K32-h0-dht-l2", 1, 1, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32),
-    ("T20-K20V12-l2-gate1000", 1, 20, 1, 20, 12, None, False, False, True, True, torch.float32, torch.float32),
-    ("T64-K32-h0-gate1000", 1, 64, 1, 32, 32, None, True, False, False, True, torch.float32, torch.float32),
-    ("B2-T70-K32-h0-dht-l2", 2, 70, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32),
-    ("T130-H2-K40V48-dht-gate1000", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32, torch.float32),
+    ("T1-K32-h0-dht-l2", 1, 1, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32, False),
+    ("T20-K20V12-l2-gate1000", 1, 20, 1, 20, 12, None, False, False, True, True, torch.float32, torch.float32, False),
+    ("T64-K32-h0-gate1000", 1, 64, 1, 32, 32, None, True, False, False, True, torch.float32, torch.float32, False),
+    ("B2-T70-K32-h0-dht-l2", 2, 70, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32, False),
+    ("T130-H2-K40V48-dht-gate1000", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32, torch.float32, False),
     ("varlen-1-15-100-h0-dht-l2-gate1000", 1, 100, 1, 32, 32, [0, 1, 15, 100], True, True, True, True,
-     torch.float32, torch.float32),
+     torch.float32, torch.float32, False),
     ("varlen-0-3-67-K20V24-h0-dht-l2", 1, 70, 1, 20, 24, [0, 0, 3, 70], True, True, True, False,
-     torch.float32, torch.float32),
-    ("fp16-T70-K32-h0-dht-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16, torch.float32),
+     torch.float32, torch.float32, False),
+    ("fp16-T70-K32-h0-dht-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16, torch.float32, False),
+    ("residuals-T130-H2-K40V48-dht-gate1000", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32,
+     torch.float32, True),
+    ("residuals-varlen-0-3-67-K20V24-h0-dht-l2", 1, 70, 1, 20, 24, [0, 0, 3, 70], True, True, True, False,
+     torch.float32, torch.float32, True),
+    ("residuals-fp16-T70-K32-h0-dht-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16,
+     torch.float32, True),
 ]
 
 
@@ -70,18 +79,36 @@ def rel_err(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def forward_residuals(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2) -> dict[str, torch.Tensor]:
+    """The residuals as the forward kernels write them (NaN-prefilled, so unwritten rows show)."""
+    residuals = dict(zip(RESIDUAL_NAMES, chunk_kda_residuals_meta(q, l2, save=True)))
+    for r in residuals.values():
+        r.fill_(float("nan"))
+    o, final_state = chunk_kda_fwd_meta(q, k, v, g, beta, initial_state, cu_seqlens, scale, False, l2)
+    chunk_kda_fwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state, residuals=residuals)
+    return residuals
+
+
 def run_case(case, gen) -> list[str]:
-    name, B, T, H, K, V, cu, h0, with_dht, l2, gate1000, dtype, beta_dtype = case
+    name, B, T, H, K, V, cu, h0, with_dht, l2, gate1000, dtype, beta_dtype, from_residuals = case
     q, k, v, g, beta, do = make_inputs(B, T, H, K, V, gate1000, l2, dtype, beta_dtype, gen)
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     N = B if cu is None else len(cu) - 1
     initial_state = torch.randn(N, H, K, V, generator=gen) if h0 else None
     dht = torch.randn(N, H, K, V, generator=gen) if with_dht else None
     scale = K**-0.5
+    residuals = forward_residuals(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2) if from_residuals else None
+    kept = None if residuals is None else {n: r.clone() for n, r in residuals.items()}
     outs = chunk_kda_bwd_meta(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2)
     for out in outs:
         out.fill_(float("nan"))
-    chunk_kda_bwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2, *outs)
+    chunk_kda_bwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2, *outs, residuals=residuals)
+    failures = []
+    if residuals is not None:
+        failures += [f"{name}: the backward wrote the residual {n}" for n, r in residuals.items()
+                     if not torch.equal(r.nan_to_num(), kept[n].nan_to_num())]
+        failures += [f"{name}: the forward left rows of the residual {n} unwritten" for n, r in residuals.items()
+                     if not torch.isfinite(r).all()]
     args = (q, k, v, g, beta, initial_state)
     ref64 = chunk_kda_bwd_reference(
         *(_to(x, torch.float64) for x in args), cu_seqlens, do.double(), _to(dht, torch.float64), scale, l2
@@ -89,7 +116,6 @@ def run_case(case, gen) -> list[str]:
     ref32 = chunk_kda_bwd_reference(
         *(_to(x, torch.float32) for x in args), cu_seqlens, do.float(), dht, scale, l2
     )
-    failures = []
     for what, x, r64, r32 in zip(NAMES, outs, ref64, ref32):
         if what == "dh0" and not h0:
             if x.numel() != 0:

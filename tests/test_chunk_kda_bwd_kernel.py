@@ -21,14 +21,14 @@ from kda_inputs import kernel_check_inputs, rel_rms
 
 from kda_ops import chunk_kda
 from kda_ops.kernels.chunk_kda_bwd import chunk_kda_bwd_triton
-from kda_ops.meta.chunk_kda import chunk_kda_bwd_meta
+from kda_ops.meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_bwd_meta
 from kda_ops.meta.chunk_kda_bwd import chunk_kda_bwd_reference
 from kda_ops.meta.kda_recurrent import recurrent_kda
 
 NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 BARS = dict(dq=0.008, dk=0.008, dv=0.008, dh0=0.008, dg=0.02, dbeta=0.02)  # DESIGN.md
 NAIVE_MAX_T = 2048  # longer sequences are checked against the chunked fp32 backward reference
-KERNELS = tuple(f"chunk_kda_bwd_{name}_kernel" for name in ("state", "dstate", "wy", "intra", "finish"))
+KERNELS = tuple(f"chunk_kda_bwd_{name}_kernel" for name in ("prep", "state", "dstate", "wy", "intra", "finish"))
 
 
 @pytest.mark.interpret
@@ -113,12 +113,20 @@ CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("B, T, H, K, V, cu, initial_state, dht, l2, gate_floor", CASES)
 def test_backward_bf16_within_bars(B, T, H, K, V, cu, initial_state, dht, l2, gate_floor):
+    """Both ways the backward gets the forward's per-chunk quantities: recomputed from the inputs,
+    and read from the residuals the forward kept (which it must leave as they were)."""
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
     n = B if cu is None else len(cu) - 1
     x = _inputs(B, T, H, K, V, n_seqs=n, initial_state=initial_state, dht=dht, l2norm_in_op=l2, gate_floor=gate_floor)
-    grads = torch.ops.kda.chunk_kda_bwd(*_op_args(x, cu_seqlens, K**-0.5, l2))
+    args = _op_args(x, cu_seqlens, K**-0.5, l2)
+    ref = _reference_grads(x, cu_seqlens, K**-0.5, l2)
+    grads = torch.ops.kda.chunk_kda_bwd(*args)
     assert [t.dtype for t in grads[:5]] == [x[n].dtype for n in ("q", "k", "v", "g", "beta")]
-    _check_within_bars(grads, _reference_grads(x, cu_seqlens, K**-0.5, l2), initial_state)
+    _check_within_bars(grads, ref, initial_state, "recomputed")
+    residuals = torch.ops.kda.chunk_kda_fwd(*args[:7], K**-0.5, False, l2, True)[2:]
+    kept = [r.clone() for r in residuals]
+    _check_within_bars(torch.ops.kda.chunk_kda_bwd(*args, *residuals), ref, initial_state, "from residuals")
+    assert all(torch.equal(r, c) for r, c in zip(residuals, kept)), "the backward wrote a residual"
 
 
 # (dtype, beta dtype): the other input dtypes the kernels take, same bars
@@ -141,8 +149,9 @@ def test_backward_other_dtypes_within_bars(dtype, beta_dtype):
 
 @pytest.mark.gpu
 def test_autograd_reaches_the_triton_backward():
-    """chunk_kda's autograd (register_autograd → kda::chunk_kda_bwd) returns what the launcher
-    computes, bit for bit, with and without a final state."""
+    """chunk_kda's autograd (register_autograd → kda::chunk_kda_bwd with the forward's residuals)
+    returns what the launcher computes from the same residuals, bit for bit, with and without a
+    final state."""
     cu_seqlens = torch.tensor([0, 70, 75, 300], dtype=torch.int32, device="cuda")
     x = _inputs(1, 300, 2, 128, 128, n_seqs=3, initial_state=True, dht=True, l2norm_in_op=True, gate_floor=True)
     leaves = [x[n].detach().requires_grad_() for n in ("q", "k", "v", "g", "beta", "initial_state")]
@@ -150,9 +159,10 @@ def test_autograd_reaches_the_triton_backward():
         o, s = chunk_kda(*leaves[:5], initial_state=leaves[5], output_final_state=final, use_qk_l2norm=True,
                          cu_seqlens=cu_seqlens)
         grads = torch.autograd.grad((o, s) if final else (o,), leaves, (x["do"], x["dht"]) if final else (x["do"],))
-        direct = dict(x, dht=x["dht"] if final else None)
-        outs = [torch.empty_like(t) for t in chunk_kda_bwd_meta(*_op_args(direct, cu_seqlens, 128**-0.5, True))]
-        chunk_kda_bwd_triton(*_op_args(direct, cu_seqlens, 128**-0.5, True), *outs)
+        args = _op_args(dict(x, dht=x["dht"] if final else None), cu_seqlens, 128**-0.5, True)
+        residuals = torch.ops.kda.chunk_kda_fwd(*args[:7], 128**-0.5, final, True, True)[2:]
+        outs = [torch.empty_like(t) for t in chunk_kda_bwd_meta(*args)]
+        chunk_kda_bwd_triton(*args, *outs, residuals=dict(zip(RESIDUAL_NAMES, residuals)))
         for name, a, b in zip(NAMES, grads, outs):
             assert torch.equal(a, b), f"final_state={final}: {name} differs"
 
@@ -201,6 +211,11 @@ def test_launcher_writes_every_element(B, T, K, V, cu, initial_state, dht):
         assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements"
     for name, a, b in zip(NAMES, outs, torch.ops.kda.chunk_kda_bwd(*args)):
         assert torch.equal(a, b), f"{name} differs between the launcher and the op"
+    residuals = torch.ops.kda.chunk_kda_fwd(*args[:7], K**-0.5, False, True, True)[2:]
+    outs = [t.fill_(float("nan")) for t in chunk_kda_bwd_meta(*args)]
+    chunk_kda_bwd_triton(*args, *outs, residuals=dict(zip(RESIDUAL_NAMES, residuals)))
+    for name, t in zip(NAMES, outs):
+        assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements from the residuals"
 
 
 @pytest.mark.gpu
@@ -217,7 +232,10 @@ def test_opcheck_cuda(cu, initial_state, dht, l2):
     B, T = (2, 70) if cu is None else (1, 75)
     n = B if cu is None else len(cu) - 1
     x = _inputs(B, T, 2, 64, 64, n_seqs=n, initial_state=initial_state, dht=dht, l2norm_in_op=l2, gate_floor=True)
-    torch.library.opcheck(torch.ops.kda.chunk_kda_bwd.default, _op_args(x, cu_seqlens, 0.125, l2))
+    args = _op_args(x, cu_seqlens, 0.125, l2)
+    torch.library.opcheck(torch.ops.kda.chunk_kda_bwd.default, args)
+    residuals = torch.ops.kda.chunk_kda_fwd(*args[:7], 0.125, False, l2, True)[2:]
+    torch.library.opcheck(torch.ops.kda.chunk_kda_bwd.default, (*args, *residuals))
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ from kda_inputs import kernel_check_inputs, rel_rms
 
 from kda_ops import chunk_kda
 from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton, launch_config
-from kda_ops.meta.chunk_kda import chunk_kda_fwd_reference
+from kda_ops.meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_fwd_reference, chunk_kda_residuals_meta
 from kda_ops.meta.kda_recurrent import recurrent_kda
 
 BAR = 0.005  # o and final state, bf16 inputs vs the fp32 recurrence (DESIGN.md)
@@ -182,9 +182,17 @@ def test_launcher_writes_every_element(B, T, K, V, cu, final):
     final_state = torch.full((n, H, K, V) if final else (0,), float("nan"), device="cuda")
     chunk_kda_fwd_triton(*x.values(), cu_seqlens, K**-0.5, True, o, final_state)
     assert torch.isfinite(o).all() and torch.isfinite(final_state).all()
-    op_o, op_final = torch.ops.kda.chunk_kda_fwd(*x.values(), cu_seqlens, K**-0.5, final, True)
+    op_o, op_final, *residuals = torch.ops.kda.chunk_kda_fwd(*x.values(), cu_seqlens, K**-0.5, final, True)
     assert torch.equal(o, op_o)
     assert torch.equal(final_state, op_final)
+    assert all(r.numel() == 0 for r in residuals), "nothing is kept without save_for_backward"
+    saved = chunk_kda_residuals_meta(x["q"], True, save=True)
+    for r in saved:
+        r.fill_(float("nan"))
+    chunk_kda_fwd_triton(*x.values(), cu_seqlens, K**-0.5, True, o, final_state,
+                         residuals=dict(zip(RESIDUAL_NAMES, saved)))
+    assert torch.equal(o, op_o), "keeping the residuals changed o"
+    assert all(torch.isfinite(r).all() for r in saved), "a residual has unwritten (NaN) elements"
 
 
 @pytest.mark.gpu
@@ -202,6 +210,7 @@ def test_opcheck_cuda(cu, initial_state, final):
     n = B if cu is None else len(cu) - 1
     x = kernel_check_inputs(B, T, 2, 64, 64, n_seqs=n, initial_state=initial_state, l2norm_in_op=True, gate_floor=True)
     torch.library.opcheck(torch.ops.kda.chunk_kda_fwd.default, (*x.values(), cu_seqlens, 0.125, final, True))
+    torch.library.opcheck(torch.ops.kda.chunk_kda_fwd.default, (*x.values(), cu_seqlens, 0.125, final, True, True))
 
 
 @pytest.mark.gpu

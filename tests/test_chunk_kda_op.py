@@ -126,6 +126,46 @@ def test_contract_errors_name_the_argument(name, corrupt, expected, fake):
         kda_ops.chunk_kda(**x, output_final_state=True)
 
 
+def _residuals(B, T, H, K, l2norm):
+    """Correctly shaped residuals of kda::chunk_kda_fwd (save_for_backward on the Triton path)."""
+    gc, aqk, tkk = torch.zeros(B * T, H, K), torch.zeros(B * T, H, 64), torch.zeros(B * T, H, 64)
+    return dict(gc=gc, aqk=aqk, tkk=tkk, rqk=torch.zeros(B * T, H, 2) if l2norm else torch.zeros(0))
+
+
+RESIDUAL_CONTRACT_CASES = [
+    pytest.param("tkk", lambda r: None, False, "a tensor .*all together", id="tkk-missing"),
+    pytest.param("aqk", lambda r: r["aqk"][..., :32], False, "shape", id="aqk-columns"),
+    pytest.param("gc", lambda r: r["gc"].double(), False, "dtype", id="gc-dtype"),
+    pytest.param("rqk", lambda r: torch.zeros(8, 2, 2), False, "shape", id="rqk-without-l2norm"),
+    pytest.param("rqk", lambda r: r["rqk"][:4], True, "shape", id="rqk-rows"),
+]
+
+
+@pytest.mark.parametrize("name, corrupt, l2norm, expected", RESIDUAL_CONTRACT_CASES)
+@pytest.mark.parametrize("fake", [pytest.param(False, id="eager"), pytest.param(True, id="fake")])
+def test_backward_residual_contract_errors(name, corrupt, l2norm, expected, fake):
+    x = _valid_inputs()
+    residuals = _residuals(1, 8, 2, 4, l2norm)
+    residuals[name] = corrupt(residuals)
+    do = torch.randn_like(x["v"])
+    tensors = dict(x, do=do, **residuals)
+    if fake:
+        mode = FakeTensorMode()
+        tensors = {n: None if t is None else mode.from_tensor(t) for n, t in tensors.items()}
+    t = tensors
+    with pytest.raises(ContractError, match=rf"'{name}' expected {expected}"):
+        torch.ops.kda.chunk_kda_bwd(t["q"], t["k"], t["v"], t["g"], t["beta"], t["initial_state"], None, t["do"],
+                                    None, 0.5, l2norm, t["gc"], t["aqk"], t["tkk"], t["rqk"])
+
+
+def test_forward_keeps_residuals_only_on_the_triton_path():
+    """On the reference path save_for_backward leaves the four residuals empty; autograd then
+    recomputes everything (the residual path is covered by the GPU tests)."""
+    x = _valid_inputs()
+    outs = torch.ops.kda.chunk_kda_fwd(*x.values(), None, 0.5, True, False, True)
+    assert len(outs) == 6 and all(r.shape == (0,) and r.dtype == torch.float32 for r in outs[2:])
+
+
 def test_varlen_contract_requires_batch_one():
     x = kda_inputs(2, 8, 2, 4, 4, dtype=torch.float32)
     with pytest.raises(ContractError, match=r"'q' expected batch size 1"):

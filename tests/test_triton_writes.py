@@ -36,6 +36,7 @@ from triton.backends.compiler import GPUTarget
 
 import kda_ops  # noqa: F401  (registers the ops)
 from kda_ops.kernels import mla_decode as mla_decode_kernels
+from kda_ops.meta.chunk_kda import chunk_kda_residuals_meta
 
 H, K, V = 2, 16, 32  # K = 16: one K tile in the backward's intra kernel (its [NK, 2, ...] partial sums)
 S, W = 4, 4  # decode: state-pool slots, conv width
@@ -101,27 +102,28 @@ def _varlen_inputs(dynamic, varlen):
     return cu_seqlens, *(torch.randn(N, H, K, V, device="cuda") for _ in range(2))
 
 
-def _chunk_kda_fwd(dynamic, varlen):
+def _chunk_kda_fwd(dynamic, varlen, save=False):
     T = dynamic("T", 100)
     q, k, v, g, beta = _kda_inputs(T)
     cu_seqlens, h0, _ = _varlen_inputs(dynamic, varlen)
 
     def fwd(q, k, v, g, beta, h0, cu_seqlens):
-        return torch.ops.kda.chunk_kda_fwd(q, k, v, g, beta, h0, cu_seqlens, K**-0.5, varlen, varlen)
+        return torch.ops.kda.chunk_kda_fwd(q, k, v, g, beta, h0, cu_seqlens, K**-0.5, varlen, varlen, save)
 
     return fwd, (q, k, v, g, beta, h0, cu_seqlens)
 
 
-def _chunk_kda_bwd(dynamic, varlen):
+def _chunk_kda_bwd(dynamic, varlen, residuals=False):
     T = dynamic("T", 100)
     q, k, v, g, beta = _kda_inputs(T)
     do = torch.randn(1, T, H, V, dtype=q.dtype, device="cuda")
     cu_seqlens, h0, dht = _varlen_inputs(dynamic, varlen)
+    saved = chunk_kda_residuals_meta(q, varlen, save=True) if residuals else (None,) * 4
 
-    def bwd(q, k, v, g, beta, h0, cu_seqlens, do, dht):
-        return torch.ops.kda.chunk_kda_bwd(q, k, v, g, beta, h0, cu_seqlens, do, dht, K**-0.5, varlen)
+    def bwd(q, k, v, g, beta, h0, cu_seqlens, do, dht, *saved):
+        return torch.ops.kda.chunk_kda_bwd(q, k, v, g, beta, h0, cu_seqlens, do, dht, K**-0.5, varlen, *saved)
 
-    return bwd, (q, k, v, g, beta, h0, cu_seqlens, do, dht)
+    return bwd, (q, k, v, g, beta, h0, cu_seqlens, do, dht, *saved)
 
 
 def _kda_decode(dynamic, gate):
@@ -190,7 +192,7 @@ def _mla_cache_write(dynamic):
 
 
 _TABLE = ("chunk_kda_fwd_table_kernel", "chunk_offsets chunk_seq")
-_FWD_CHUNK = "aqk gl kg qg u w"  # what the scans read; the backward's rerun adds G, the norms and T
+_FWD_CHUNK = "aqk gl kg qg u w"  # what the scans read; kept residuals (or the backward's rerun) add G, T and the norms
 # (id, inputs and op, [(kernel, the arguments it writes), per launch in order])
 WRITE_CASES = [
     ("chunk_kda_fwd-plain", lambda d: _chunk_kda_fwd(d, False), [
@@ -202,11 +204,20 @@ WRITE_CASES = [
         ("chunk_kda_fwd_chunk_kernel", _FWD_CHUNK),
         ("chunk_kda_fwd_scan_kernel", "ht o"),
     ]),
+    ("chunk_kda_fwd-residuals", lambda d: _chunk_kda_fwd(d, False, save=True), [
+        ("chunk_kda_fwd_chunk_kernel", _FWD_CHUNK + " gc tkk"),
+        ("chunk_kda_fwd_scan_kernel", "o"),
+    ]),
+    ("chunk_kda_fwd-varlen-h0-final-l2norm-residuals", lambda d: _chunk_kda_fwd(d, True, save=True), [
+        _TABLE,
+        ("chunk_kda_fwd_chunk_kernel", _FWD_CHUNK + " gc rqk tkk"),
+        ("chunk_kda_fwd_scan_kernel", "ht o"),
+    ]),
     ("chunk_kda_bwd-plain", lambda d: _chunk_kda_bwd(d, False), [
         ("chunk_kda_fwd_chunk_kernel", _FWD_CHUNK + " gc tkk"),
         ("chunk_kda_bwd_state_kernel", "h v_new"),
         ("chunk_kda_bwd_dstate_kernel", "dh dv_new"),
-        ("chunk_kda_bwd_wy_kernel", "db dv dv_new mqk tkk"),
+        ("chunk_kda_bwd_wy_kernel", "db dv dv_new mkk mqk"),
         ("chunk_kda_bwd_intra_kernel", "db dg dk dq"),
         ("chunk_kda_bwd_finish_kernel", "dbeta"),
     ]),
@@ -215,7 +226,16 @@ WRITE_CASES = [
         ("chunk_kda_fwd_chunk_kernel", _FWD_CHUNK + " gc rqk tkk"),
         ("chunk_kda_bwd_state_kernel", "h v_new"),
         ("chunk_kda_bwd_dstate_kernel", "dh dh0 dv_new"),
-        ("chunk_kda_bwd_wy_kernel", "db dv dv_new mqk tkk"),
+        ("chunk_kda_bwd_wy_kernel", "db dv dv_new mkk mqk"),
+        ("chunk_kda_bwd_intra_kernel", "db dg dk dq ds"),
+        ("chunk_kda_bwd_finish_kernel", "dbeta dk dq"),
+    ]),
+    ("chunk_kda_bwd-varlen-h0-dht-l2norm-residuals", lambda d: _chunk_kda_bwd(d, True, residuals=True), [
+        _TABLE,
+        ("chunk_kda_bwd_prep_kernel", "gl kg qg u w"),
+        ("chunk_kda_bwd_state_kernel", "h v_new"),
+        ("chunk_kda_bwd_dstate_kernel", "dh dh0 dv_new"),
+        ("chunk_kda_bwd_wy_kernel", "db dv dv_new mkk mqk"),
         ("chunk_kda_bwd_intra_kernel", "db dg dk dq ds"),
         ("chunk_kda_bwd_finish_kernel", "dbeta dk dq"),
     ]),
