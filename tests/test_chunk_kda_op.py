@@ -97,6 +97,17 @@ def test_without_final_state_returns_none_and_differentiates():
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in x.values())
 
 
+def test_final_state_alone_differentiates():
+    """A loss of the final state only: autograd hands the backward no output gradient (no
+    zero-filled ones are materialised), which it treats as zero."""
+    x = kda_inputs(1, 70, 2, 4, 3, initial_state=True, requires_grad=True)
+
+    def final_state(q, k, v, g, beta, h0):
+        return kda_ops.chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)[1]
+
+    torch.autograd.gradcheck(final_state, tuple(x.values()), eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True)
+
+
 def _valid_inputs():
     x = kda_inputs(1, 8, 2, 4, 4, dtype=torch.float32, initial_state=True)
     return dict(q=x["q"], k=x["k"], v=x["v"], g=x["g"], beta=x["beta"], initial_state=x["initial_state"])
