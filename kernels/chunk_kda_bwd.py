@@ -750,6 +750,7 @@ def chunk_kda_bwd_triton(
     dh0: torch.Tensor,
     launch: Callable = _direct,
     residuals: dict[str, torch.Tensor] | None = None,
+    config: LaunchConfig | None = None,
 ) -> None:
     """Runs the chunked KDA backward into preallocated outputs (those of chunk_kda_bwd_meta).
 
@@ -760,13 +761,14 @@ def chunk_kda_bwd_triton(
     chunk_kda_fwd_triton wrote them for the same inputs (read, never written); None reruns the
     forward's chunk kernel instead. Inputs follow meta/chunk_kda.py's contract (validated by the
     caller). `launch` wraps each kernel before its launch: torch.library.wrap_triton inside the
-    op, the identity when tests call directly.
+    op, the identity when tests call directly. `config` overrides launch_config
+    (bench/tune_chunk_kda_bwd.py sweeps it).
     """
     q, k, v, g, beta, do = (x.contiguous() for x in (q, k, v, g, beta, do))
     B, T, H, K = q.shape
     V = v.shape[-1]
     fwd_cfg = fwd_launch_config(K, V, q.dtype)
-    cfg = launch_config(K, V, q.dtype)
+    cfg = config or launch_config(K, V, q.dtype)
     is_varlen = cu_seqlens is not None
     index, rows, slots = chunk_index(cu_seqlens, B, T, launch)
     _, _, chunk_offsets, _, N, NT = index
