@@ -697,13 +697,17 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     """Deterministic launch configuration keyed on the head dims and dtype (never on B or T).
 
     The scans hold the whole key dimension of their state tile (BK = next power of two >= K, at
-    least 16 for tl.dot) with BV = 16: they are sequential over chunks, so the number of programs,
-    B·H·V/16, matters more than the work per program. Their [BT, BK] operand tiles are loaded
-    next to their products (one shared-memory copy live at a time), double-buffered while that
-    fits (K <= 128 in half precision), and take 8 warps at K = 256 to spread the registers.
+    least 16 for tl.dot) with BV = 32: they are sequential over chunks, so fewer programs
+    (B·H·V/BV) leave SMs idle while narrower tiles make every V tile re-read the [BT, K] operands;
+    BV = 32 measured 7-8% faster backward than 16 at the two large benchmark shapes and 2.5%
+    slower at B1 T8192 H16, where 128 programs under-fill the 132 SMs (bench/NOTES.md). K = 256
+    and fp32 keep BV = 16: at 32 their dstate kernel spills (16-376 B, ptxas). Their
+    [BT, BK] operand tiles are loaded next to their products (one shared-memory copy live at a
+    time), double-buffered while that fits (K <= 128 in half precision), and take 8 warps at
+    K = 256 to spread the registers.
 
-    The intra kernel runs one program per 32-wide K tile (K/32 times the chunk kernel of v1's
-    programs) with 4 warps: its ~14 live [64, 32] fp32 tiles are 16 registers a thread each.
+    The intra kernel runs one program per 16-wide K tile with 16-wide V tiles on 4 warps: wider
+    tiles or 8 warps measured slower at every benchmark shape (bench/tune_chunk_kda_bwd.py).
     The wy kernel holds Tᵀ and the two C×C gradients ([64, 64] fp32) over 32-wide V tiles.
     The prep kernel holds T ([64, 64] fp32) over 32-wide K and V tiles on 4 warps.
     """
@@ -711,7 +715,7 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     wide = dtype == torch.float32
     return LaunchConfig(
         scan_bk=scan_bk,
-        scan_bv=16,
+        scan_bv=min(32 if scan_bk <= 128 and not wide else 16, max(16, triton.next_power_of_2(V))),
         scan_warps=4 if scan_bk <= 128 else 8,
         scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
         wy_bv=min(32, max(16, triton.next_power_of_2(V))),
