@@ -1,5 +1,7 @@
 """kda::chunk_kda_fwd and kda::chunk_kda_bwd (joined by register_autograd), and the public
-`chunk_kda` function.
+`chunk_kda` function. Under autograd the forward keeps, besides its inputs, the Triton path's
+residuals (the chunk-local gate G, A_qk, T and the q/k norms; meta/chunk_kda.py
+chunk_kda_residuals_meta), and the backward reads them instead of recomputing them.
 
 The two public ops are `triton_op`s so that Inductor sees their Triton kernels. Their exact
 PyTorch references are registered as the opaque ops kda::chunk_kda_fwd_reference /
@@ -157,7 +159,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*residuals)
     # no zero-filled gradients for the residuals (≈ 1 KB per token and head) or an unused output
     ctx.set_materialize_grads(False)
-    ctx.has_residuals = residuals[0].numel() > 0
+    ctx.has_residuals = residuals[0].dim() == 3  # [0] when nothing was kept
     ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *(residuals if ctx.has_residuals else ()))
     ctx.scale, ctx.use_qk_l2norm = scale, use_qk_l2norm
 

@@ -20,9 +20,9 @@ backward recomputes the rest. Chunk length BT = 64 in sub-chunks of BC = 16 rows
    and writes dh0.
 4. everything else, fully parallel over chunks, in three kernels:
    (a) `chunk_kda_bwd_wy_kernel`, per (chunk, head), over V tiles, from Tᵀ (T as the
-       forward's chunk kernel stored it, loaded transposed): dv_b = Tᵀ·dv_new → dv = β⊙dv_b, the dβ term Σ_v dv_b⊙v,
-       and the two C×C gradients dA_qk = dO·v_newᵀ and dA_kk = −dv_b·v_newᵀ
-       (strictly lower). The latter is the reference's −Tᵀ·dT·Tᵀ simplified: dT =
+       forward's chunk kernel stored it, loaded transposed): dv_b = Tᵀ·dv_new → dv = β⊙dv_b,
+       the dβ term Σ_v dv_b⊙v, and the two C×C gradients dA_qk = dO·v_newᵀ and
+       dA_kk = −dv_b·v_newᵀ (strictly lower). The latter is the reference's −Tᵀ·dT·Tᵀ simplified: dT =
        dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is T⁻¹·v_new, so −Tᵀ·dT·Tᵀ =
        −Tᵀ·dv_new·v_newᵀ; it needs no pass over K. dv_b goes back over dv_new; the masked
        M_qk = scale·dA_qk and M_kk = dA_kk go to their own buffers.

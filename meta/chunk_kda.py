@@ -118,19 +118,17 @@ def chunk_kda_residuals_meta(q: torch.Tensor, use_qk_l2norm: bool, save: bool) -
     return tuple(torch.empty(shape, dtype=torch.float32, device=q.device) for shape in shapes)
 
 
-def check_chunk_kda_residuals(op: str, q: torch.Tensor, residuals: Sequence, use_qk_l2norm: bool) -> bool:
-    """Validates the forward's residuals handed to the backward (all four, or all None); returns
-    whether they were given."""
+def check_chunk_kda_residuals(op: str, q: torch.Tensor, residuals: Sequence, use_qk_l2norm: bool) -> None:
+    """Validates the forward's residuals handed to the backward: all four, or all None."""
     given = [r is not None for r in residuals]
     if not any(given):
-        return False
+        return
     if not all(given):
         missing = RESIDUAL_NAMES[given.index(False)]
         fail(op, missing, "a tensor (the residuals gc, aqk, tkk and rqk come all together or not at all)", "None")
     for name, r, shape in zip(RESIDUAL_NAMES, residuals, _residual_shapes(q, use_qk_l2norm)):
         check_tensor(op, name, r, dtypes=(torch.float32,), device=q.device)
         check_shape(op, name, r, shape, "(kda::chunk_kda_fwd's residual for these inputs)")
-    return True
 
 
 def chunk_kda_bwd_meta(
