@@ -346,8 +346,6 @@ def chunk_kda_bwd_wy_kernel(
     tkk,
     mqk,
     mkk,
-    mqkd,
-    mkkd,
     v_new,
     dv_new,
     dv,
@@ -362,7 +360,6 @@ def chunk_kda_bwd_wy_kernel(
     H: tl.constexpr,
     V: tl.constexpr,
     BT: tl.constexpr,
-    BC: tl.constexpr,
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
@@ -370,9 +367,7 @@ def chunk_kda_bwd_wy_kernel(
     the forward's chunk kernel stored it (STORE_RESIDUALS), dv = β⊙dv_b, dβ's v term (slot 0 of
     db) and the intra-chunk backward's M_qk = scale·dO·v_newᵀ (to mqk) and M_kk = −dv_b·v_newᵀ
     (to mkk, which may be tkk itself: each program reads its T rows before it writes), both
-    masked to where the forward's A is nonzero, and their diagonal BC×BC blocks transposed (to
-    mqkd, mkkd [*, BC]: row c holds M[a(c) + s, c] at s, a(c) the first row of c's sub-chunk),
-    from which the intra kernel reads M[i, c] for all rows i at once as contiguous runs."""
+    masked to where the forward's A is nonzero."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -412,10 +407,6 @@ def chunk_kda_bwd_wy_kernel(
     b_Mkk = tl.where(o_i[:, None] > o_i[None, :], b_dAkk, 0.0)  # [BT, BT]
     _store_rows(mqk + i_h * BT, b_Mqk, o_t, m_t, o_i, o_i < BT, H * BT)
     _store_rows(mkk + i_h * BT, b_Mkk, o_t, m_t, o_i, o_i < BT, H * BT)
-    m_blk = m_t[:, None] & ((o_i[:, None] // BC) == (o_i[None, :] // BC))  # [BT, BT] same sub-chunk
-    p_d = (o_t[:, None] * H + i_h) * BC + (o_i % BC)[None, :]  # [BT, BT] element (c, r) at row c
-    tl.store(mqkd + p_d, tl.trans(b_Mqk), mask=m_blk)
-    tl.store(mkkd + p_d, tl.trans(b_Mkk), mask=m_blk)
     tl.store(db + o_t * H + i_h, b_db, mask=m_t)
 
 
@@ -428,8 +419,6 @@ def chunk_kda_bwd_intra_kernel(
     gc,
     mqk,
     mkk,
-    mqkd,
-    mkkd,
     gl,
     rqk,
     h,
@@ -484,7 +473,6 @@ def chunk_kda_bwd_intra_kernel(
     m_k = o_k < K
     p_q, p_k, p_G = q + i_h * K, k + i_h * K, gc + i_h * K
     p_Mq, p_Mk = mqk + i_h * BT, mkk + i_h * BT  # [*, H * BT] rows of M_qk, M_kk
-    p_MqD, p_MkD = mqkd + i_h * BC, mkkd + i_h * BC  # [*, H * BC] their diagonal blocks, transposed
     p_state = (i_s * H + i_h).to(tl.int64) * K * V  # this chunk's S₀ in h, dS₁ in dh
     b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
     # [BT] x 2: 1/||x|| per row of q and k, as the forward's chunk kernel stored them (ones
@@ -582,8 +570,8 @@ def chunk_kda_bwd_intra_kernel(
         # [BT] x 4: the entries M[i, c] (row sums) and M[c, i] (column sums), c = a(i) + jj,
         # with the norm (and β) of the gathered row c folded in: row sums Σ_c M[i, c] k̂_c E_ic
         # and column sums Σ_r (Mqk[r, j] q̂_r + β_r Mkk[r, j] k̂_r) E_rj
-        b_Dq = tl.load(p_MqD + o_tc * (H * BC) + o_i % BC, mask=m_c, other=0.0)  # M[i, c], a run per sub-chunk
-        b_Dk = tl.load(p_MkD + o_tc * (H * BC) + o_i % BC, mask=m_c, other=0.0)
+        b_Dq = tl.load(p_Mq + o_t * (H * BT) + o_ia + jj, mask=m_t, other=0.0)
+        b_Dk = tl.load(p_Mk + o_t * (H * BT) + o_ia + jj, mask=m_t, other=0.0)
         b_Eq = tl.load(p_Mq + o_tc * (H * BT) + o_i, mask=m_c, other=0.0)
         b_Ek = tl.load(p_Mk + o_tc * (H * BT) + o_i, mask=m_c, other=0.0)
         b_bc = tl.load(beta + o_tc * H + i_h, mask=m_c, other=0.0).to(tl.float32)  # [BT] β_c
@@ -862,15 +850,14 @@ def chunk_kda_bwd_triton(
         ds = torch.empty((NK * 2, B * T, H), dtype=f32, device=dev)  # [NK, 2] merged: NK may be 1
     else:
         dqn, dkn, ds = dq, dk, None
-    mqkd, mkkd = (torch.empty((B * T, H, BC), dtype=f32, device=dev) for _ in range(2))
     launch(chunk_kda_bwd_wy_kernel)[grid_chunks](
-        v, beta, do, tkk, mqk, mkk, mqkd, mkkd, v_new, dv_new, dv, db,
+        v, beta, do, tkk, mqk, mkk, v_new, dv_new, dv, db,
         *index, scale,
-        H=H, V=V, BT=BT, BC=BC, BV=cfg.wy_bv, IS_VARLEN=is_varlen,
+        H=H, V=V, BT=BT, BV=cfg.wy_bv, IS_VARLEN=is_varlen,
         num_warps=cfg.wy_warps,
     )
     launch(chunk_kda_bwd_intra_kernel)[(NK, NT, B * H)](
-        q, k, beta, do, gc, mqk, mkk, mqkd, mkkd, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, db, ds,
+        q, k, beta, do, gc, mqk, mkk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, db, ds,
         *index, NTH, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.intra_bk, BV=cfg.intra_bv, **common,
         num_warps=cfg.intra_warps,
