@@ -424,19 +424,23 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     16 for tl.dot) and takes BV = 32: its programs are sequential over chunks, so few programs
     leave SMs idle (B·H·V/BV of them) while small tiles make every V tile re-read w, qg, kg and
     A_qk; 32 was the best single choice over the three benchmark shapes. Its [BT, BK] operand
-    tiles are double-buffered while they fit in shared memory (16-bit K <= 128). The per-chunk
-    kernel tiles K by 16 and V by 32 on 4 warps (wider tiles or 8 warps spill or lose
+    tiles are double-buffered while they fit in shared memory (16-bit K <= 128). fp32 at K = 256
+    is the exception: its three [BT, 256] fp32 operand tiles alone are 192 KB, and with BV = 32
+    the scan asked for 245760 bytes of shared memory, over the 232448 a block may have on an
+    H100; it takes BV = 16 on 8 warps (229376 bytes, no spills; 4 warps spill 352 B). The
+    per-chunk kernel tiles K by 16 and V by 32 on 4 warps (wider tiles or 8 warps spill or lose
     occupancy). Chosen from bench/tune_chunk_kda_fwd.py on an H100 (bench/NOTES.md).
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
+    widest = wide and scan_bk > 128
     return LaunchConfig(
         chunk_bk=min(16, scan_bk),
         chunk_bv=min(32, max(16, triton.next_power_of_2(V))),
         chunk_warps=4,
         scan_bk=scan_bk,
-        scan_bv=32,
-        scan_warps=4,
+        scan_bv=16 if widest else 32,
+        scan_warps=8 if widest else 4,
         scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
         # fp32 inputs keep an fp32-accurate diagonal: tf32's 2^-11 would be most of their error
         diag_precision="tf32x3" if wide else "tf32",

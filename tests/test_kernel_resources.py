@@ -4,9 +4,10 @@ at most 200 KB of shared memory per block (the hardware allows 232448 bytes; the
 other triton versions, the GPU machine runs 3.6) — bench/check_kernel_resources.py does the
 compiling and the ptxas report.
 
-CPU only, ~40 s: the state, dstate, wy, intra and finish kernels at K = V = 100 (masked tails)
+CPU only, ~60 s: the state, dstate, wy, intra and finish kernels at K = V = 100 (masked tails)
 and 256 (the largest tiles of the scans), bf16 and fp32 (the largest operands), every feature
-switched on; the split kernel at 16, 32 and 64+ heads in bf16 (its pipelined KV tile buffers
+switched on; the forward scan at fp32, K = 256 (within the hardware limit: it cannot keep the
+margin); the split kernel at 16, 32 and 64+ heads in bf16 (its pipelined KV tile buffers
 are the largest allocation).
 `python bench/check_kernel_resources.py` covers every kernel of the package at every supported
 dim and dtype.
@@ -71,6 +72,16 @@ def test_mla_decode_split_kernel_fits_sm90_shared_memory():
     assert len(rows) == 3, run.stdout  # BLOCK_H 16, 32 and 64 (128 heads share 64's tile)
     for _, config, shared, *_ in rows:
         assert 0 < int(shared) <= MARGIN_SHARED, f"{config}: {shared} bytes of shared memory"
+
+
+def test_forward_scan_fits_sm90_at_fp32_k256():
+    """The forward scan's largest operands, fp32 at K = 256 (three [64, 256] fp32 tiles, 192 KB):
+    its launch config must stay within the hardware's 232448 bytes (BV = 32 asked for 245760)."""
+    run = _check("--dims", "256", "--dtypes", "fp32", "--variants", "full", family="chunk_kda_fwd",
+                 match="chunk_kda_fwd_scan")
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "chunk_kda_fwd_scan_kernel" in run.stdout, run.stdout
 
 
 def test_check_fails_over_the_shared_memory_limit():
