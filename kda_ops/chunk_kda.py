@@ -159,20 +159,21 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(*residuals)
     # no zero-filled gradients for the residuals (≈ 1 KB per token and head) or an unused output
     ctx.set_materialize_grads(False)
-    ctx.has_residuals = residuals[0].dim() == 3  # [0] when nothing was kept
-    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *(residuals if ctx.has_residuals else ()))
+    kept = residuals[0].dim() == 3  # [0] when nothing was kept
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *(residuals if kept else ()))
     ctx.scale, ctx.use_qk_l2norm = scale, use_qk_l2norm
 
 
 def _backward(ctx, do: Optional[Tensor], dht: Optional[Tensor], *residual_grads):
     q, k, v, g, beta, initial_state, cu_seqlens, *residuals = ctx.saved_tensors
+    residuals = residuals or [None] * len(RESIDUAL_NAMES)
     if do is None:  # only the final state reached the loss
         do = torch.zeros_like(v)
     if dht is not None and dht.numel() == 0:
         dht = None  # the forward returned no final state
     dq, dk, dv, dg, dbeta, dh0 = torch.ops.kda.chunk_kda_bwd(
         q, k, v, g, beta, initial_state, cu_seqlens, do, dht, ctx.scale, ctx.use_qk_l2norm,
-        *(residuals if ctx.has_residuals else (None,) * 4),
+        *residuals,
     )
     return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None, None, None, None
 

@@ -93,6 +93,7 @@ from .chunk_kda_fwd import (
     _store_rows,
     chunk_index,
     run_chunk_kernel,
+    scan_buffers,
 )
 from .chunk_kda_fwd import launch_config as fwd_launch_config
 
@@ -789,13 +790,7 @@ def chunk_kda_bwd_triton(
         x = run_chunk_kernel(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, fwd_cfg, launch, residuals)
         mqk, mkk = residuals["aqk"], residuals["tkk"]  # the wy kernel's M over A_qk and T (read first)
     else:
-        x = dict(
-            w=torch.empty((B * T, H, K), dtype=dt, device=dev),
-            u=torch.empty((B * T, H, V), dtype=f32, device=dev),
-            qg=torch.empty((B * T, H, K), dtype=dt, device=dev),
-            kg=torch.empty((B * T, H, K), dtype=dt, device=dev),
-            gl=torch.empty((slots, H, K), dtype=f32, device=dev),
-        )
+        x = scan_buffers(q, v, slots)
         launch(chunk_kda_bwd_prep_kernel)[grid_chunks](
             q, k, v, beta, residuals["gc"], residuals["rqk"], residuals["tkk"],
             x["qg"], x["kg"], x["gl"], x["w"], x["u"],

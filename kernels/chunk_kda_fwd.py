@@ -510,6 +510,26 @@ def chunk_index(cu_seqlens: torch.Tensor | None, B: int, T: int, launch: Callabl
     return (cu_seqlens, chunk_seq, chunk_offsets, T, cu_seqlens.shape[0] - 1, slots), slots, slots
 
 
+def scan_buffers(q: torch.Tensor, v: torch.Tensor, slots: int) -> dict[str, torch.Tensor]:
+    """Uninitialised w, u, qg, kg (token-flat [B*T, H, *]) and gl ([slots, H, K]): what the scans
+    read besides A_qk, as the forward's chunk kernel or the backward's prep kernel writes them.
+
+    w, qg, kg in the input dtype; u (and A_qk) in fp32: rounding either to bf16 costs as much
+    relative error as rounding o itself (~1.7e-3 each), w, qg, kg ~2e-4 together. Every buffer
+    a kernel writes is token-flat, [B*T, ...]: see meta/chunk_kda.py empty_tokens (pytorch#181735).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt, f32, dev = q.dtype, torch.float32, q.device
+    return dict(
+        w=torch.empty((B * T, H, K), dtype=dt, device=dev),
+        u=torch.empty((B * T, H, V), dtype=f32, device=dev),
+        qg=torch.empty((B * T, H, K), dtype=dt, device=dev),
+        kg=torch.empty((B * T, H, K), dtype=dt, device=dev),
+        gl=torch.empty((slots, H, K), dtype=f32, device=dev),
+    )
+
+
 def run_chunk_kernel(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -531,21 +551,12 @@ def run_chunk_kernel(
     them) the kernel runs with STORE_RESIDUALS and also writes G, T and the q/k norms there,
     and A_qk into the given aqk.
 
-    w, qg, kg in the input dtype; u and A_qk in fp32: rounding either to bf16 costs as much
-    relative error as rounding o itself (~1.7e-3 each), w, qg, kg ~2e-4 together. Every buffer
-    a kernel writes is token-flat, [B*T, ...]: see meta/chunk_kda.py empty_tokens (pytorch#181735).
+    A_qk in fp32 (see scan_buffers for why).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt, f32, dev = q.dtype, torch.float32, q.device
-    x = dict(
-        w=torch.empty((B * T, H, K), dtype=dt, device=dev),
-        u=torch.empty((B * T, H, V), dtype=f32, device=dev),
-        qg=torch.empty((B * T, H, K), dtype=dt, device=dev),
-        kg=torch.empty((B * T, H, K), dtype=dt, device=dev),
-        aqk=residuals["aqk"] if residuals else torch.empty((B * T, H, BT), dtype=f32, device=dev),
-        gl=torch.empty((slots, H, K), dtype=f32, device=dev),
-    )
+    x = scan_buffers(q, v, slots)
+    x["aqk"] = residuals["aqk"] if residuals else torch.empty((B * T, H, BT), dtype=torch.float32, device=q.device)
     saved = residuals or {}
     launch(chunk_kda_fwd_chunk_kernel)[(rows, B * H)](
         q, k, v, g, beta, saved.get("gc"), x["qg"], x["kg"], x["gl"], saved.get("rqk"), x["aqk"], saved.get("tkk"),
