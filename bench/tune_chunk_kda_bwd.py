@@ -27,9 +27,10 @@ from kda_ops.meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_bwd_meta
 
 SHAPES = [(1, 8192, 16), (8, 4096, 32), (1, 32768, 32)]  # (B, T, H): issue #4's benchmark shapes
 SWEEPS = {  # family: (its kernels, its choices)
-    "intra": (("chunk_kda_bwd_intra_kernel",), [
-        dict(intra_bk=bk, intra_bv=bv, intra_warps=w)
-        for bk, bv, w in ((16, 16, 4), (16, 16, 8), (16, 32, 4), (16, 32, 8), (32, 16, 8), (32, 32, 8))
+    "intra": (("chunk_kda_bwd_intra_kernel", "chunk_kda_bwd_finish_kernel"), [
+        dict(intra_bk=bk, intra_bv=bv, intra_warps=w, intra_stages=st)
+        for bk, bv, w, st in ((32, 32, 2, 2), (32, 32, 2, 1), (32, 32, 4, 2), (32, 32, 1, 2), (16, 16, 2, 1),
+                              (16, 32, 2, 2), (64, 32, 4, 1), (64, 32, 2, 2))
     ]),
     "scans": (("chunk_kda_bwd_state_kernel", "chunk_kda_bwd_dstate_kernel"), [
         dict(scan_bv=bv, scan_warps=w, scan_stages=st)

@@ -429,6 +429,7 @@ def chunk_kda_bwd_intra_kernel(
     dq,
     dk,
     dg,
+    dglp,
     db,
     ds,
     cu_seqlens,
@@ -449,12 +450,19 @@ def chunk_kda_bwd_intra_kernel(
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
 ):
-    """Per (K tile, chunk, head), every row of the chunk: the products with the states S₀ and dS₁
-    over V, the intra-chunk backward of A_qk and A_kk with the per-channel gate, dq, dk (or the
-    norm's input dy), dG and its reverse chunk-local cumsum dg; the K tile's part of dβ (slot
-    1 + i_k of db) and, with the L2 norm, of the row dots Σ_d y·dy (ds)."""
+    """Per (K tile × sub-chunk, chunk, head), the BC rows R of one sub-chunk: the products with
+    the states S₀ and dS₁ over V, the intra-chunk backward of A_qk and A_kk with the per-channel
+    gate, dq, dk (or the norm's input dy), and dG (to dg; the finish kernel takes the chunk's
+    reverse cumsum); the K tile's part of dβ (slot 1 + i_k of db), with the L2 norm of the row
+    dots Σ_d y·dy (ds), and this sub-chunk's part of G_last's gradient (to dglp [slots, NC, H, K]).
+
+    fla-core's layout of the same work: [BC, BK] tiles, one program per sub-chunk, so the
+    diagonal block reads each of its rows once as a [BK] vector (bench/NOTES.md has the plan
+    and the measurements)."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
-    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_kc, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NC: tl.constexpr = BT // BC
+    i_k, i_c = i_kc // NC, i_kc % NC
     i_b, i_h = i_bh // H, i_bh % H
     if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
         i_n = tl.load(chunk_seq + i_t).to(tl.int32)
@@ -464,34 +472,34 @@ def chunk_kda_bwd_intra_kernel(
         t0, i_s = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT, i_t
     else:
         t0, eos, i_s = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T, i_b * NT + i_t
+    t_a = t0 + i_c * BC  # the sub-chunk's first row
+    if t_a >= eos:  # past the sequence end: nothing of this sub-chunk is stored or summed
+        return
 
-    o_i = tl.arange(0, BT)
-    o_t = t0 + o_i  # [BT] token rows
+    o_r = tl.arange(0, BC)
+    o_t = t_a + o_r  # [BC] the sub-chunk's token rows R
     m_t = o_t < eos
-    o_ia = (o_i // BC) * BC  # [BT] anchor: first row of the row's sub-chunk, within the chunk
-    o_ta = t0 + o_ia  # [BT] its token row
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     p_q, p_k, p_G = q + i_h * K, k + i_h * K, gc + i_h * K
     p_Mq, p_Mk = mqk + i_h * BT, mkk + i_h * BT  # [*, H * BT] rows of M_qk, M_kk
     p_state = (i_s * H + i_h).to(tl.int64) * K * V  # this chunk's S₀ in h, dS₁ in dh
-    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    # [BT] x 2: 1/||x|| per row of q and k, as the forward's chunk kernel stored them (ones
+    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BC]
+    # [BC] x 2: 1/||x|| per row of q and k, as the forward's chunk kernel stored them (ones
     # without the norm)
     if USE_QK_L2NORM:
         b_rq = tl.load(rqk + (o_t * H + i_h) * 2, mask=m_t, other=0.0)
         b_rk = tl.load(rqk + (o_t * H + i_h) * 2 + 1, mask=m_t, other=0.0)
     else:
-        b_rq = tl.full([BT], 1.0, dtype=tl.float32)
+        b_rq = tl.full([BC], 1.0, dtype=tl.float32)
         b_rk = b_rq
     b_gl = tl.load(gl + (i_s * H + i_h).to(tl.int64) * K + o_k, mask=m_k, other=0.0)  # [BK] G_last
-    b_G = _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, H * K)  # [BT, BK]
+    b_G = _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, H * K)  # [BC, BK]
 
-    # [BT, BK] x 3: dO·S₀ᵀ, dv_b·S₀ᵀ, v_new·dS₁ᵀ; [BK] Σ_v dS₁⊙S₀. The state tiles are read
-    # once per program
-    b_Pq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_Pw = tl.zeros([BT, BK], dtype=tl.float32)
-    b_Pl = tl.zeros([BT, BK], dtype=tl.float32)
+    # [BC, BK] x 3: dO·S₀ᵀ, dv_b·S₀ᵀ, v_new·dS₁ᵀ; [BK] Σ_v dS₁⊙S₀
+    b_Pq = tl.zeros([BC, BK], dtype=tl.float32)
+    b_Pw = tl.zeros([BC, BK], dtype=tl.float32)
+    b_Pl = tl.zeros([BC, BK], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -507,7 +515,7 @@ def chunk_kda_bwd_intra_kernel(
         b_Pw = tl.dot(tl.load(dvb + p_tv, mask=m_tv, other=0.0), tl.trans(b_h.to(tl.float32)), acc=b_Pw)
         b_Pl = tl.dot(tl.load(v_new + p_tv, mask=m_tv, other=0.0), tl.trans(b_dh), acc=b_Pl)
 
-    # [BT, BK] accumulators: A_q = dq̂; A_y = the gradient of β_i·k̂_i through A_kk's rows and
+    # [BC, BK] accumulators: A_q = dq̂; A_y = the gradient of β_i·k̂_i through A_kk's rows and
     # through w, before β; A_c = the column sums of the intra-chunk backward; A_l = the
     # gradient of k̂ through k̂⊙e^(G_last − G)
     b_eG = tl.exp(b_G)
@@ -515,95 +523,88 @@ def chunk_kda_bwd_intra_kernel(
     # Tᵀ·dw with dw = −dv_new·S₀ᵀ, i.e. −dv_b·S₀ᵀ: the gradient of β⊙k̂⊙e^G through w
     b_Ay = -b_Pw * b_eG
     b_Al = b_Pl * tl.exp(b_gl[None, :] - b_G)  # e^(G_last − G) <= 1
-    b_Ac = tl.zeros([BT, BK], dtype=tl.float32)
+    b_Ac = tl.zeros([BC, BK], dtype=tl.float32)
+    b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * b_rq[:, None]  # [BC, BK] q̂
+    b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]  # [BC, BK] k̂
 
-    # intra-chunk backward, off-diagonal sub-block pairs on tensor cores, anchored at a = the
-    # first row of sub-chunk i_a: every pair j < a <= i has e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j),
-    # both factors <= 1. Per anchor, [64, 16] blocks of M meet [16, BK] row tiles, so every
-    # product lands on the chunk's rows without selection: the row sums take columns
-    # J = [a − 16, a) of M against rows i >= a, the column sums the rows I = [a, a + 16)
-    # (transposed) against columns j < a
-    b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * b_rq[:, None]  # [BT, BK] q̂
-    b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]  # [BT, BK] k̂
-    o_c = tl.arange(0, BC)
-    for i_a in range(1, BT // BC):
-        t_a = t0 + i_a * BC
-        # [BK] G at the anchor row (G_last past the sequence end)
-        b_ga = tl.where(t_a < eos, tl.load(p_G + t_a * H * K + o_k, mask=m_k & (t_a < eos), other=0.0), b_gl)
-        m_i = o_i >= i_a * BC  # [BT] rows at or after the anchor
-        b_ri = tl.exp(tl.where(m_i[:, None], b_G - b_ga[None, :], float("-inf")))  # [BT, BK] e^(G_i − G_a)
-        b_rj = tl.exp(tl.where(m_i[:, None], float("-inf"), b_ga[None, :] - b_G))  # [BT, BK] e^(G_a − G_j)
-        # row sums: [BC, BK] k̂_j e^(G_a − G_j) of the columns J (all real tokens: J precedes a)
-        o_tj = t_a - BC + o_c
-        m_tj = o_tj < eos
-        b_kj = _load_rows(p_k, o_tj, m_tj, o_k, m_k, H * K)
-        b_kj *= tl.exp(b_ga[None, :] - _load_gate(p_G, o_tj, m_tj, o_k, m_k, b_gl, H * K))
+    # row sums over the earlier sub-chunks J, anchored at n = R's first row: for j < n <= i,
+    # e^(G_i − G_j) = e^(G_i − G_n)·e^(G_n − G_j), both factors <= 1. [BC, BC] blocks M[R, J]
+    # against [BC, BK] rows k̂_J e^(G_n − G_J), then one scaling by e^(G_R − G_n)
+    if i_c > 0:
+        b_gn = tl.load(p_G + t_a * H * K + o_k, mask=m_k, other=0.0)  # [BK] G at n (a real row)
+        b_sq = tl.zeros([BC, BK], dtype=tl.float32)
+        b_sk = tl.zeros([BC, BK], dtype=tl.float32)
+        for i_j in range(0, i_c):
+            o_tj = t0 + i_j * BC + o_r  # [BC] rows J, real: they precede n
+            m_tj = o_tj < eos
+            b_kj = _load_rows(p_k, o_tj, m_tj, o_k, m_k, H * K)
+            if USE_QK_L2NORM:
+                b_kj *= tl.load(rqk + (o_tj * H + i_h) * 2 + 1, mask=m_tj, other=0.0)[:, None]
+            b_kj *= tl.exp(b_gn[None, :] - _load_rows(p_G, o_tj, m_tj, o_k, m_k, H * K))
+            o_m = o_t[:, None] * (H * BT) + (i_j * BC + o_r)[None, :]  # [BC, BC] M[R, J]
+            b_sq = tl.dot(tl.load(p_Mq + o_m, mask=m_t[:, None], other=0.0), b_kj, acc=b_sq)
+            b_sk = tl.dot(tl.load(p_Mk + o_m, mask=m_t[:, None], other=0.0), b_kj, acc=b_sk)
+        b_en = tl.exp(b_G - b_gn[None, :])  # [BC, BK] e^(G_R − G_n) <= 1
+        b_Aq += b_sq * b_en
+        b_Ay += b_sk * b_en
+    # column sums over the later sub-chunks I, anchored at n' = R's last real row: for
+    # j <= n' < i, e^(G_i − G_j) = e^(G_i − G_n')·e^(G_n' − G_j). [BC, BC] blocks M[I, R]ᵀ
+    # against [BC, BK] rows q̂_I e^(G_I − G_n') and β_I k̂_I e^(G_I − G_n'), then one scaling by
+    # e^(G_n' − G_R) (0 for R's rows past the sequence end, which read G_n' as their G)
+    if t_a + BC < eos:
+        b_gm = tl.load(p_G + (t_a + BC - 1) * H * K + o_k, mask=m_k, other=0.0)  # [BK] G at n'
+        b_sc = tl.zeros([BC, BK], dtype=tl.float32)
+        for i_i in range(i_c + 1, NC):
+            o_ti = t0 + i_i * BC + o_r  # [BC] rows I
+            m_ti = o_ti < eos
+            b_ei = tl.exp(_load_gate(p_G, o_ti, m_ti, o_k, m_k, b_gl, H * K) - b_gm[None, :])  # [BC, BK] <= 1
+            b_qi = _load_rows(p_q, o_ti, m_ti, o_k, m_k, H * K) * b_ei
+            b_ki = _load_rows(p_k, o_ti, m_ti, o_k, m_k, H * K) * b_ei
+            b_bi = tl.load(beta + o_ti * H + i_h, mask=m_ti, other=0.0).to(tl.float32)  # [BC]
+            if USE_QK_L2NORM:
+                b_qi *= tl.load(rqk + (o_ti * H + i_h) * 2, mask=m_ti, other=0.0)[:, None]
+                b_bi *= tl.load(rqk + (o_ti * H + i_h) * 2 + 1, mask=m_ti, other=0.0)
+            b_ki *= b_bi[:, None]
+            o_m = o_ti[None, :] * (H * BT) + (i_c * BC + o_r)[:, None]  # [BC, BC] M[I, R]ᵀ
+            b_sc = tl.dot(tl.load(p_Mq + o_m, mask=m_ti[None, :], other=0.0), b_qi, acc=b_sc)
+            b_sc = tl.dot(tl.load(p_Mk + o_m, mask=m_ti[None, :], other=0.0), b_ki, acc=b_sc)
+        b_Ac += b_sc * tl.exp(b_gm[None, :] - b_G)
+    # the diagonal block, exactly: one row c of R at a time, loaded once as a [BK] vector; it is a
+    # column c <= i of the row sums and a row c >= j of the column sums
+    for jj in range(0, tl.minimum(BC, eos - t_a)):
+        t_c = t_a + jj
+        b_qc = tl.load(p_q + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+        b_kc = tl.load(p_k + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_Gc = tl.load(p_G + t_c * H * K + o_k, mask=m_k, other=0.0)
+        b_bc = tl.load(beta + t_c * H + i_h).to(tl.float32)
         if USE_QK_L2NORM:
-            b_kj *= tl.load(rqk + (o_tj * H + i_h) * 2 + 1, mask=m_tj, other=0.0)[:, None]
-        m_rows = (m_i & m_t)[:, None]
-        o_mj = o_t[:, None] * (H * BT) + (i_a * BC - BC + o_c)[None, :]  # [BT, BC] M[i, J]
-        b_Aq += b_ri * tl.dot(tl.load(p_Mq + o_mj, mask=m_rows, other=0.0), b_kj)
-        b_Ay += b_ri * tl.dot(tl.load(p_Mk + o_mj, mask=m_rows, other=0.0), b_kj)
-        # column sums: [BC, BK] q̂_i e^(G_i − G_a) and β_i k̂_i e^(G_i − G_a) of the rows I
-        o_ti = t_a + o_c
-        m_ti = o_ti < eos
-        b_Gi = _load_gate(p_G, o_ti, m_ti, o_k, m_k, b_gl, H * K)
-        b_ei = tl.exp(b_Gi - b_ga[None, :])  # [BC, BK] <= 1
-        b_qi = _load_rows(p_q, o_ti, m_ti, o_k, m_k, H * K) * b_ei
-        b_ki = _load_rows(p_k, o_ti, m_ti, o_k, m_k, H * K) * b_ei
-        b_bi = tl.load(beta + o_ti * H + i_h, mask=m_ti, other=0.0).to(tl.float32)  # [BC]
-        if USE_QK_L2NORM:
-            b_qi *= tl.load(rqk + (o_ti * H + i_h) * 2, mask=m_ti, other=0.0)[:, None]
-            b_bi *= tl.load(rqk + (o_ti * H + i_h) * 2 + 1, mask=m_ti, other=0.0)
-        b_ki *= b_bi[:, None]
-        m_cols = (~m_i)[:, None] & m_ti[None, :]
-        o_mi = o_ti[None, :] * (H * BT) + o_i[:, None]  # [BT, BC] M[I, j] transposed
-        b_Ac += b_rj * (tl.dot(tl.load(p_Mq + o_mi, mask=m_cols, other=0.0), b_qi)
-                        + tl.dot(tl.load(p_Mk + o_mi, mask=m_cols, other=0.0), b_ki))
-    # diagonal sub-blocks, exactly: row jj of every row's sub-chunk at a time, gathered from
-    # memory; it is a column c <= i for the row sums and a row r >= j for the column sums
-    for jj in range(BC):
-        o_tc = o_ta + jj
-        m_c = o_tc < eos
-        b_qc = _load_rows(p_q, o_tc, m_c, o_k, m_k, H * K)  # [BT, BK] raw (norms are in D, E)
-        b_kc = _load_rows(p_k, o_tc, m_c, o_k, m_k, H * K)
-        b_Gc = _load_gate(p_G, o_tc, m_c, o_k, m_k, b_gl, H * K)
-        # [BT] x 4: the entries M[i, c] (row sums) and M[c, i] (column sums), c = a(i) + jj,
-        # with the norm (and β) of the gathered row c folded in: row sums Σ_c M[i, c] k̂_c E_ic
-        # and column sums Σ_r (Mqk[r, j] q̂_r + β_r Mkk[r, j] k̂_r) E_rj
-        b_Dq = tl.load(p_Mq + o_t * (H * BT) + o_ia + jj, mask=m_t, other=0.0)
-        b_Dk = tl.load(p_Mk + o_t * (H * BT) + o_ia + jj, mask=m_t, other=0.0)
-        b_Eq = tl.load(p_Mq + o_tc * (H * BT) + o_i, mask=m_c, other=0.0)
-        b_Ek = tl.load(p_Mk + o_tc * (H * BT) + o_i, mask=m_c, other=0.0)
-        b_bc = tl.load(beta + o_tc * H + i_h, mask=m_c, other=0.0).to(tl.float32)  # [BT] β_c
-        if USE_QK_L2NORM:
-            b_rkc = tl.load(rqk + (o_tc * H + i_h) * 2 + 1, mask=m_c, other=0.0)
-            b_Dq *= b_rkc
-            b_Dk *= b_rkc
-            b_Eq *= tl.load(rqk + (o_tc * H + i_h) * 2, mask=m_c, other=0.0)
-            b_bc *= b_rkc
-        b_Ek *= b_bc
-        m_lo = ((o_i % BC) >= jj)[:, None]
-        m_hi = ((o_i % BC) <= jj)[:, None]
+            b_qc *= tl.load(rqk + (t_c * H + i_h) * 2)
+            b_kc *= tl.load(rqk + (t_c * H + i_h) * 2 + 1)
+        # [BC] x 4: M[i, c] of the row sums and M[c, i] of the column sums
+        b_Dq = tl.load(p_Mq + o_t * (H * BT) + i_c * BC + jj, mask=m_t, other=0.0)
+        b_Dk = tl.load(p_Mk + o_t * (H * BT) + i_c * BC + jj, mask=m_t, other=0.0)
+        b_Eq = tl.load(p_Mq + t_c * (H * BT) + i_c * BC + o_r)
+        b_Ek = tl.load(p_Mk + t_c * (H * BT) + i_c * BC + o_r)
         # masked before exp so no positive exponent is ever formed
-        b_kE = b_kc * tl.exp(tl.where(m_lo, b_G - b_Gc, float("-inf")))
+        b_kE = b_kc[None, :] * tl.exp(tl.where((o_r >= jj)[:, None], b_G - b_Gc[None, :], float("-inf")))
         b_Aq += b_Dq[:, None] * b_kE
         b_Ay += b_Dk[:, None] * b_kE
-        b_x = b_Eq[:, None] * b_qc + b_Ek[:, None] * b_kc
-        b_Ac += b_x * tl.exp(tl.where(m_hi, b_Gc - b_G, float("-inf")))
+        b_x = b_Eq[:, None] * b_qc[None, :] + (b_bc * b_Ek)[:, None] * b_kc[None, :]
+        b_Ac += b_x * tl.exp(tl.where((o_r <= jj)[:, None], b_Gc[None, :] - b_G, float("-inf")))
 
     b_bAy = b_beta[:, None] * b_Ay
     b_dk = b_Ac + b_bAy + b_Al
     b_dG = b_q * b_Aq + b_k * (b_bAy - b_Ac - b_Al)
-    # G_last enters through k̂⊙e^(G_last − G) of every row and through the decay of S₀; it is
-    # the last row's G (padded rows have g = 0), so its gradient joins the last row's dG
-    b_dgl = tl.sum(b_k * b_Al, axis=0) + tl.exp(b_gl) * b_hdh
-    b_dG += tl.where((o_i == BT - 1)[:, None], b_dgl[None, :], 0.0)
-    # dg: reverse cumulative sum of dG over the chunk (G_i = Σ_{s <= i} g_s)
-    _store_rows(dg + i_h * K, tl.cumsum(b_dG, axis=0, reverse=True), o_t, m_t, o_k, m_k, H * K)
+    _store_rows(dg + i_h * K, b_dG, o_t, m_t, o_k, m_k, H * K)
     _store_rows(dq + i_h * K, b_Aq, o_t, m_t, o_k, m_k, H * K)
     _store_rows(dk + i_h * K, b_dk, o_t, m_t, o_k, m_k, H * K)
-    o_p = o_t * H + i_h  # [BT] (token, head) of this chunk's rows in the partial sums
+    # G_last enters through k̂⊙e^(G_last − G) of every row and through the decay of S₀: this
+    # sub-chunk's part (the first sub-chunk adds the decay's)
+    b_dgl = tl.sum(b_k * b_Al, axis=0)
+    if i_c == 0:
+        b_dgl += tl.exp(b_gl) * b_hdh
+    tl.store(dglp + ((i_s * NC + i_c).to(tl.int64) * H + i_h) * K + o_k, b_dgl, mask=m_k)
+    o_p = o_t * H + i_h  # [BC] (token, head) of the rows in the partial sums
     tl.store(db + (1 + i_k).to(tl.int64) * NTH + o_p, tl.sum(b_k * b_Ay, axis=1), mask=m_t)
     if USE_QK_L2NORM:
         tl.store(ds + (2 * i_k).to(tl.int64) * NTH + o_p, tl.sum(b_q * b_Aq, axis=1), mask=m_t)
@@ -617,6 +618,8 @@ def chunk_kda_bwd_finish_kernel(
     rqk,
     dqn,
     dkn,
+    dg,
+    dglp,
     db,
     ds,
     dq,
@@ -632,13 +635,18 @@ def chunk_kda_bwd_finish_kernel(
     H: tl.constexpr,
     K: tl.constexpr,
     BT: tl.constexpr,
+    BC: tl.constexpr,
     BK: tl.constexpr,
     NK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
 ):
-    """Per (chunk, head): dβ, the sum of the wy kernel's and every K tile's part; with the L2
-    norm, its backward dx = r·(dy − y·(y·dy)) over the dy the intra kernel parked in dqn, dkn."""
+    """Per (chunk, head): dg = the reverse cumulative sum of the intra kernel's dG over the chunk
+    (G_i = Σ_{s <= i} g_s) plus G_last's gradient, the sum of the sub-chunks' parts (G_last is
+    the last row's G, so its gradient reaches every g of the chunk); dβ, the sum of the wy
+    kernel's and every K tile's part; with the L2 norm, its backward dx = r·(dy − y·(y·dy))
+    over the dy the intra kernel parked in dqn, dkn."""
+    NC: tl.constexpr = BT // BC
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
@@ -646,12 +654,21 @@ def chunk_kda_bwd_finish_kernel(
         if i_n >= N:
             return
         bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        t0 = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT
+        t0, i_s = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT, i_t
     else:
-        t0, eos = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T
+        t0, eos, i_s = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T, i_b * NT + i_t
 
     o_t = t0 + tl.arange(0, BT)  # [BT] token rows
     m_t = o_t < eos
+    o_c = tl.arange(0, NC)
+    m_c = t0 + o_c * BC < eos  # [NC] sub-chunks holding a real row (the others wrote no part)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_gl = dglp + ((i_s * NC + o_c[:, None]).to(tl.int64) * H + i_h) * K + o_k[None, :]  # [NC, BK]
+        b_dgl = tl.sum(tl.load(p_gl, mask=m_c[:, None] & m_k[None, :], other=0.0), axis=0)  # [BK]
+        b_dG = _load_rows(dg + i_h * K, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
+        _store_rows(dg + i_h * K, tl.cumsum(b_dG, axis=0, reverse=True) + b_dgl[None, :], o_t, m_t, o_k, m_k, H * K)
     o_p = o_t * H + i_h  # [BT]
     # partial sums are NTH apart; stepping a pointer keeps the offsets 64-bit
     p_db = db + o_p
@@ -707,8 +724,9 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     time), double-buffered while that fits (K <= 128 in half precision), and take 8 warps at
     K = 256 to spread the registers.
 
-    The intra kernel runs one program per 16-wide K tile with 16-wide V tiles on 4 warps: wider
-    tiles or 8 warps measured slower at every benchmark shape (bench/tune_chunk_kda_bwd.py).
+    The intra kernel runs one program per (32-wide K tile, 16-row sub-chunk) with 32-wide V
+    tiles on 2 warps and 2 stages, fla-core's choice for its own sub-chunk kernel on an H100;
+    not yet swept for ours (bench/tune_chunk_kda_bwd.py).
     The wy kernel holds Tᵀ and the two C×C gradients ([64, 64] fp32) over 32-wide V tiles.
     The prep kernel holds T ([64, 64] fp32) over 32-wide K and V tiles on 4 warps.
     """
@@ -721,10 +739,10 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
         scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
         wy_bv=min(32, max(16, triton.next_power_of_2(V))),
         wy_warps=8,
-        intra_bk=16,
-        intra_bv=16,
-        intra_warps=4,
-        intra_stages=1,
+        intra_bk=min(32, scan_bk),
+        intra_bv=min(32, max(16, triton.next_power_of_2(V))),
+        intra_warps=2,
+        intra_stages=2,
         finish_bk=min(64, scan_bk),
         prep_bk=min(32, scan_bk),
         prep_bv=min(32, max(16, triton.next_power_of_2(V))),
@@ -851,15 +869,17 @@ def chunk_kda_bwd_triton(
         H=H, V=V, BT=BT, BV=cfg.wy_bv, IS_VARLEN=is_varlen,
         num_warps=cfg.wy_warps,
     )
-    launch(chunk_kda_bwd_intra_kernel)[(NK, NT, B * H)](
-        q, k, beta, do, gc, mqk, mkk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, db, ds,
+    NC = BT // BC
+    dglp = torch.empty((slots, NC, H, K), dtype=f32, device=dev)  # the sub-chunks' parts of G_last's gradient
+    launch(chunk_kda_bwd_intra_kernel)[(NK * NC, NT, B * H)](
+        q, k, beta, do, gc, mqk, mkk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, dglp, db, ds,
         *index, NTH, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.intra_bk, BV=cfg.intra_bv, **common,
         num_warps=cfg.intra_warps,
         num_stages=cfg.intra_stages,
     )
     launch(chunk_kda_bwd_finish_kernel)[grid_chunks](
-        q, k, rqk, dqn, dkn, db, ds, dq, dk, dbeta,
+        q, k, rqk, dqn, dkn, dg, dglp, db, ds, dq, dk, dbeta,
         *index, NTH,
-        H=H, K=K, BT=BT, BK=cfg.finish_bk, NK=NK, **common,
+        H=H, K=K, BT=BT, BC=BC, BK=cfg.finish_bk, NK=NK, **common,
     )
