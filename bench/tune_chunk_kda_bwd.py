@@ -3,7 +3,9 @@ launch_config, one family at a time, on the GPU at hand, at the issue's benchmar
 K = V = 128): the intra kernel's K and V tiles and warps (40-46% of forward + backward there)
 and the two scans' V tile, warps and stages. launch_config is chosen from these tables.
 
-    KDA_OPS_COMMIT=$(git rev-parse HEAD) python bench/tune_chunk_kda_bwd.py [results.json]
+    KDA_OPS_COMMIT=$(git rev-parse HEAD) python bench/tune_chunk_kda_bwd.py [results.json [family ...]]
+
+Naming families (of SWEEPS) sweeps only those.
 
 The backward runs from the forward's residuals, as under autograd. Each configuration's
 gradients must match the launch_config run's within 2e-3 relative RMS (the roundings of bf16
@@ -55,6 +57,7 @@ def backward_of(x, cfg):
 
 def main() -> None:
     results = []
+    families = sys.argv[2:] or list(SWEEPS)
     base = launch_config(K, V, torch.bfloat16)
     for B, T, H in SHAPES:
         x = _inputs(B, T, H)
@@ -62,7 +65,8 @@ def main() -> None:
         run()
         expected = [g.clone() for g in expected]
         print(f"\nB={B} T={T} H={H} K={K} V={V} ({torch.cuda.get_device_name()}), base {base}")
-        for family, (kernels, choices) in SWEEPS.items():
+        for family in families:
+            kernels, choices = SWEEPS[family]
             for choice in choices:
                 cfg = dataclasses.replace(base, **choice)
                 run, grads = backward_of(x, cfg)
