@@ -32,7 +32,9 @@ SWEEPS = {  # family: (its kernels, its choices)
     "intra": (("chunk_kda_bwd_intra_kernel", "chunk_kda_bwd_finish_kernel"), [
         dict(intra_bk=bk, intra_bv=bv, intra_warps=w, intra_stages=st)
         for bk, bv, w, st in ((32, 32, 2, 2), (32, 32, 2, 1), (32, 32, 4, 2), (32, 32, 1, 2), (16, 16, 2, 1),
-                              (16, 32, 2, 2), (64, 32, 4, 1), (64, 32, 2, 2))
+                              (16, 32, 2, 2), (64, 32, 4, 1), (64, 32, 2, 2), (32, 32, 1, 1), (32, 32, 1, 3),
+                              (32, 16, 1, 2), (32, 64, 1, 2), (16, 32, 1, 2), (64, 32, 1, 2), (64, 64, 1, 2),
+                              (64, 64, 2, 2))
     ]),
     "scans": (("chunk_kda_bwd_state_kernel", "chunk_kda_bwd_dstate_kernel"), [
         dict(scan_bv=bv, scan_warps=w, scan_stages=st)
