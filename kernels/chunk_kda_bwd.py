@@ -725,8 +725,9 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     K = 256 to spread the registers.
 
     The intra kernel runs one program per (32-wide K tile, 16-row sub-chunk) with 32-wide V
-    tiles on 2 warps and 2 stages, fla-core's choice for its own sub-chunk kernel on an H100;
-    not yet swept for ours (bench/tune_chunk_kda_bwd.py).
+    tiles on 1 warp and 2 stages: of 16 tiles, warps and stages swept at the three benchmark
+    shapes, the fastest at each, 16-20% ahead of fla-core's own choice for its sub-chunk kernel
+    (2 warps) and 35% ahead of the whole-chunk kernel it replaced (bench/NOTES.md).
     The wy kernel holds Tᵀ and the two C×C gradients ([64, 64] fp32) over 32-wide V tiles.
     The prep kernel holds T ([64, 64] fp32) over 32-wide K and V tiles on 4 warps.
     """
@@ -741,7 +742,7 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
         wy_warps=8,
         intra_bk=min(32, scan_bk),
         intra_bv=min(32, max(16, triton.next_power_of_2(V))),
-        intra_warps=2,
+        intra_warps=1,
         intra_stages=2,
         finish_bk=min(64, scan_bk),
         prep_bk=min(32, scan_bk),

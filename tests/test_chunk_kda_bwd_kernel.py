@@ -129,22 +129,28 @@ def test_backward_bf16_within_bars(B, T, H, K, V, cu, initial_state, dht, l2, ga
     assert all(torch.equal(r, c) for r, c in zip(residuals, kept)), "the backward wrote a residual"
 
 
-# (dtype, beta dtype): the other input dtypes the kernels take, same bars
+# (dtype, beta dtype, K = V): the other input dtypes the kernels take, same bars; fp32 at
+# K = 256 has the largest shared-memory tiles of the scans (it once over-ran them)
 DTYPE_CASES = [
-    pytest.param(torch.float16, torch.float16, id="fp16"),
-    pytest.param(torch.float32, torch.float32, id="fp32"),
-    pytest.param(torch.bfloat16, torch.float32, id="bf16-beta-fp32"),
+    pytest.param(torch.float16, torch.float16, 128, id="fp16"),
+    pytest.param(torch.float32, torch.float32, 128, id="fp32"),
+    pytest.param(torch.float32, torch.float32, 256, id="fp32-K256"),
+    pytest.param(torch.bfloat16, torch.float32, 128, id="bf16-beta-fp32"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, beta_dtype", DTYPE_CASES)
-def test_backward_other_dtypes_within_bars(dtype, beta_dtype):
-    x = _inputs(2, 300, 2, 128, 128, n_seqs=2, initial_state=True, dht=True, l2norm_in_op=True, gate_floor=True,
+@pytest.mark.parametrize("dtype, beta_dtype, K", DTYPE_CASES)
+def test_backward_other_dtypes_within_bars(dtype, beta_dtype, K):
+    x = _inputs(2, 300, 2, K, K, n_seqs=2, initial_state=True, dht=True, l2norm_in_op=True, gate_floor=True,
                 dtype=dtype, beta_dtype=beta_dtype)
-    grads = torch.ops.kda.chunk_kda_bwd(*_op_args(x, None, 128**-0.5, True))
+    args = _op_args(x, None, K**-0.5, True)
+    ref = _reference_grads(x, None, K**-0.5, True)
+    grads = torch.ops.kda.chunk_kda_bwd(*args)
     assert grads[0].dtype == dtype and grads[4].dtype == beta_dtype
-    _check_within_bars(grads, _reference_grads(x, None, 128**-0.5, True), True)
+    _check_within_bars(grads, ref, True, "recomputed")
+    residuals = torch.ops.kda.chunk_kda_fwd(*args[:7], K**-0.5, False, True, True)[2:]
+    _check_within_bars(torch.ops.kda.chunk_kda_bwd(*args, *residuals), ref, True, "from residuals")
 
 
 @pytest.mark.gpu
