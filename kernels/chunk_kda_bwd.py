@@ -719,7 +719,10 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     (B·H·V/BV) leave SMs idle while narrower tiles make every V tile re-read the [BT, K] operands;
     BV = 32 measured 7-8% faster backward than 16 at the two large benchmark shapes and 2.5%
     slower at B1 T8192 H16, where 128 programs under-fill the 132 SMs (bench/NOTES.md). K = 256
-    and fp32 keep BV = 16: at 32 their dstate kernel spills (16-376 B, ptxas). Their
+    in half precision and fp32 at K <= 128 keep BV = 16: at 32 their dstate kernel spills
+    (16-376 B, ptxas). fp32 at K = 256 takes BV = 32 though its dstate kernel then spills 368 B:
+    at BV = 16 on 8 warps Triton 3.6 builds a state kernel that reads past its own shared-memory
+    allocation (an illegal access on the H100, located by compute-sanitizer). Their
     [BT, BK] operand tiles are loaded next to their products (one shared-memory copy live at a
     time), double-buffered while that fits (K <= 128 in half precision), and take 8 warps at
     K = 256 to spread the registers.
@@ -733,9 +736,10 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
+    scan_bv = 32 if (scan_bk <= 128) != wide else 16  # half precision to K = 128, fp32 at K = 256
     return LaunchConfig(
         scan_bk=scan_bk,
-        scan_bv=min(32 if scan_bk <= 128 and not wide else 16, max(16, triton.next_power_of_2(V))),
+        scan_bv=min(scan_bv, max(16, triton.next_power_of_2(V))),
         scan_warps=4 if scan_bk <= 128 else 8,
         scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
         wy_bv=min(32, max(16, triton.next_power_of_2(V))),
