@@ -736,7 +736,7 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
-    scan_bv = 32 if (scan_bk <= 128) != wide else 16  # half precision to K = 128, fp32 at K = 256
+    scan_bv = (32 if scan_bk > 128 else 16) if wide else (32 if scan_bk <= 128 else 16)
     return LaunchConfig(
         scan_bk=scan_bk,
         scan_bv=min(scan_bv, max(16, triton.next_power_of_2(V))),

@@ -20,6 +20,7 @@ import torch
 from kda_inputs import kernel_check_inputs, rel_rms
 
 from kda_ops import chunk_kda
+from kda_ops.kernels import chunk_kda_bwd, chunk_kda_fwd
 from kda_ops.kernels.chunk_kda_bwd import chunk_kda_bwd_triton
 from kda_ops.meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_bwd_meta
 from kda_ops.meta.chunk_kda_bwd import chunk_kda_bwd_reference
@@ -29,6 +30,20 @@ NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 BARS = dict(dq=0.008, dk=0.008, dv=0.008, dh0=0.008, dg=0.02, dbeta=0.02)  # DESIGN.md
 NAIVE_MAX_T = 2048  # longer sequences are checked against the chunked fp32 backward reference
 KERNELS = tuple(f"chunk_kda_bwd_{name}_kernel" for name in ("prep", "state", "dstate", "wy", "intra", "finish"))
+
+
+@pytest.mark.parametrize("K", [64, 100, 128, 256])
+def test_launch_configs_take_symbolic_head_dims(K):
+    """Under dynamic shapes (opcheck's aot_dispatch_dynamic, torch.compile) the launchers get K
+    and V as SymInts: both launch configs must come out as for the plain ints, in every dtype."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    sym_k = env.create_symintnode(env.create_symbol(K, ConstantSource("K")), hint=K)
+    for module in (chunk_kda_fwd, chunk_kda_bwd):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            assert module.launch_config(sym_k, sym_k, dtype) == module.launch_config(K, K, dtype), (module, dtype)
 
 
 @pytest.mark.interpret
