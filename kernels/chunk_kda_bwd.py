@@ -26,14 +26,18 @@ backward recomputes the rest. Chunk length BT = 64 in sub-chunks of BC = 16 rows
        dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is T⁻¹·v_new, so −Tᵀ·dT·Tᵀ =
        −Tᵀ·dv_new·v_newᵀ; it needs no pass over K. dv_b goes back over dv_new; the masked
        M_qk = scale·dA_qk and M_kk = dA_kk go to their own buffers.
-   (b) `chunk_kda_bwd_intra_kernel`, per (K tile, chunk, head), every row of the chunk: over V
-       tiles of h and dh, read once, dO·S₀ᵀ, dv_b·S₀ᵀ (the WY gradient Tᵀ·dw with
-       dw = −dv_new·S₀ᵀ), v_new·dS₁ᵀ and Σ_v dS₁⊙S₀; the intra-chunk backward of A_qk and A_kk
-       with the per-channel gate; dq, dk (or the norm's input gradient dy, fp32), dG and dg,
-       its reverse chunk-local cumsum, in registers (a K tile holds every row of the chunk).
-       dβ and the norm's row dots Σ_d y·dy need every K tile: each program writes its part.
-   (c) `chunk_kda_bwd_finish_kernel`, per (chunk, head): sums the parts into dβ and, with the
-       in-kernel L2 norm, applies its backward dx = r·(dy − y·(y·dy)).
+   (b) `chunk_kda_bwd_intra_kernel`, per (K tile, 16-row sub-chunk, chunk, head), on 1 warp:
+       over V tiles of h and dh, dO·S₀ᵀ, dv_b·S₀ᵀ (the WY gradient Tᵀ·dw with
+       dw = −dv_new·S₀ᵀ), v_new·dS₁ᵀ and Σ_v dS₁⊙S₀ for its rows; the intra-chunk backward of
+       A_qk and A_kk with the per-channel gate; dq, dk (or the norm's input gradient dy, fp32)
+       and dG (into dg's buffer). dβ, the norm's row dots Σ_d y·dy and G_last's gradient need
+       every K tile or every sub-chunk: each program writes its part.
+   (c) `chunk_kda_bwd_finish_kernel`, per (chunk, head): dg = the reverse chunk-local cumsum of
+       dG plus G_last's gradient (the sum of the sub-chunks' parts), dβ from its parts and,
+       with the in-kernel L2 norm, the norm's backward dx = r·(dy − y·(y·dy)).
+   The intra kernel first owned every row of a chunk per K tile ([64, BK] tiles on 4 warps,
+   the diagonal gathered row by row across the four sub-chunks): 12.9 ms at B8 T4096 H32,
+   8.5 ms in fla-core's sub-chunk layout (bench/NOTES.md, "Sub-chunk intra kernel").
    v1 ran (a)-(c) as one kernel per (chunk, head) with an inner loop over K tiles: 255
    registers, one 8-warp program per SM, the state tiles and the [64, V] operands reloaded for
    every K tile, [64, 64] × [64, 16] products for 16-row blocks: 3.8 ms at B1 T8192 H16
@@ -45,7 +49,7 @@ T and G as well). The backward holds, besides inputs, residuals and gradients: w
 dtype) until the reverse scan is done; u (fp32) until the forward scan is done; M_qk and M_kk
 (fp32, [B, T, H, 64]; over A_qk and T's buffers when the backward made them itself), h and dh
 (per chunk K×V, input dtype), v_new and dv_new (fp32, [B, T, H, V]) until the end, the
-parts of dβ (fp32 [K/BK + 1, B, T, H]); with the L2 norm two fp32 [B, T, H, K] workspaces and
+parts of dβ (fp32 [K/BK + 1, B, T, H]) and of G_last's gradient (fp32 [chunks, 4, H, K]); with the L2 norm two fp32 [B, T, H, K] workspaces and
 the parts of the row dots (fp32 [K/BK, 2, B, T, H]). fla's backward materialises w, u, qg,
 kg, h, dh, v_new and fp32 dq, dk, dg, dA workspaces as well; bench/bench_chunk_kda.py records
 both peaks.
@@ -56,22 +60,18 @@ the backward stays consistent with them. v_new and dv_new stay fp32 (each enters
 gradients). G, T, the state and its gradient, and every accumulator are fp32.
 
 Numerics of the gate. Only G_i − G_j with i ≥ j, G_last − G and G are exponentiated (all ≤ 0;
-rows past the sequence end read G = G_last, the reference's zero-gate padding). Off-diagonal
-16×16 sub-block pairs of the intra-chunk backward run on tensor cores anchored at a = the first
-row of a sub-chunk: every pair j < a ≤ i has e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j), both
-factors ≤ 1 and exact. The row sums of rows i ≥ a take M's 16 columns [a − 16, a) against
-those rows of k̂ times e^(G_a − G_j), the column sums of columns j < a take M's 16 rows
-[a, a + 16) (transposed) against those rows of q̂ and β⊙k̂ times e^(G_i − G_a): [64, 16] ×
-[16, BK] products whose results are already on the chunk's rows. The diagonal sub-blocks are
-exact and elementwise: row jj of every row's own sub-chunk is gathered from memory at a time
-(the forward intra kernel's scheme), masked to j ≤ i before exponentiating, and serves as
-column c ≤ i of the row sums and row r ≥ j of the column sums; the matching entries of M_qk
-and M_kk are gathered from the rows the wy kernel parked. Gates of −1000 stay exact.
+rows past the sequence end read G = G_last, the reference's zero-gate padding). The intra
+kernel's off-diagonal 16×16 blocks run on tensor cores with one anchor per sum: the row sums of
+its rows R over earlier sub-chunks J anchor at n = R's first row (j < n ≤ i, so
+e^(G_i − G_j) = e^(G_i − G_n)·e^(G_n − G_j), both factors ≤ 1 and exact), the column sums over
+later sub-chunks I at R's last row. The diagonal block is exact and elementwise: one row c of R
+at a time, loaded once as a [BK] vector, masked to j ≤ i before exponentiating, serves as
+column c of the row sums and row c of the column sums. Gates of −1000 stay exact.
 
 Resources (sm_90, checked offline by bench/check_kernel_resources.py for every launch config of
-launch_config, see its docstring): no [64, 64] tile of the intra kernel lives across its loops
-(M is loaded per anchor as [64, 16] blocks), so its 16-wide K and V tiles on 4 warps take
-165 registers (193 with the L2 norm) and 6 KB of shared memory: three (two) programs per SM.
+launch_config, see its docstring): the intra kernel's [16, 32] tiles on 1 warp take 250-255
+registers with 0-76 B of spills (0 at bf16, K = 128 without the norm); no [64, 64] tile lives
+across its loops.
 
 Varlen (B = 1, device `cu_seqlens`): the forward's chunk table (slot → sequence, from device
 ops, no host read) drives the parallel kernels; the scans read their sequence's bounds and first
@@ -547,10 +547,10 @@ def chunk_kda_bwd_intra_kernel(
         b_en = tl.exp(b_G - b_gn[None, :])  # [BC, BK] e^(G_R − G_n) <= 1
         b_Aq += b_sq * b_en
         b_Ay += b_sk * b_en
-    # column sums over the later sub-chunks I, anchored at n' = R's last real row: for
-    # j <= n' < i, e^(G_i − G_j) = e^(G_i − G_n')·e^(G_n' − G_j). [BC, BC] blocks M[I, R]ᵀ
-    # against [BC, BK] rows q̂_I e^(G_I − G_n') and β_I k̂_I e^(G_I − G_n'), then one scaling by
-    # e^(G_n' − G_R) (0 for R's rows past the sequence end, which read G_n' as their G)
+    # column sums over the later sub-chunks I (only when R is whole and a later row is real),
+    # anchored at n' = R's last row: for j <= n' < i, e^(G_i − G_j) = e^(G_i − G_n')·e^(G_n' − G_j).
+    # [BC, BC] blocks M[I, R]ᵀ against [BC, BK] rows q̂_I e^(G_I − G_n') and β_I k̂_I e^(G_I − G_n'),
+    # then one scaling by e^(G_n' − G_R)
     if t_a + BC < eos:
         b_gm = tl.load(p_G + (t_a + BC - 1) * H * K + o_k, mask=m_k, other=0.0)  # [BK] G at n'
         b_sc = tl.zeros([BC, BK], dtype=tl.float32)
