@@ -36,6 +36,16 @@ SWEEPS = {  # family: (its kernels, its choices)
                               (32, 16, 1, 2), (32, 64, 1, 2), (16, 32, 1, 2), (64, 32, 1, 2), (64, 64, 1, 2),
                               (64, 64, 2, 2))
     ]),
+    "wy": (("chunk_kda_bwd_wy_kernel",), [
+        dict(wy_bv=bv, wy_warps=w, wy_stages=st)
+        for bv, w, st in ((32, 8, 3), (32, 8, 1), (32, 8, 2), (32, 4, 3), (32, 4, 1), (64, 8, 3), (64, 8, 1), (16, 4, 2),
+                          (16, 8, 3))
+    ]),
+    "prep": (("chunk_kda_bwd_prep_kernel",), [
+        dict(prep_bk=bk, prep_bv=bv, prep_warps=w)
+        for bk, bv, w in ((32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 64, 8), (32, 32, 8), (16, 32, 4), (64, 64, 4),
+                          (32, 32, 2))
+    ]),
     "scans": (("chunk_kda_bwd_state_kernel", "chunk_kda_bwd_dstate_kernel"), [
         dict(scan_bv=bv, scan_warps=w, scan_stages=st)
         for bv, w, st in ((16, 4, 2), (16, 4, 1), (32, 4, 2), (32, 4, 1), (32, 8, 2), (64, 4, 1), (64, 8, 1))

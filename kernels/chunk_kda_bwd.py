@@ -702,6 +702,7 @@ class LaunchConfig:
     scan_stages: int
     wy_bv: int
     wy_warps: int
+    wy_stages: int
     intra_bk: int
     intra_bv: int
     intra_warps: int
@@ -709,6 +710,7 @@ class LaunchConfig:
     finish_bk: int
     prep_bk: int
     prep_bv: int
+    prep_warps: int
 
 
 def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
@@ -744,6 +746,7 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
         scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
         wy_bv=min(32, max(16, triton.next_power_of_2(V))),
         wy_warps=8,
+        wy_stages=3,
         intra_bk=min(32, scan_bk),
         intra_bv=min(32, max(16, triton.next_power_of_2(V))),
         intra_warps=1,
@@ -751,6 +754,7 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
         finish_bk=min(64, scan_bk),
         prep_bk=min(32, scan_bk),
         prep_bv=min(32, max(16, triton.next_power_of_2(V))),
+        prep_warps=4,
     )
 
 
@@ -819,6 +823,7 @@ def chunk_kda_bwd_triton(
             x["qg"], x["kg"], x["gl"], x["w"], x["u"],
             *index, scale,
             H=H, K=K, V=V, BT=BT, BK=cfg.prep_bk, BV=cfg.prep_bv, **common,
+            num_warps=cfg.prep_warps,
         )
         mqk, mkk = (torch.empty((B * T, H, BT), dtype=f32, device=dev) for _ in range(2))
     w, u, qg, kg, gl = (x.pop(name) for name in ("w", "u", "qg", "kg", "gl"))
@@ -873,6 +878,7 @@ def chunk_kda_bwd_triton(
         *index, scale,
         H=H, V=V, BT=BT, BV=cfg.wy_bv, IS_VARLEN=is_varlen,
         num_warps=cfg.wy_warps,
+        num_stages=cfg.wy_stages,
     )
     NC = BT // BC
     dglp = torch.empty((slots, NC, H, K), dtype=f32, device=dev)  # the sub-chunks' parts of G_last's gradient
