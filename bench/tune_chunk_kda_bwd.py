@@ -1,7 +1,8 @@
 """Sweeps the launch configuration of the chunked KDA backward around kernels/chunk_kda_bwd.py's
 launch_config, one family at a time, on the GPU at hand, at the issue's benchmark shapes (bf16,
-K = V = 128): the intra kernel's K and V tiles and warps (40-46% of forward + backward there)
-and the two scans' V tile, warps and stages. launch_config is chosen from these tables.
+K = V = 128): the intra kernel's K and V tiles, warps and stages (the largest kernel of forward +
+backward there), the wy kernel's V tile, warps and stages, the prep kernel's tiles and warps, and
+the two scans' V tile, warps and stages. launch_config is chosen from these tables.
 
     KDA_OPS_COMMIT=$(git rev-parse HEAD) python bench/tune_chunk_kda_bwd.py [results.json [family ...]]
 

@@ -733,8 +733,11 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     tiles on 1 warp and 2 stages: of 16 tiles, warps and stages swept at the three benchmark
     shapes, the fastest at each, 16-20% ahead of fla-core's own choice for its sub-chunk kernel
     (2 warps) and 35% ahead of the whole-chunk kernel it replaced (bench/NOTES.md).
-    The wy kernel holds Tᵀ and the two C×C gradients ([64, 64] fp32) over 32-wide V tiles.
-    The prep kernel holds T ([64, 64] fp32) over 32-wide K and V tiles on 4 warps.
+    The wy kernel holds Tᵀ and the two C×C gradients ([64, 64] fp32) over 32-wide V tiles on 4
+    warps and 3 stages: 80-96 KB of shared memory and no spills, so two programs per SM; 8 warps
+    (one program per SM) measured 31% slower at B8 T4096 H32, 16- or 64-wide V tiles 12-30%.
+    The prep kernel holds T ([64, 64] fp32) over 32-wide K and V tiles on 4 warps (every other
+    tile and warp count swept within -4%..+37%).
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
@@ -745,7 +748,7 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
         scan_warps=4 if scan_bk <= 128 else 8,
         scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
         wy_bv=min(32, max(16, triton.next_power_of_2(V))),
-        wy_warps=8,
+        wy_warps=4,
         wy_stages=3,
         intra_bk=min(32, scan_bk),
         intra_bv=min(32, max(16, triton.next_power_of_2(V))),
