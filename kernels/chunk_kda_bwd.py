@@ -735,9 +735,9 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     (2 warps) and 35% ahead of the whole-chunk kernel it replaced (bench/NOTES.md).
     The wy kernel holds Tᵀ and the two C×C gradients ([64, 64] fp32) over 32-wide V tiles on 4
     warps and 3 stages: 80-96 KB of shared memory and no spills, so two programs per SM; 8 warps
-    (one program per SM) measured 31% slower at B8 T4096 H32, 16- or 64-wide V tiles 12-30%.
-    The prep kernel holds T ([64, 64] fp32) over 32-wide K and V tiles on 4 warps (every other
-    tile and warp count swept within -4%..+37%).
+    (one program per SM) measured 45% slower at B8 T4096 H32, 16- or 64-wide V tiles 25-32%.
+    The prep kernel holds T ([64, 64] fp32) over 32-wide K and V tiles on 4 warps: no other tile
+    or warp count swept made the backward faster.
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
