@@ -863,10 +863,11 @@ def chunk_kda_bwd_triton(
     )
     del qg, kg, w
 
-    # 4. everything else, per chunk: the WY backward and the C×C gradients (wy), then per K tile
-    # the products with the states and the intra-chunk backward (intra), then dβ and the norm's
-    # backward (finish). dv_new's buffer takes dv_b (each program its own rows); db and ds hold
-    # per-program partial row sums, reduced by finish
+    # 4. everything else, per chunk: the WY backward and the C×C gradients (wy), then per (K
+    # tile, sub-chunk) the products with the states and the intra-chunk backward (intra), then
+    # dg's chunk-local reverse cumsum, dβ and the norm's backward (finish). dv_new's buffer takes
+    # dv_b (each program its own rows); db, ds and dglp hold per-program partial sums, reduced
+    # by finish
     NK = triton.cdiv(K, cfg.intra_bk)
     NTH = B * T * H
     db = torch.empty((NK + 1, B * T, H), dtype=f32, device=dev)
@@ -885,7 +886,7 @@ def chunk_kda_bwd_triton(
     )
     NC = BT // BC
     dglp = torch.empty((slots, NC, H, K), dtype=f32, device=dev)  # the sub-chunks' parts of G_last's gradient
-    launch(chunk_kda_bwd_intra_kernel)[(NK * NC, NT, B * H)](
+    launch(chunk_kda_bwd_intra_kernel)[(NK * NC, rows, B * H)](
         q, k, beta, do, gc, mqk, mkk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, dglp, db, ds,
         *index, NTH, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.intra_bk, BV=cfg.intra_bv, **common,

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 from kda_inputs import kernel_check_inputs, rel_rms
+from torch._dynamo.source import ConstantSource
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from kda_ops import chunk_kda
 from kda_ops.kernels import chunk_kda_bwd, chunk_kda_fwd
@@ -36,9 +38,6 @@ KERNELS = tuple(f"chunk_kda_bwd_{name}_kernel" for name in ("prep", "state", "ds
 def test_launch_configs_take_symbolic_head_dims(K):
     """Under dynamic shapes (opcheck's aot_dispatch_dynamic, torch.compile) the launchers get K
     and V as SymInts: both launch configs must come out as for the plain ints, in every dtype."""
-    from torch._dynamo.source import ConstantSource
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
     env = ShapeEnv()
     sym_k = env.create_symintnode(env.create_symbol(K, ConstantSource("K")), hint=K)
     for module in (chunk_kda_fwd, chunk_kda_bwd):
