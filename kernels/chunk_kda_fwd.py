@@ -724,6 +724,8 @@ class LaunchConfig:
     gate_bk: int = 32
     intra_bk: int = 32
     intra_warps: int = 1
+    intra_stages: int = 3
+    solve_stages: int = 3
 
     def __post_init__(self):
         if self.diag_precision not in DIAG_PRECISIONS:
@@ -884,12 +886,12 @@ def run_chunk_kernel(
         )
         launch(chunk_kda_fwd_intra_kernel)[(BT // BC, rows, B * H)](
             q, k, gc, x["gl"], rqk, x["aqk"], akk, *index, scale,
-            H=H, K=K, BT=BT, BC=BC, BK=cfg.intra_bk, num_warps=cfg.intra_warps, **common,
+            H=H, K=K, BT=BT, BC=BC, BK=cfg.intra_bk, num_warps=cfg.intra_warps, num_stages=cfg.intra_stages, **common,
         )
         launch(chunk_kda_fwd_solve_kernel)[(rows, B * H)](
             k, v, beta, gc, rqk, akk, saved.get("tkk"), x["w"], x["u"], *index,
             H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv, num_warps=cfg.chunk_warps,
-            STORE_RESIDUALS=residuals is not None, **common,
+            num_stages=cfg.solve_stages, STORE_RESIDUALS=residuals is not None, **common,
         )
         return x
     launch(chunk_kda_fwd_chunk_kernel)[(rows, B * H)](
