@@ -630,6 +630,175 @@ def chunk_kda_fwd_solve_kernel(
 
 
 @triton.jit
+def _akk_block(p_akk, t0, eos, b_beta, R: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, STRIDE: tl.constexpr):
+    """[BC, BC] block (R, C) of β⊙A_kk (rows of sub-chunk R, columns of sub-chunk C), zero past the end."""
+    o_c = tl.arange(0, BC)
+    o_t = t0 + R * BC + o_c
+    m_t = o_t < eos
+    b_a = tl.load(p_akk + o_t[:, None] * STRIDE + C * BC + o_c[None, :], mask=m_t[:, None], other=0.0)
+    return b_a * b_beta[:, None]
+
+
+@triton.jit
+def _wy_rows(b_T0, b_T1, b_T2, b_T3, b_x0, b_x1, b_x2, b_x3):
+    """Σ_{c <= r} T_rc·X_c for one row block r, given its four T blocks (zeros past the diagonal)."""
+    b_y = tl.dot(b_T0, b_x0)
+    b_y = tl.dot(b_T1, b_x1, acc=b_y)
+    b_y = tl.dot(b_T2, b_x2, acc=b_y)
+    return tl.dot(b_T3, b_x3, acc=b_y)
+
+
+@triton.jit
+def chunk_kda_fwd_solve_blocks_kernel(
+    k,
+    v,
+    beta,
+    gc,
+    rqk,
+    akk,
+    tkk,
+    w,
+    u,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+    STORE_RESIDUALS: tl.constexpr,
+):
+    """The solve kernel on [BC, BC] blocks, for one warp (fla-core's inter_solve layout): T =
+    (I + β⊙A_kk)^-1 by forward substitution inside the four diagonal blocks (batched), then the
+    block merges T_rc = −T_rr·Σ_{c <= j < r} A_rj·T_jc (tf32x3); w = T(β⊙k̂⊙e^G) and u = T(β⊙v)
+    per sub-chunk row block, as [BC, BC] × [BC, BK] products."""
+    tl.static_assert(BT == 4 * BC)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        if i_n >= N:
+            return
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        t0 = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT
+    else:
+        t0, eos = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T
+    o_c = tl.arange(0, BC)
+    o_t0, o_t1, o_t2, o_t3 = t0 + o_c, t0 + BC + o_c, t0 + 2 * BC + o_c, t0 + 3 * BC + o_c  # [BC] rows per block
+    m_t0, m_t1, m_t2, m_t3 = o_t0 < eos, o_t1 < eos, o_t2 < eos, o_t3 < eos
+    p_beta = beta + i_h
+    b_b0 = tl.load(p_beta + o_t0 * H, mask=m_t0, other=0.0).to(tl.float32)  # [BC] β per block
+    b_b1 = tl.load(p_beta + o_t1 * H, mask=m_t1, other=0.0).to(tl.float32)
+    b_b2 = tl.load(p_beta + o_t2 * H, mask=m_t2, other=0.0).to(tl.float32)
+    b_b3 = tl.load(p_beta + o_t3 * H, mask=m_t3, other=0.0).to(tl.float32)
+    p_akk = akk + i_h * BT
+    S: tl.constexpr = H * BT
+
+    # [4, BC, BC] inverses of the diagonal blocks (I + N), N strictly lower: X = (I + N)^-1 − I
+    # by forward substitution, row i from rows j < i
+    o_r3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, :, None]  # [4, BC, 1] chunk rows
+    o_j3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, None, :]  # [4, 1, BC] chunk columns
+    m_r3 = (t0 + o_r3) < eos
+    b_beta3 = tl.load(p_beta + (t0 + o_r3) * H, mask=m_r3, other=0.0).to(tl.float32)  # [4, BC, 1]
+    b_N = tl.load(p_akk + (t0 + o_r3) * S + o_j3, mask=m_r3, other=0.0) * b_beta3
+    b_X = -b_N
+    for i in range(1, BC):
+        m_i = (o_c == i)[None, :, None]
+        b_a = -tl.sum(tl.where(m_i, b_N, 0.0), axis=1)  # [4, BC]
+        b_a += tl.sum(b_a[:, :, None] * b_X, axis=1)
+        b_X = tl.where(m_i, b_a[:, None, :], b_X)
+    b_X += (o_c[:, None] == o_c[None, :]).to(tl.float32)[None, :, :]
+    # the four [BC, BC] blocks: [4, BC, BC] -> [BC, BC, 2, 2] (block 2a + b at [..., a, b])
+    b_Xe, b_Xo = tl.split(tl.reshape(tl.permute(b_X, (1, 2, 0)), (BC, BC, 2, 2)))
+    b_T00, b_T22 = tl.split(b_Xe)
+    b_T11, b_T33 = tl.split(b_Xo)
+
+    # the off-diagonal blocks of β⊙A_kk and the merges, row block by row block
+    b_A10 = _akk_block(p_akk, t0, eos, b_b1, 1, 0, BC, S)
+    b_T10 = -tl.dot(b_T11, tl.dot(b_A10, b_T00, input_precision="tf32x3"), input_precision="tf32x3")
+    b_A20 = _akk_block(p_akk, t0, eos, b_b2, 2, 0, BC, S)
+    b_A21 = _akk_block(p_akk, t0, eos, b_b2, 2, 1, BC, S)
+    b_T21 = -tl.dot(b_T22, tl.dot(b_A21, b_T11, input_precision="tf32x3"), input_precision="tf32x3")
+    b_y = tl.dot(b_A20, b_T00, input_precision="tf32x3")
+    b_y = tl.dot(b_A21, b_T10, acc=b_y, input_precision="tf32x3")
+    b_T20 = -tl.dot(b_T22, b_y, input_precision="tf32x3")
+    b_A30 = _akk_block(p_akk, t0, eos, b_b3, 3, 0, BC, S)
+    b_A31 = _akk_block(p_akk, t0, eos, b_b3, 3, 1, BC, S)
+    b_A32 = _akk_block(p_akk, t0, eos, b_b3, 3, 2, BC, S)
+    b_T32 = -tl.dot(b_T33, tl.dot(b_A32, b_T22, input_precision="tf32x3"), input_precision="tf32x3")
+    b_y = tl.dot(b_A31, b_T11, input_precision="tf32x3")
+    b_y = tl.dot(b_A32, b_T21, acc=b_y, input_precision="tf32x3")
+    b_T31 = -tl.dot(b_T33, b_y, input_precision="tf32x3")
+    b_y = tl.dot(b_A30, b_T00, input_precision="tf32x3")
+    b_y = tl.dot(b_A31, b_T10, acc=b_y, input_precision="tf32x3")
+    b_y = tl.dot(b_A32, b_T20, acc=b_y, input_precision="tf32x3")
+    b_T30 = -tl.dot(b_T33, b_y, input_precision="tf32x3")
+    b_Z = tl.zeros([BC, BC], dtype=tl.float32)
+
+    if STORE_RESIDUALS:
+        # T as whole rows of the chunk ([BT, BT], zeros above the diagonal blocks) for the backward
+        p_tkk = tkk + i_h * BT
+        _store_rows(p_tkk, b_T00, o_t0, m_t0, o_c, o_c < BC, S)
+        _store_rows(p_tkk + BC, b_Z, o_t0, m_t0, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 2 * BC, b_Z, o_t0, m_t0, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 3 * BC, b_Z, o_t0, m_t0, o_c, o_c < BC, S)
+        _store_rows(p_tkk, b_T10, o_t1, m_t1, o_c, o_c < BC, S)
+        _store_rows(p_tkk + BC, b_T11, o_t1, m_t1, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 2 * BC, b_Z, o_t1, m_t1, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 3 * BC, b_Z, o_t1, m_t1, o_c, o_c < BC, S)
+        _store_rows(p_tkk, b_T20, o_t2, m_t2, o_c, o_c < BC, S)
+        _store_rows(p_tkk + BC, b_T21, o_t2, m_t2, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 2 * BC, b_T22, o_t2, m_t2, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 3 * BC, b_Z, o_t2, m_t2, o_c, o_c < BC, S)
+        _store_rows(p_tkk, b_T30, o_t3, m_t3, o_c, o_c < BC, S)
+        _store_rows(p_tkk + BC, b_T31, o_t3, m_t3, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 2 * BC, b_T32, o_t3, m_t3, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 3 * BC, b_T33, o_t3, m_t3, o_c, o_c < BC, S)
+
+    if USE_QK_L2NORM:  # [BC] x 4: β/||k|| per block
+        b_k0 = b_b0 * tl.load(rqk + (o_t0 * H + i_h) * 2 + 1, mask=m_t0, other=0.0)
+        b_k1 = b_b1 * tl.load(rqk + (o_t1 * H + i_h) * 2 + 1, mask=m_t1, other=0.0)
+        b_k2 = b_b2 * tl.load(rqk + (o_t2 * H + i_h) * 2 + 1, mask=m_t2, other=0.0)
+        b_k3 = b_b3 * tl.load(rqk + (o_t3 * H + i_h) * 2 + 1, mask=m_t3, other=0.0)
+    else:
+        b_k0, b_k1, b_k2, b_k3 = b_b0, b_b1, b_b2, b_b3
+    p_k, p_G, p_w = k + i_h * K, gc + i_h * K, w + i_h * K
+    # w = T (β k̂ e^G), per K tile: [BC, BK] X_c per block, then each row block's sum
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_x0 = _load_rows(p_k, o_t0, m_t0, o_k, m_k, H * K) * b_k0[:, None] * tl.exp(_load_rows(p_G, o_t0, m_t0, o_k, m_k, H * K))
+        b_x1 = _load_rows(p_k, o_t1, m_t1, o_k, m_k, H * K) * b_k1[:, None] * tl.exp(_load_rows(p_G, o_t1, m_t1, o_k, m_k, H * K))
+        b_x2 = _load_rows(p_k, o_t2, m_t2, o_k, m_k, H * K) * b_k2[:, None] * tl.exp(_load_rows(p_G, o_t2, m_t2, o_k, m_k, H * K))
+        b_x3 = _load_rows(p_k, o_t3, m_t3, o_k, m_k, H * K) * b_k3[:, None] * tl.exp(_load_rows(p_G, o_t3, m_t3, o_k, m_k, H * K))
+        _store_rows(p_w, tl.dot(b_T00, b_x0), o_t0, m_t0, o_k, m_k, H * K)
+        _store_rows(p_w, tl.dot(b_T11, b_x1, acc=tl.dot(b_T10, b_x0)), o_t1, m_t1, o_k, m_k, H * K)
+        _store_rows(p_w, _wy_rows(b_T20, b_T21, b_T22, b_Z, b_x0, b_x1, b_x2, b_x3), o_t2, m_t2, o_k, m_k, H * K)
+        _store_rows(p_w, _wy_rows(b_T30, b_T31, b_T32, b_T33, b_x0, b_x1, b_x2, b_x3), o_t3, m_t3, o_k, m_k, H * K)
+    p_v, p_u = v + i_h * V, u + i_h * V
+    # u = T (β v), per V tile
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_x0 = _load_rows(p_v, o_t0, m_t0, o_v, m_v, H * V) * b_b0[:, None]
+        b_x1 = _load_rows(p_v, o_t1, m_t1, o_v, m_v, H * V) * b_b1[:, None]
+        b_x2 = _load_rows(p_v, o_t2, m_t2, o_v, m_v, H * V) * b_b2[:, None]
+        b_x3 = _load_rows(p_v, o_t3, m_t3, o_v, m_v, H * V) * b_b3[:, None]
+        _store_rows(p_u, tl.dot(b_T00, b_x0), o_t0, m_t0, o_v, m_v, H * V)
+        _store_rows(p_u, tl.dot(b_T11, b_x1, acc=tl.dot(b_T10, b_x0)), o_t1, m_t1, o_v, m_v, H * V)
+        _store_rows(p_u, _wy_rows(b_T20, b_T21, b_T22, b_Z, b_x0, b_x1, b_x2, b_x3), o_t2, m_t2, o_v, m_v, H * V)
+        _store_rows(p_u, _wy_rows(b_T30, b_T31, b_T32, b_T33, b_x0, b_x1, b_x2, b_x3), o_t3, m_t3, o_v, m_v, H * V)
+
+
+@triton.jit
 def chunk_kda_fwd_scan_kernel(
     w,
     u,
@@ -726,6 +895,8 @@ class LaunchConfig:
     intra_warps: int = 1
     intra_stages: int = 3
     solve_stages: int = 3
+    solve_blocks: bool = True
+    solve_warps: int = 1
 
     def __post_init__(self):
         if self.diag_precision not in DIAG_PRECISIONS:
@@ -888,9 +1059,11 @@ def run_chunk_kernel(
             q, k, gc, x["gl"], rqk, x["aqk"], akk, *index, scale,
             H=H, K=K, BT=BT, BC=BC, BK=cfg.intra_bk, num_warps=cfg.intra_warps, num_stages=cfg.intra_stages, **common,
         )
-        launch(chunk_kda_fwd_solve_kernel)[(rows, B * H)](
+        solve = chunk_kda_fwd_solve_blocks_kernel if cfg.solve_blocks else chunk_kda_fwd_solve_kernel
+        launch(solve)[(rows, B * H)](
             k, v, beta, gc, rqk, akk, saved.get("tkk"), x["w"], x["u"], *index,
-            H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv, num_warps=cfg.chunk_warps,
+            H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv,
+            num_warps=cfg.solve_warps if cfg.solve_blocks else cfg.chunk_warps,
             num_stages=cfg.solve_stages, STORE_RESIDUALS=residuals is not None, **common,
         )
         return x
