@@ -89,6 +89,7 @@ from ..meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_residuals_meta
 from .chunk_kda_fwd import (
     BC,
     BT,
+    _load_gate,
     _load_rows,
     _store_rows,
     chunk_index,
@@ -96,14 +97,6 @@ from .chunk_kda_fwd import (
     scan_buffers,
 )
 from .chunk_kda_fwd import launch_config as fwd_launch_config
-
-
-@triton.jit
-def _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, STRIDE: tl.constexpr):
-    """[R, BK] cumulative gate G of rows o_t; rows past the sequence end read G_last (they are the
-    zero-gate padding of the reference), so G never increases down a chunk and every
-    exponent of a difference G_i − G_j with i >= j stays <= 0."""
-    return tl.where(m_t[:, None], _load_rows(p_G, o_t, m_t, o_k, m_k, STRIDE), b_gl[None, :])
 
 
 @triton.jit

@@ -320,6 +320,485 @@ def chunk_kda_fwd_chunk_kernel(
 
 
 @triton.jit
+def _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, STRIDE: tl.constexpr):
+    """[R, BK] cumulative gate G of rows o_t; rows past the sequence end read G_last (they are the
+    zero-gate padding of the reference), so G never increases down a chunk and every
+    exponent of a difference G_i − G_j with i >= j stays <= 0."""
+    return tl.where(m_t[:, None], _load_rows(p_G, o_t, m_t, o_k, m_k, STRIDE), b_gl[None, :])
+
+
+@triton.jit
+def chunk_kda_fwd_gate_kernel(
+    q,
+    k,
+    g,
+    gc,
+    qg,
+    kg,
+    gl,
+    rqk,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+):
+    """Per (chunk, head), memory-bound: the q/k norms (to rqk, with the L2 norm), G = the
+    chunk-local cumsum of g (to gc), G_last (to gl), qg = scale·q̂⊙e^G and kg = k̂⊙e^(G_last − G)."""
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        if i_n >= N:
+            return
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        t0, i_s = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT, i_t
+    else:
+        t0, eos, i_s = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T, i_b * NT + i_t
+    o_i = tl.arange(0, BT)
+    o_t = t0 + o_i  # [BT] token rows
+    m_t = o_t < eos
+    p_q, p_k, p_g = q + i_h * K, k + i_h * K, g + i_h * K
+
+    # [BT] x 2: 1 / sqrt(sum(x^2) + 1e-6) of the q and k rows (ones without the norm)
+    b_rq = tl.zeros([BT], dtype=tl.float32)
+    b_rk = tl.zeros([BT], dtype=tl.float32)
+    if USE_QK_L2NORM:
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_x = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K)
+            b_rq += tl.sum(b_x * b_x, axis=1)
+            b_x = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K)
+            b_rk += tl.sum(b_x * b_x, axis=1)
+        b_rq = tl.rsqrt(b_rq + 1e-6)
+        b_rk = tl.rsqrt(b_rk + 1e-6)
+        tl.store(rqk + (o_t * H + i_h) * 2, b_rq, mask=m_t)
+        tl.store(rqk + (o_t * H + i_h) * 2 + 1, b_rk, mask=m_t)
+    else:
+        b_rq += 1.0
+        b_rk += 1.0
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_G = tl.cumsum(_load_rows(p_g, o_t, m_t, o_k, m_k, H * K), axis=0)  # [BT, BK]
+        _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
+        # padded rows add g = 0, so the last row is G at the last real row
+        b_gl = _row(b_G, o_i, BT - 1)  # [BK]
+        tl.store(gl + (i_s * H + i_h).to(tl.int64) * K + o_k, b_gl, mask=m_k)
+        b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * b_rq[:, None]  # [BT, BK]
+        b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]  # [BT, BK]
+        _store_rows(qg + i_h * K, scale * b_q * tl.exp(b_G), o_t, m_t, o_k, m_k, H * K)
+        _store_rows(kg + i_h * K, b_k * tl.exp(b_gl[None, :] - b_G), o_t, m_t, o_k, m_k, H * K)
+
+
+@triton.jit
+def chunk_kda_fwd_intra_kernel(
+    q,
+    k,
+    gc,
+    gl,
+    rqk,
+    aqk,
+    akk,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+):
+    """Per (sub-chunk, chunk, head), the BC rows R of one sub-chunk: A_qk[R, :] (scale, with its
+    diagonal) and A_kk[R, :] (strictly lower, without β) as whole rows of the chunk, zeros above.
+
+    The earlier sub-chunks' columns J on tensor cores, anchored at n = R's first row: for
+    j < n <= i, e^(G_i − G_j) = e^(G_i − G_n)·e^(G_n − G_j), both factors <= 1, so
+    [BC, BK] rows q̂_R e^(G_R − G_n) meet [BT, BK] rows k̂_J e^(G_n − G_J) (the rows from n on
+    masked to zero). The diagonal block exactly, one column c of R at a time: its k̂ and G rows
+    loaded once as [BK] vectors, e^(G_i − G_c) formed for i >= c only."""
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
+    i_c, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        if i_n >= N:
+            return
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        t0, i_s = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT, i_t
+    else:
+        t0, eos, i_s = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T, i_b * NT + i_t
+    t_a = t0 + i_c * BC  # the sub-chunk's first row
+    if t_a >= eos:  # past the sequence end: no rows to write
+        return
+
+    o_r = tl.arange(0, BC)
+    o_t = t_a + o_r  # [BC] the sub-chunk's token rows R
+    m_t = o_t < eos
+    o_j = tl.arange(0, BT)
+    o_tj = t0 + o_j  # [BT] the chunk's rows as columns
+    m_j = o_tj < t_a  # [BT] the earlier sub-chunks' rows J (real rows: they precede t_a)
+    p_q, p_k, p_G = q + i_h * K, k + i_h * K, gc + i_h * K
+    if USE_QK_L2NORM:
+        b_rq = tl.load(rqk + (o_t * H + i_h) * 2, mask=m_t, other=0.0)  # [BC]
+        b_rk = tl.load(rqk + (o_t * H + i_h) * 2 + 1, mask=m_t, other=0.0)  # [BC]
+        b_rj = tl.load(rqk + (o_tj * H + i_h) * 2 + 1, mask=m_j, other=0.0)  # [BT]
+    else:
+        b_rq = tl.full([BC], 1.0, dtype=tl.float32)
+        b_rk = b_rq
+        b_rj = tl.full([BT], 1.0, dtype=tl.float32)
+
+    b_Aq = tl.zeros([BC, BT], dtype=tl.float32)  # columns J (zero from n on)
+    b_Ak = tl.zeros([BC, BT], dtype=tl.float32)
+    b_Dq = tl.zeros([BC, BC], dtype=tl.float32)  # the diagonal block, columns R
+    b_Dk = tl.zeros([BC, BC], dtype=tl.float32)
+    n_c = tl.minimum(BC, eos - t_a)  # R's real rows
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_gl = tl.load(gl + (i_s * H + i_h).to(tl.int64) * K + o_k, mask=m_k, other=0.0)  # [BK] G_last
+        b_G = _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, H * K)  # [BC, BK]
+        b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * b_rq[:, None]  # [BC, BK] q̂
+        b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]  # [BC, BK] k̂
+        if i_c > 0:
+            b_gn = tl.load(p_G + t_a * H * K + o_k, mask=m_k, other=0.0)  # [BK] G at n (a real row)
+            b_en = tl.exp(b_G - b_gn[None, :])  # [BC, BK] e^(G_R − G_n) <= 1
+            b_Gj = _load_rows(p_G, o_tj, m_j, o_k, m_k, H * K)
+            b_ej = tl.exp(tl.where(m_j[:, None], b_gn[None, :] - b_Gj, float("-inf")))  # [BT, BK] <= 1
+            b_kj = _load_rows(p_k, o_tj, m_j, o_k, m_k, H * K) * b_rj[:, None] * b_ej  # [BT, BK]
+            b_Aq = tl.dot(b_q * b_en, tl.trans(b_kj), acc=b_Aq)
+            b_Ak = tl.dot(b_k * b_en, tl.trans(b_kj), acc=b_Ak)
+        for jj in range(0, n_c):
+            t_c = t_a + jj
+            b_kc = tl.load(p_k + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+            if USE_QK_L2NORM:
+                b_kc *= tl.load(rqk + (t_c * H + i_h) * 2 + 1)
+            b_Gc = tl.load(p_G + t_c * H * K + o_k, mask=m_k, other=0.0)  # [BK]
+            # masked before exp so no positive exponent is ever formed
+            b_kE = b_kc[None, :] * tl.exp(tl.where((o_r >= jj)[:, None], b_G - b_Gc[None, :], float("-inf")))
+            m_col = (o_r == jj)[None, :]  # [1, BC] column c of the block
+            b_Dq += tl.where(m_col, tl.sum(b_q * b_kE, axis=1)[:, None], 0.0)
+            b_Dk += tl.where(m_col & (o_r > jj)[:, None], tl.sum(b_k * b_kE, axis=1)[:, None], 0.0)
+
+    m_blk = (o_j >= i_c * BC) & (o_j < i_c * BC + BC)  # [BT] R's own columns
+    p_row = o_t[:, None] * (H * BT) + i_h * BT  # [BC, 1]
+    m_rest = m_t[:, None] & ~m_blk[None, :]
+    tl.store(aqk + p_row + o_j[None, :], b_Aq * scale, mask=m_rest)
+    tl.store(akk + p_row + o_j[None, :], b_Ak, mask=m_rest)
+    tl.store(aqk + p_row + i_c * BC + o_r[None, :], b_Dq * scale, mask=m_t[:, None])
+    tl.store(akk + p_row + i_c * BC + o_r[None, :], b_Dk, mask=m_t[:, None])
+
+
+@triton.jit
+def chunk_kda_fwd_solve_kernel(
+    k,
+    v,
+    beta,
+    gc,
+    rqk,
+    akk,
+    tkk,
+    w,
+    u,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+    STORE_RESIDUALS: tl.constexpr,
+):
+    """Per (chunk, head): T = (I + β⊙A_kk)^-1 from the intra kernel's A_kk (to tkk with
+    STORE_RESIDUALS), w = T(β⊙k̂⊙e^G) and u = T(β⊙v).
+
+    T by the sub-chunk hierarchy: forward substitution inside the four 16x16 diagonal blocks D,
+    then for each 32-row half H = [[D0, 0], [P, D1]] H^-1 = Dinv − Dinv·P·Dinv, then the chunk:
+    T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]] (L the rows 32-63 × columns 0-31), products in
+    tf32x3."""
+    tl.static_assert(BT == 4 * BC)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        if i_n >= N:
+            return
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        t0 = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT
+    else:
+        t0, eos = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T
+    o_i = tl.arange(0, BT)
+    o_t = t0 + o_i  # [BT] token rows
+    m_t = o_t < eos
+    H2: tl.constexpr = BT // 2
+    p_akk = akk + i_h * BT
+    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
+    # [4, BC, BC] the diagonal blocks: rows and columns 16c + r
+    o_c = tl.arange(0, BC)
+    o_r3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, :, None]  # [4, BC, 1] chunk rows
+    o_j3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, None, :]  # [4, 1, BC] chunk columns
+    b_Dkk = tl.load(p_akk + (t0 + o_r3) * H * BT + o_j3, mask=(t0 + o_r3) < eos, other=0.0)
+    b_beta3 = tl.reshape(b_beta, (4, BC))[:, :, None]
+    # [2, H2, H2] per 32-row half, its rows 16-31 x columns 0-15 (zero elsewhere)
+    o_h = tl.arange(0, H2)
+    o_p3 = tl.arange(0, 2)[:, None, None] * H2 + o_h[None, :, None]  # [2, H2, 1] chunk rows
+    o_q3 = tl.arange(0, 2)[:, None, None] * H2 + o_h[None, None, :]  # [2, 1, H2] chunk columns
+    m_p3 = ((t0 + o_p3) < eos) & (o_h[None, :, None] >= BC) & (o_h[None, None, :] < BC)
+    b_Pkk = tl.load(p_akk + (t0 + o_p3) * H * BT + o_q3, mask=m_p3, other=0.0)
+    b_beta_p = tl.reshape(b_beta, (2, H2))[:, :, None]
+    # [H2, H2] rows 32-63 x columns 0-31
+    o_tl = t0 + H2 + o_h  # [H2]
+    m_tl = o_tl < eos
+    b_Lkk = _load_rows(p_akk, o_tl, m_tl, o_h, o_h < H2, H * BT)
+    _, b_beta_bot = tl.split(tl.permute(tl.reshape(b_beta, (2, H2)), (1, 0)))
+
+    # [4, BC, BC] D^-1 - I of the diagonal blocks by forward substitution, row i from row j < i
+    b_N = b_Dkk * b_beta3
+    b_X = -b_N
+    for i in range(1, BC):
+        m_i = (o_c == i)[None, :, None]
+        b_a = -tl.sum(tl.where(m_i, b_N, 0.0), axis=1)  # [4, BC]
+        b_a += tl.sum(b_a[:, :, None] * b_X, axis=1)
+        b_X = tl.where(m_i, b_a[:, None, :], b_X)
+    b_X += (o_c[:, None] == o_c[None, :]).to(tl.float32)[None, :, :]
+    # [2, H2, H2] block-diagonal D^-1 of each half, then the halves' inverses
+    o_2 = tl.arange(0, 2)
+    m_own = (o_2[None, :, None, None, None] == o_2[None, None, None, :, None])  # [1, 2, 1, 2, 1]
+    b_Dinv = tl.reshape(tl.where(m_own, tl.reshape(b_X, (2, 2, BC, 1, BC)), 0.0), (2, H2, H2))
+    b_DP = tl.dot(b_Dinv, b_Pkk * b_beta_p, input_precision="tf32x3")
+    b_Hinv = b_Dinv - tl.dot(b_DP, b_Dinv, input_precision="tf32x3")
+    b_H0, b_H1 = tl.split(tl.permute(b_Hinv, (1, 2, 0)))  # [H2, H2] x 2
+    b_HL = tl.dot(b_H1, b_Lkk * b_beta_bot[:, None], input_precision="tf32x3")
+    b_Tbl = -tl.dot(b_HL, b_H0, input_precision="tf32x3")  # [H2, H2] rows 32-63, columns 0-31
+
+    o_tt = t0 + o_h  # [H2] rows of the top half
+    m_tt = o_tt < eos
+    if STORE_RESIDUALS:
+        # [BT, BT] T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]] as whole rows, by [H2, H2] blocks:
+        # the backward's wy kernel reads it instead of inverting I + A_kk again
+        p_tkk = tkk + i_h * BT
+        m_h = o_h < H2
+        _store_rows(p_tkk, b_H0, o_tt, m_tt, o_h, m_h, H * BT)
+        _store_rows(p_tkk + H2, tl.zeros([H2, H2], dtype=tl.float32), o_tt, m_tt, o_h, m_h, H * BT)
+        _store_rows(p_tkk, b_Tbl, o_tl, m_tl, o_h, m_h, H * BT)
+        _store_rows(p_tkk + H2, b_H1, o_tl, m_tl, o_h, m_h, H * BT)
+    if USE_QK_L2NORM:
+        b_kb = b_beta * tl.load(rqk + (o_t * H + i_h) * 2 + 1, mask=m_t, other=0.0)  # [BT] β/||k||
+    else:
+        b_kb = b_beta
+    # w = T (β k̂ e^G), per K tile
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_G = _load_rows(gc + i_h * K, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
+        b_x = _load_rows(k + i_h * K, o_t, m_t, o_k, m_k, H * K) * b_kb[:, None] * tl.exp(b_G)
+        b_xt, b_xb = _halves(b_x, BT, BK)
+        _store_rows(w + i_h * K, tl.dot(b_H0, b_xt), o_tt, m_tt, o_k, m_k, H * K)
+        _store_rows(w + i_h * K, tl.dot(b_Tbl, b_xt) + tl.dot(b_H1, b_xb), o_tl, m_tl, o_k, m_k, H * K)
+    # u = T (β v), per V tile
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_x = _load_rows(v + i_h * V, o_t, m_t, o_v, m_v, H * V) * b_beta[:, None]
+        b_xt, b_xb = _halves(b_x, BT, BV)
+        _store_rows(u + i_h * V, tl.dot(b_H0, b_xt), o_tt, m_tt, o_v, m_v, H * V)
+        _store_rows(u + i_h * V, tl.dot(b_Tbl, b_xt) + tl.dot(b_H1, b_xb), o_tl, m_tl, o_v, m_v, H * V)
+
+
+@triton.jit
+def _akk_block(p_akk, t0, eos, b_beta, R: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, STRIDE: tl.constexpr):
+    """[BC, BC] block (R, C) of β⊙A_kk (rows of sub-chunk R, columns of sub-chunk C), zero past the end."""
+    o_c = tl.arange(0, BC)
+    o_t = t0 + R * BC + o_c
+    m_t = o_t < eos
+    b_a = tl.load(p_akk + o_t[:, None] * STRIDE + C * BC + o_c[None, :], mask=m_t[:, None], other=0.0)
+    return b_a * b_beta[:, None]
+
+
+@triton.jit
+def _wy_rows(b_T0, b_T1, b_T2, b_T3, b_x0, b_x1, b_x2, b_x3):
+    """Σ_{c <= r} T_rc·X_c for one row block r, given its four T blocks (zeros past the diagonal)."""
+    b_y = tl.dot(b_T0, b_x0)
+    b_y = tl.dot(b_T1, b_x1, acc=b_y)
+    b_y = tl.dot(b_T2, b_x2, acc=b_y)
+    return tl.dot(b_T3, b_x3, acc=b_y)
+
+
+@triton.jit
+def chunk_kda_fwd_solve_blocks_kernel(
+    k,
+    v,
+    beta,
+    gc,
+    rqk,
+    akk,
+    tkk,
+    w,
+    u,
+    cu_seqlens,
+    chunk_seq,
+    chunk_offsets,
+    T,
+    N,
+    NT,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    USE_QK_L2NORM: tl.constexpr,
+    STORE_RESIDUALS: tl.constexpr,
+):
+    """The solve kernel on [BC, BC] blocks, for one warp (fla-core's inter_solve layout): T =
+    (I + β⊙A_kk)^-1 by forward substitution inside the four diagonal blocks (batched), then the
+    block merges T_rc = −T_rr·Σ_{c <= j < r} A_rj·T_jc (tf32x3); w = T(β⊙k̂⊙e^G) and u = T(β⊙v)
+    per sub-chunk row block, as [BC, BC] × [BC, BK] products."""
+    tl.static_assert(BT == 4 * BC)
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
+        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
+        if i_n >= N:
+            return
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        t0 = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT
+    else:
+        t0, eos = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T
+    o_c = tl.arange(0, BC)
+    o_t0, o_t1, o_t2, o_t3 = t0 + o_c, t0 + BC + o_c, t0 + 2 * BC + o_c, t0 + 3 * BC + o_c  # [BC] rows per block
+    m_t0, m_t1, m_t2, m_t3 = o_t0 < eos, o_t1 < eos, o_t2 < eos, o_t3 < eos
+    p_beta = beta + i_h
+    b_b0 = tl.load(p_beta + o_t0 * H, mask=m_t0, other=0.0).to(tl.float32)  # [BC] β per block
+    b_b1 = tl.load(p_beta + o_t1 * H, mask=m_t1, other=0.0).to(tl.float32)
+    b_b2 = tl.load(p_beta + o_t2 * H, mask=m_t2, other=0.0).to(tl.float32)
+    b_b3 = tl.load(p_beta + o_t3 * H, mask=m_t3, other=0.0).to(tl.float32)
+    p_akk = akk + i_h * BT
+    S: tl.constexpr = H * BT
+
+    # [4, BC, BC] inverses of the diagonal blocks (I + N), N strictly lower: X = (I + N)^-1 − I
+    # by forward substitution, row i from rows j < i
+    o_r3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, :, None]  # [4, BC, 1] chunk rows
+    o_j3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, None, :]  # [4, 1, BC] chunk columns
+    m_r3 = (t0 + o_r3) < eos
+    b_beta3 = tl.load(p_beta + (t0 + o_r3) * H, mask=m_r3, other=0.0).to(tl.float32)  # [4, BC, 1]
+    b_N = tl.load(p_akk + (t0 + o_r3) * S + o_j3, mask=m_r3, other=0.0) * b_beta3
+    b_X = -b_N
+    for i in range(1, BC):
+        m_i = (o_c == i)[None, :, None]
+        b_a = -tl.sum(tl.where(m_i, b_N, 0.0), axis=1)  # [4, BC]
+        b_a += tl.sum(b_a[:, :, None] * b_X, axis=1)
+        b_X = tl.where(m_i, b_a[:, None, :], b_X)
+    b_X += (o_c[:, None] == o_c[None, :]).to(tl.float32)[None, :, :]
+    # the four [BC, BC] blocks: [4, BC, BC] -> [BC, BC, 2, 2] (block 2a + b at [..., a, b])
+    b_Xe, b_Xo = tl.split(tl.reshape(tl.permute(b_X, (1, 2, 0)), (BC, BC, 2, 2)))
+    b_T00, b_T22 = tl.split(b_Xe)
+    b_T11, b_T33 = tl.split(b_Xo)
+
+    # the off-diagonal blocks of β⊙A_kk and the merges, row block by row block
+    b_A10 = _akk_block(p_akk, t0, eos, b_b1, 1, 0, BC, S)
+    b_T10 = -tl.dot(b_T11, tl.dot(b_A10, b_T00, input_precision="tf32x3"), input_precision="tf32x3")
+    b_A20 = _akk_block(p_akk, t0, eos, b_b2, 2, 0, BC, S)
+    b_A21 = _akk_block(p_akk, t0, eos, b_b2, 2, 1, BC, S)
+    b_T21 = -tl.dot(b_T22, tl.dot(b_A21, b_T11, input_precision="tf32x3"), input_precision="tf32x3")
+    b_y = tl.dot(b_A20, b_T00, input_precision="tf32x3")
+    b_y = tl.dot(b_A21, b_T10, acc=b_y, input_precision="tf32x3")
+    b_T20 = -tl.dot(b_T22, b_y, input_precision="tf32x3")
+    b_A30 = _akk_block(p_akk, t0, eos, b_b3, 3, 0, BC, S)
+    b_A31 = _akk_block(p_akk, t0, eos, b_b3, 3, 1, BC, S)
+    b_A32 = _akk_block(p_akk, t0, eos, b_b3, 3, 2, BC, S)
+    b_T32 = -tl.dot(b_T33, tl.dot(b_A32, b_T22, input_precision="tf32x3"), input_precision="tf32x3")
+    b_y = tl.dot(b_A31, b_T11, input_precision="tf32x3")
+    b_y = tl.dot(b_A32, b_T21, acc=b_y, input_precision="tf32x3")
+    b_T31 = -tl.dot(b_T33, b_y, input_precision="tf32x3")
+    b_y = tl.dot(b_A30, b_T00, input_precision="tf32x3")
+    b_y = tl.dot(b_A31, b_T10, acc=b_y, input_precision="tf32x3")
+    b_y = tl.dot(b_A32, b_T20, acc=b_y, input_precision="tf32x3")
+    b_T30 = -tl.dot(b_T33, b_y, input_precision="tf32x3")
+    b_Z = tl.zeros([BC, BC], dtype=tl.float32)
+
+    if STORE_RESIDUALS:
+        # T as whole rows of the chunk ([BT, BT], zeros above the diagonal blocks) for the backward
+        p_tkk = tkk + i_h * BT
+        _store_rows(p_tkk, b_T00, o_t0, m_t0, o_c, o_c < BC, S)
+        _store_rows(p_tkk + BC, b_Z, o_t0, m_t0, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 2 * BC, b_Z, o_t0, m_t0, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 3 * BC, b_Z, o_t0, m_t0, o_c, o_c < BC, S)
+        _store_rows(p_tkk, b_T10, o_t1, m_t1, o_c, o_c < BC, S)
+        _store_rows(p_tkk + BC, b_T11, o_t1, m_t1, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 2 * BC, b_Z, o_t1, m_t1, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 3 * BC, b_Z, o_t1, m_t1, o_c, o_c < BC, S)
+        _store_rows(p_tkk, b_T20, o_t2, m_t2, o_c, o_c < BC, S)
+        _store_rows(p_tkk + BC, b_T21, o_t2, m_t2, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 2 * BC, b_T22, o_t2, m_t2, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 3 * BC, b_Z, o_t2, m_t2, o_c, o_c < BC, S)
+        _store_rows(p_tkk, b_T30, o_t3, m_t3, o_c, o_c < BC, S)
+        _store_rows(p_tkk + BC, b_T31, o_t3, m_t3, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 2 * BC, b_T32, o_t3, m_t3, o_c, o_c < BC, S)
+        _store_rows(p_tkk + 3 * BC, b_T33, o_t3, m_t3, o_c, o_c < BC, S)
+
+    if USE_QK_L2NORM:  # [BC] x 4: β/||k|| per block
+        b_k0 = b_b0 * tl.load(rqk + (o_t0 * H + i_h) * 2 + 1, mask=m_t0, other=0.0)
+        b_k1 = b_b1 * tl.load(rqk + (o_t1 * H + i_h) * 2 + 1, mask=m_t1, other=0.0)
+        b_k2 = b_b2 * tl.load(rqk + (o_t2 * H + i_h) * 2 + 1, mask=m_t2, other=0.0)
+        b_k3 = b_b3 * tl.load(rqk + (o_t3 * H + i_h) * 2 + 1, mask=m_t3, other=0.0)
+    else:
+        b_k0, b_k1, b_k2, b_k3 = b_b0, b_b1, b_b2, b_b3
+    p_k, p_G, p_w = k + i_h * K, gc + i_h * K, w + i_h * K
+    # w = T (β k̂ e^G), per K tile: [BC, BK] X_c per block, then each row block's sum
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_x0 = _load_rows(p_k, o_t0, m_t0, o_k, m_k, H * K) * b_k0[:, None] * tl.exp(_load_rows(p_G, o_t0, m_t0, o_k, m_k, H * K))
+        b_x1 = _load_rows(p_k, o_t1, m_t1, o_k, m_k, H * K) * b_k1[:, None] * tl.exp(_load_rows(p_G, o_t1, m_t1, o_k, m_k, H * K))
+        b_x2 = _load_rows(p_k, o_t2, m_t2, o_k, m_k, H * K) * b_k2[:, None] * tl.exp(_load_rows(p_G, o_t2, m_t2, o_k, m_k, H * K))
+        b_x3 = _load_rows(p_k, o_t3, m_t3, o_k, m_k, H * K) * b_k3[:, None] * tl.exp(_load_rows(p_G, o_t3, m_t3, o_k, m_k, H * K))
+        _store_rows(p_w, tl.dot(b_T00, b_x0), o_t0, m_t0, o_k, m_k, H * K)
+        _store_rows(p_w, tl.dot(b_T11, b_x1, acc=tl.dot(b_T10, b_x0)), o_t1, m_t1, o_k, m_k, H * K)
+        _store_rows(p_w, _wy_rows(b_T20, b_T21, b_T22, b_Z, b_x0, b_x1, b_x2, b_x3), o_t2, m_t2, o_k, m_k, H * K)
+        _store_rows(p_w, _wy_rows(b_T30, b_T31, b_T32, b_T33, b_x0, b_x1, b_x2, b_x3), o_t3, m_t3, o_k, m_k, H * K)
+    p_v, p_u = v + i_h * V, u + i_h * V
+    # u = T (β v), per V tile
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_x0 = _load_rows(p_v, o_t0, m_t0, o_v, m_v, H * V) * b_b0[:, None]
+        b_x1 = _load_rows(p_v, o_t1, m_t1, o_v, m_v, H * V) * b_b1[:, None]
+        b_x2 = _load_rows(p_v, o_t2, m_t2, o_v, m_v, H * V) * b_b2[:, None]
+        b_x3 = _load_rows(p_v, o_t3, m_t3, o_v, m_v, H * V) * b_b3[:, None]
+        _store_rows(p_u, tl.dot(b_T00, b_x0), o_t0, m_t0, o_v, m_v, H * V)
+        _store_rows(p_u, tl.dot(b_T11, b_x1, acc=tl.dot(b_T10, b_x0)), o_t1, m_t1, o_v, m_v, H * V)
+        _store_rows(p_u, _wy_rows(b_T20, b_T21, b_T22, b_Z, b_x0, b_x1, b_x2, b_x3), o_t2, m_t2, o_v, m_v, H * V)
+        _store_rows(p_u, _wy_rows(b_T30, b_T31, b_T32, b_T33, b_x0, b_x1, b_x2, b_x3), o_t3, m_t3, o_v, m_v, H * V)
+
+
+@triton.jit
 def chunk_kda_fwd_scan_kernel(
     w,
     u,
@@ -410,6 +889,14 @@ class LaunchConfig:
     scan_warps: int
     scan_stages: int
     diag_precision: str = "tf32"  # one of DIAG_PRECISIONS; why tf32: the module docstring
+    split: bool = True
+    gate_bk: int = 32
+    intra_bk: int = 32
+    intra_warps: int = 1
+    intra_stages: int = 3
+    solve_stages: int = 3
+    solve_blocks: bool = True
+    solve_warps: int = 1
 
     def __post_init__(self):
         if self.diag_precision not in DIAG_PRECISIONS:
@@ -558,6 +1045,28 @@ def run_chunk_kernel(
     x = scan_buffers(q, v, slots)
     x["aqk"] = residuals["aqk"] if residuals else torch.empty((B * T, H, BT), dtype=torch.float32, device=q.device)
     saved = residuals or {}
+    if cfg.split:
+        f32, dev = torch.float32, q.device
+        gc = saved.get("gc", torch.empty((B * T, H, K), dtype=f32, device=dev))
+        rqk = saved.get("rqk", torch.empty((B * T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev))
+        akk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
+        common = dict(IS_VARLEN=index[0] is not None, USE_QK_L2NORM=use_qk_l2norm)
+        launch(chunk_kda_fwd_gate_kernel)[(rows, B * H)](
+            q, k, g, gc, x["qg"], x["kg"], x["gl"], rqk, *index, scale,
+            H=H, K=K, BT=BT, BK=cfg.gate_bk, **common,
+        )
+        launch(chunk_kda_fwd_intra_kernel)[(BT // BC, rows, B * H)](
+            q, k, gc, x["gl"], rqk, x["aqk"], akk, *index, scale,
+            H=H, K=K, BT=BT, BC=BC, BK=cfg.intra_bk, num_warps=cfg.intra_warps, num_stages=cfg.intra_stages, **common,
+        )
+        solve = chunk_kda_fwd_solve_blocks_kernel if cfg.solve_blocks else chunk_kda_fwd_solve_kernel
+        launch(solve)[(rows, B * H)](
+            k, v, beta, gc, rqk, akk, saved.get("tkk"), x["w"], x["u"], *index,
+            H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv,
+            num_warps=cfg.solve_warps if cfg.solve_blocks else cfg.chunk_warps,
+            num_stages=cfg.solve_stages, STORE_RESIDUALS=residuals is not None, **common,
+        )
+        return x
     launch(chunk_kda_fwd_chunk_kernel)[(rows, B * H)](
         q, k, v, g, beta, saved.get("gc"), x["qg"], x["kg"], x["gl"], saved.get("rqk"), x["aqk"], saved.get("tkk"),
         x["w"], x["u"], *index, scale,
