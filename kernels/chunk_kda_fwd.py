@@ -424,6 +424,8 @@ def chunk_kda_fwd_intra_kernel(
     BK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
+    DIAG_LEVELS: tl.constexpr,
+    DIAG_PRECISION: tl.constexpr,
 ):
     """Per (sub-chunk, chunk, head), the BC rows R of one sub-chunk: A_qk[R, :] (scale, with its
     diagonal) and A_kk[R, :] (strictly lower, without β) as whole rows of the chunk, zeros above.
@@ -468,6 +470,7 @@ def chunk_kda_fwd_intra_kernel(
     b_Ak = tl.zeros([BC, BT], dtype=tl.float32)
     b_Dq = tl.zeros([BC, BC], dtype=tl.float32)  # the diagonal block, columns R
     b_Dk = tl.zeros([BC, BC], dtype=tl.float32)
+    b_dqk = tl.zeros([BC], dtype=tl.float32)  # q̂_i·k̂_i, the diagonal of A_qk (levels only)
     n_c = tl.minimum(BC, eos - t_a)  # R's real rows
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -484,18 +487,32 @@ def chunk_kda_fwd_intra_kernel(
             b_kj = _load_rows(p_k, o_tj, m_j, o_k, m_k, H * K) * b_rj[:, None] * b_ej  # [BT, BK]
             b_Aq = tl.dot(b_q * b_en, tl.trans(b_kj), acc=b_Aq)
             b_Ak = tl.dot(b_k * b_en, tl.trans(b_kj), acc=b_Ak)
-        for jj in range(0, n_c):
-            t_c = t_a + jj
-            b_kc = tl.load(p_k + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-            if USE_QK_L2NORM:
-                b_kc *= tl.load(rqk + (t_c * H + i_h) * 2 + 1)
-            b_Gc = tl.load(p_G + t_c * H * K + o_k, mask=m_k, other=0.0)  # [BK]
-            # masked before exp so no positive exponent is ever formed
-            b_kE = b_kc[None, :] * tl.exp(tl.where((o_r >= jj)[:, None], b_G - b_Gc[None, :], float("-inf")))
-            m_col = (o_r == jj)[None, :]  # [1, BC] column c of the block
-            b_Dq += tl.where(m_col, tl.sum(b_q * b_kE, axis=1)[:, None], 0.0)
-            b_Dk += tl.where(m_col & (o_r > jj)[:, None], tl.sum(b_k * b_kE, axis=1)[:, None], 0.0)
+        if DIAG_LEVELS:
+            b_dqk += tl.sum(b_q * b_k, axis=1)
+            for b in tl.static_range(4):
+                m_hi = ((o_r >> b) & 1) == 1  # [BC] rows on the upper side of their level-b block
+                o_a = t_a + ((o_r >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BC] anchor rows
+                b_Ga = _load_gate(p_G, o_a, o_a < eos, o_k, m_k, b_gl, H * K)  # [BC, BK]
+                b_e = tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))  # [BC, BK] all <= 1
+                b_kc = tl.trans(tl.where(m_hi[:, None], 0.0, b_k * b_e))  # [BK, BC] columns j of the pairs
+                m_blk = (o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))  # [BC, BC] one level-b block
+                b_Dq += tl.where(m_blk, tl.dot(tl.where(m_hi[:, None], b_q * b_e, 0.0), b_kc, input_precision=DIAG_PRECISION), 0.0)
+                b_Dk += tl.where(m_blk, tl.dot(tl.where(m_hi[:, None], b_k * b_e, 0.0), b_kc, input_precision=DIAG_PRECISION), 0.0)
+        else:
+            for jj in range(0, n_c):
+                t_c = t_a + jj
+                b_kc = tl.load(p_k + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+                if USE_QK_L2NORM:
+                    b_kc *= tl.load(rqk + (t_c * H + i_h) * 2 + 1)
+                b_Gc = tl.load(p_G + t_c * H * K + o_k, mask=m_k, other=0.0)  # [BK]
+                # masked before exp so no positive exponent is ever formed
+                b_kE = b_kc[None, :] * tl.exp(tl.where((o_r >= jj)[:, None], b_G - b_Gc[None, :], float("-inf")))
+                m_col = (o_r == jj)[None, :]  # [1, BC] column c of the block
+                b_Dq += tl.where(m_col, tl.sum(b_q * b_kE, axis=1)[:, None], 0.0)
+                b_Dk += tl.where(m_col & (o_r > jj)[:, None], tl.sum(b_k * b_kE, axis=1)[:, None], 0.0)
 
+    if DIAG_LEVELS:
+        b_Dq = tl.where(o_r[:, None] == o_r[None, :], b_dqk[:, None], b_Dq)
     m_blk = (o_j >= i_c * BC) & (o_j < i_c * BC + BC)  # [BT] R's own columns
     p_row = o_t[:, None] * (H * BT) + i_h * BT  # [BC, 1]
     m_rest = m_t[:, None] & ~m_blk[None, :]
@@ -892,8 +909,9 @@ class LaunchConfig:
     split: bool = True
     gate_bk: int = 32
     intra_bk: int = 32
-    intra_warps: int = 1
+    intra_warps: int = 2
     intra_stages: int = 3
+    intra_levels: bool = True
     solve_stages: int = 3
     solve_blocks: bool = True
     solve_warps: int = 1
@@ -922,7 +940,7 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     wide = dtype == torch.float32
     widest = wide and scan_bk > 128
     return LaunchConfig(
-        chunk_bk=min(16, scan_bk),
+        chunk_bk=min(32, scan_bk),
         chunk_bv=min(32, max(16, triton.next_power_of_2(V))),
         chunk_warps=4,
         scan_bk=scan_bk,
@@ -1057,7 +1075,8 @@ def run_chunk_kernel(
         )
         launch(chunk_kda_fwd_intra_kernel)[(BT // BC, rows, B * H)](
             q, k, gc, x["gl"], rqk, x["aqk"], akk, *index, scale,
-            H=H, K=K, BT=BT, BC=BC, BK=cfg.intra_bk, num_warps=cfg.intra_warps, num_stages=cfg.intra_stages, **common,
+            H=H, K=K, BT=BT, BC=BC, BK=cfg.intra_bk, num_warps=cfg.intra_warps, num_stages=cfg.intra_stages,
+            DIAG_LEVELS=cfg.intra_levels, DIAG_PRECISION=cfg.diag_precision, **common,
         )
         solve = chunk_kda_fwd_solve_blocks_kernel if cfg.solve_blocks else chunk_kda_fwd_solve_kernel
         launch(solve)[(rows, B * H)](
