@@ -1,9 +1,12 @@
-"""Sweeps the launch configuration of the chunked KDA forward's two kernels (the per-chunk kernel's
-K/V tiles, warps and diagonal-block precision; the scan's V tile, warps and stages) on the GPU at
-hand, one kernel at a time around kernels/chunk_kda_fwd.py's launch_config, at the benchmark
-shapes (bf16, K = V = 128). launch_config is chosen from these tables.
+"""Sweeps the launch configuration of the chunked KDA forward's kernels on the GPU at hand, one
+kernel at a time around kernels/chunk_kda_fwd.py's launch_config, at the benchmark shapes (bf16,
+K = V = 128): the gate kernel's K tile; the intra kernel's K tile, warps, stages and diagonal-block
+precision; the solve kernel's tiles, warps and stages; the scan's V tile, warps and stages.
+launch_config is chosen from these tables.
 
-    KDA_OPS_COMMIT=$(git rev-parse HEAD) python bench/tune_chunk_kda_fwd.py [results.json]
+    KDA_OPS_COMMIT=$(git rev-parse HEAD) python bench/tune_chunk_kda_fwd.py [results.json [family ...]]
+
+Naming families (of SWEEPS) sweeps only those.
 
 Each configuration first passes the benchmark's correctness check (o within 0.005 relative RMS of
 the fp32 chunked reference); then the forward is timed with triton.testing.do_bench (median).
@@ -22,13 +25,18 @@ from common import rel_rms
 from kda_ops.kernels.chunk_kda_fwd import DIAG_PRECISIONS, chunk_kda_fwd_triton, launch_config
 from kda_ops.meta.chunk_kda import chunk_kda_fwd_reference
 
-CHUNK_CHOICES = [
-    dict(chunk_bk=bk, chunk_bv=bv, chunk_warps=w, diag_precision=p)
-    for bk in (16, 32) for bv in (16, 32) for w in (4, 8) for p in DIAG_PRECISIONS
-]
-SCAN_CHOICES = [
-    dict(scan_bv=bv, scan_warps=w, scan_stages=s) for bv in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)
-]
+SWEEPS = dict(
+    gate=[dict(gate_bk=bk, gate_warps=w) for bk in (16, 32, 64) for w in (2, 4, 8)],
+    intra=[
+        dict(intra_bk=bk, intra_warps=w, intra_stages=s, diag_precision=p)
+        for bk in (16, 32) for w in (1, 2) for s in (2, 3) for p in DIAG_PRECISIONS
+    ],
+    solve=[
+        dict(solve_bk=bk, solve_bv=bv, solve_warps=w, solve_stages=s)
+        for bk in (16, 32, 64) for bv in (16, 32, 64) for w in (1, 2) for s in (1, 3)
+    ],
+    scan=[dict(scan_bv=bv, scan_warps=w, scan_stages=s) for bv in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)],
+)
 
 
 def time_config(x, ref, cfg) -> float | None:
@@ -52,6 +60,7 @@ def time_config(x, ref, cfg) -> float | None:
 def main() -> None:
     results = []
     base = launch_config(K, V, torch.bfloat16)
+    families = sys.argv[2:] or list(SWEEPS)
     for shape in SHAPES:
         B, T, H = shape.values
         x = _inputs(B, T, H)
@@ -59,9 +68,9 @@ def main() -> None:
             x["q"].float(), x["k"].float(), x["v"].float(), x["g"], x["beta"].float(), None, None, K**-0.5, False, False
         )
         print(f"\nB={B} T={T} H={H} K={K} V={V} ({torch.cuda.get_device_name()}), base {base}")
-        for kernel, choices in (("chunk", CHUNK_CHOICES), ("scan", SCAN_CHOICES)):
+        for kernel in families:
             rows = []
-            for choice in choices:
+            for choice in SWEEPS[kernel]:
                 cfg = dataclasses.replace(base, **choice)
                 ms = time_config(x, ref, cfg)
                 rows.append((ms, choice))

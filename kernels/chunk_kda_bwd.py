@@ -9,7 +9,7 @@ backward recomputes the rest. Chunk length BT = 64 in sub-chunks of BC = 16 rows
    u = T(β⊙v), per (chunk, head), by the forward's formulas:
    - from the residuals, `chunk_kda_bwd_prep_kernel`: memory-bound, no A and no inverse;
    - without them (kda::chunk_kda_bwd called on inputs alone), by a rerun of the forward's
-     `chunk_kda_fwd_chunk_kernel` with STORE_RESIDUALS, which also stores the residuals in
+     per-chunk kernels (gate, intra, solve with STORE_RESIDUALS), which also store the residuals in
      buffers of the backward's own. Either way the WY backward reads T and does not invert
      I + A_kk again.
 2. `chunk_kda_bwd_state_kernel`, one program per (sequence, head, V tile), forward over chunks:
@@ -20,7 +20,7 @@ backward recomputes the rest. Chunk length BT = 64 in sub-chunks of BC = 16 rows
    and writes dh0.
 4. everything else, fully parallel over chunks, in three kernels:
    (a) `chunk_kda_bwd_wy_kernel`, per (chunk, head), over V tiles, from Tᵀ (T as the
-       forward's chunk kernel stored it, loaded transposed): dv_b = Tᵀ·dv_new → dv = β⊙dv_b,
+       forward's solve kernel stored it, loaded transposed): dv_b = Tᵀ·dv_new → dv = β⊙dv_b,
        the dβ term Σ_v dv_b⊙v, and the two C×C gradients dA_qk = dO·v_newᵀ and
        dA_kk = −dv_b·v_newᵀ (strictly lower). The latter is the reference's −Tᵀ·dT·Tᵀ simplified: dT =
        dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is T⁻¹·v_new, so −Tᵀ·dT·Tᵀ =
@@ -93,7 +93,7 @@ from .chunk_kda_fwd import (
     _load_rows,
     _store_rows,
     chunk_index,
-    run_chunk_kernel,
+    run_chunk_kernels,
     scan_buffers,
 )
 from .chunk_kda_fwd import launch_config as fwd_launch_config
@@ -141,7 +141,7 @@ def chunk_kda_bwd_prep_kernel(
     USE_QK_L2NORM: tl.constexpr,
 ):
     """Per (chunk, head), from the forward's residuals G (gc), T (tkk) and the q/k norms (rqk):
-    what the scans read, by the forward chunk kernel's formulas: G_last (to gl, G at the chunk's
+    what the scans read, by the forward gate and solve kernels' formulas: G_last (to gl, G at the chunk's
     last row), qg = scale·q̂⊙e^G, kg = k̂⊙e^(G_last − G), w = T(β⊙k̂⊙e^G) and u = T(β⊙v), q̂ and k̂
     the rows scaled by their norms. Memory-bound: no A, no inverse."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
@@ -315,7 +315,7 @@ def chunk_kda_bwd_dstate_kernel(
         b_A = tl.load(aqk + (o_t[:, None] * H + i_h) * BT + o_i[None, :], mask=m_a, other=0.0)  # [BT, BT] fp32
         b_gl = tl.load(gl + ((i_s0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.0)  # [BK] G_last
 
-        # [BK, BV] dS₁ rounded once: stored for the chunk kernel and used here, consistently
+        # [BK, BV] dS₁ rounded once: stored for the intra kernel and used here, consistently
         b_dhc = b_dh.to(dh.dtype.element_ty)
         tl.store(dh + ((i_s0 + i_t) * H + i_h) * K * V + o_kv, b_dhc, mask=m_kv)
         # [BT, BV] dv_new = A_qkᵀ·dO + kg·dS₁ (fp32)
@@ -358,7 +358,7 @@ def chunk_kda_bwd_wy_kernel(
     IS_VARLEN: tl.constexpr,
 ):
     """Per (chunk, head), over V tiles: dv_b = Tᵀ·dv_new (over dv_new) with T = (I + A_kk)^-1 as
-    the forward's chunk kernel stored it (STORE_RESIDUALS), dv = β⊙dv_b, dβ's v term (slot 0 of
+    the forward's solve kernel stored it (STORE_RESIDUALS), dv = β⊙dv_b, dβ's v term (slot 0 of
     db) and the intra-chunk backward's M_qk = scale·dO·v_newᵀ (to mqk) and M_kk = −dv_b·v_newᵀ
     (to mkk, which may be tkk itself: each program reads its T rows before it writes), both
     masked to where the forward's A is nonzero."""
@@ -478,7 +478,7 @@ def chunk_kda_bwd_intra_kernel(
     p_Mq, p_Mk = mqk + i_h * BT, mkk + i_h * BT  # [*, H * BT] rows of M_qk, M_kk
     p_state = (i_s * H + i_h).to(tl.int64) * K * V  # this chunk's S₀ in h, dS₁ in dh
     b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BC]
-    # [BC] x 2: 1/||x|| per row of q and k, as the forward's chunk kernel stored them (ones
+    # [BC] x 2: 1/||x|| per row of q and k, as the forward's gate kernel stored them (ones
     # without the norm)
     if USE_QK_L2NORM:
         b_rq = tl.load(rqk + (o_t * H + i_h) * 2, mask=m_t, other=0.0)
@@ -787,7 +787,7 @@ def chunk_kda_bwd_triton(
     there is an initial state, else an empty [0] tensor (not written).
     dht (None = zero) is the gradient of the final state. residuals: gc, aqk, tkk, rqk as
     chunk_kda_fwd_triton wrote them for the same inputs (read, never written); None reruns the
-    forward's chunk kernel instead. Inputs follow meta/chunk_kda.py's contract (validated by the
+    forward's per-chunk kernels instead. Inputs follow meta/chunk_kda.py's contract (validated by the
     caller). `launch` wraps each kernel before its launch: torch.library.wrap_triton inside the
     op, the identity when tests call directly. `config` overrides launch_config
     (bench/tune_chunk_kda_bwd.py sweeps it).
@@ -807,10 +807,10 @@ def chunk_kda_bwd_triton(
 
     # 1. what the scans read: G_last, qg, kg, w, u (and A_qk). From the forward's residuals (G,
     # A_qk, T, the q/k norms) by a memory-bound kernel; without them by a rerun of the forward's
-    # chunk kernel, which stores the same residuals in buffers of the backward's own.
+    # per-chunk kernels, which store the same residuals in buffers of the backward's own.
     if residuals is None:
         residuals = dict(zip(RESIDUAL_NAMES, chunk_kda_residuals_meta(q, use_qk_l2norm, save=True)))
-        x = run_chunk_kernel(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, fwd_cfg, launch, residuals)
+        x = run_chunk_kernels(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, fwd_cfg, launch, residuals)
         mqk, mkk = residuals["aqk"], residuals["tkk"]  # the wy kernel's M over A_qk and T (read first)
     else:
         x = scan_buffers(q, v, slots)

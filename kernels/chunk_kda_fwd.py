@@ -1,56 +1,57 @@
 """Triton kernels of the chunked KDA forward (kda::chunk_kda_fwd); math in docs/kda_math.md §3.
 
-Chunk length BT = 64, split into four sub-chunks of BC = 16 rows. Two kernels:
+Chunk length BT = 64, split into four sub-chunks of BC = 16 rows. The per-chunk work runs in
+three kernels shaped like fla-core's pipeline: small programs of one warp over 16-row blocks
+where the work is arithmetic, wide memory-bound ones elsewhere; then one scan.
 
-1. `chunk_kda_fwd_chunk_kernel`, per (chunk, head), everything that is parallel over chunks: the
-   chunk-local cumulative gate G (fp32), G_last, the q/k L2 norms, qg = scale·q⊙e^G and
-   kg = k⊙e^(G_last−G); A_qk (with scale) and A_kk (with beta) on tensor cores by levels of
-   anchored products (below); T = (I + A_kk)^-1 in registers along the same levels;
-   w = T(β⊙k⊙e^G) and u = T(β⊙v). What the scan reads goes to memory: qg, kg, w, u, A_qk and
-   G_last. G, the norms and T stay in registers; they go to memory only under
-   STORE_RESIDUALS, for the backward's kernels: set when the forward op keeps them for autograd
-   (save_for_backward, with A_qk: the residuals, ≈ 1 KB per token and head) and when the
-   backward, given no residuals, reruns this kernel. Inference writes none of them.
-2. `chunk_kda_fwd_scan_kernel`, per (sequence, head, V tile), sequential over the sequence's
+1. `chunk_kda_fwd_gate_kernel`, per (chunk, head), memory-bound: the q/k L2 norms (to rqk), the
+   chunk-local cumulative gate G (fp32, to gc), G_last (to gl), qg = scale·q̂⊙e^G and
+   kg = k̂⊙e^(G_last − G).
+2. `chunk_kda_fwd_intra_kernel`, per (sub-chunk, chunk, head) on one warp: the sub-chunk's rows
+   of A_qk (scale, with its diagonal) and A_kk (strictly lower, without β), fp32, as whole rows
+   of the chunk with zeros above: the earlier sub-chunks' columns on tensor cores anchored at
+   the sub-chunk's first row, the diagonal block by levels (below).
+3. `chunk_kda_fwd_solve_kernel`, per (chunk, head) on one warp: T = (I + β⊙A_kk)^-1 on [16, 16]
+   blocks (forward substitution inside the four diagonal blocks, batched, then the six merges
+   T_rc = −T_rr·Σ_{c <= j < r} A_rj·T_jc in tf32x3), w = T(β⊙k̂⊙e^G) and u = T(β⊙v).
+4. `chunk_kda_fwd_scan_kernel`, per (sequence, head, V tile), sequential over the sequence's
    chunks with the state tile S [K, BV] in registers (fp32). Per chunk it forms
    v_new = u − w·S, writes o = qg·S + A_qk·v_new and updates S ← e^(G_last)⊙S + kgᵀ·v_new.
    The output is fused into the scan, so the per-chunk states h never reach HBM (fla writes
    them, B·NT·H·K·V bf16, ~67 MB at B1 T8192 H16, and reads them back in another kernel).
 
-History (H100, B1 T8192 H16 K=V=128 bf16, bench/NOTES.md has the numbers): the per-chunk work
-first ran as prep / intra / wy kernels (120 + 400 + 350 µs; intra issue-bound on an elementwise
-exact diagonal, wy latency-bound on a [64, 64]³ tf32x3 inverse); fused by levels it measures the
-same ~870 µs in one launch with fewer bytes (G and A_kk are not read back), and the scan with
-BV = 32 (B·H·V/32 programs) is 1.2-1.4 ms faster than BV = 16 at the two large benchmark shapes.
+Under autograd the forward keeps G, A_qk, T and the norms for the backward (the residuals,
+≈ 1 KB per token and head): the kernels write them into the residual buffers, and the solve
+stores T (STORE_RESIDUALS). Inference writes G, the norms and A_kk to scratch and no T.
 
-Precision: u and A_qk are stored in fp32 (rounding either to bf16 costs as much relative error
-as rounding o itself), w, qg, kg in the input dtype; the scan's w·S and qg·S use the input dtype,
-its A_qk·v_new and kgᵀ·v_new fp32 (tf32) operands. bf16 inputs land at ~2–2.7e-3 relative RMS
-error against the fp32 recurrence (bar 5e-3), most of it the bf16 rounding of o.
+History (H100, bench/NOTES.md has the numbers): a first prep / intra / wy split ran 4-warp
+programs over the whole chunk (120 + 400 + 350 µs at B1 T8192 H16); one fused 4-warp,
+255-register kernel by levels measured the same ~870 µs; this split into 1-warp sub-chunk
+programs took the whole forward from 7.13 to 5.72 ms at B8 T4096 H32.
 
-Numerics. G, A, T, S and every accumulator are fp32; only differences G_i − G_j with i ≥ j are
-exponentiated (g ≤ 0, so each factor is ≤ 1 and nothing overflows, even for gates of −1000).
-Levels: a strictly lower pair (i, j) belongs to level b, the highest bit where i and j differ;
-with a = the last row of the lower half of their aligned 2^(b+1)-row block, j ≤ a < i and
-e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j) with both exponents ≤ 0: exact (if a factor
-underflows, the true product, smaller than either, underflows too), and the anchor is never a
-later row than i, so no rounding leaks from future tokens. Each level costs one exponential per
-element of [BT, BK] (G at the anchors by tl.gather) and two tensor-core products: levels 0-3
-(inside the sub-chunks) batched as [4, 16, 16] in LaunchConfig.diag_precision, levels 4-5 in tf32
-(as the anchored off-diagonal blocks always were). For 16-bit inputs the diagonal is plain tf32,
-not tf32x3: measured 14% faster on an H100 with o's error 2.2e-3 vs 2.1e-3 (bar 5e-3,
-bench/NOTES.md); fp32 inputs keep tf32x3.
-G_last is read off the last row of G exactly (a masked sum adds zeros). The L2 norm is a row
-scaling of the q and k tiles.
+Precision: u, A_qk and A_kk are stored in fp32 (rounding u or A_qk to bf16 costs as much
+relative error as rounding o itself), w, qg, kg in the input dtype; the scan's w·S and qg·S use
+the input dtype, its A_qk·v_new and kgᵀ·v_new fp32 (tf32) operands. bf16 inputs land at
+~2–2.7e-3 relative RMS error against the fp32 recurrence (bar 5e-3), most of it the bf16
+rounding of o.
 
-The inverse follows the levels: forward substitution inside the four 16×16 diagonal blocks D,
-then each 32-row half H = [[D0, 0], [P, D1]] as H^-1 = Dinv − Dinv·P·Dinv and the chunk as
-T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]], products in tf32x3. Rows past the end of a sequence
-are loaded as q = k = v = 0, beta = 0, g = 0, which leaves the state unchanged and keeps G_last
-equal to G at the last real row.
+Numerics. G, A, T, S and every accumulator are fp32; only differences G_i − G_j with i >= j are
+exponentiated (g <= 0, so each factor is <= 1 and nothing overflows, even for gates of −1000).
+Levels: a strictly lower pair (i, j) of a sub-chunk belongs to level b, the highest bit where i
+and j differ; with a = the last row of the lower half of their aligned 2^(b+1)-row block,
+j <= a < i and e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j) with both exponents <= 0: exact (if a
+factor underflows, the true product, smaller than either, underflows too), and the anchor is
+never a later row than i, so no rounding leaks from future tokens. Each level costs one
+exponential per element of [16, BK] and two [16, 16] tensor-core products in
+LaunchConfig.diag_precision: plain tf32 for 16-bit inputs (o's error 2.2e-3 against 2.1e-3 for
+an exact elementwise diagonal, which measured 24% slower in the intra kernel; bench/NOTES.md),
+tf32x3 for fp32 inputs. G_last is read off the last row of G exactly (a masked sum adds
+zeros). The L2 norm is a row scaling of the q and k tiles. Rows past the end of a sequence are
+loaded as q = k = v = 0, beta = 0, g = 0, which leaves the state unchanged and keeps G_last
+equal to G at the last real row; where G is read back, such rows read G_last.
 
-Varlen (B = 1, device `cu_seqlens`, N sequences): the per-chunk kernel runs over an upper bound
-of chunk slots, (T + (BT−1)·N) // BT ≥ Σ_n cdiv(len_n, BT), from shapes only; a device-side table
+Varlen (B = 1, device `cu_seqlens`, N sequences): the per-chunk kernels run over an upper bound
+of chunk slots, (T + (BT−1)·N) // BT >= Σ_n cdiv(len_n, BT), from shapes only; a device-side table
 built by a small kernel (no host read) maps each slot to its sequence, and
 slots past the last chunk exit at once. The scan reads its sequence's bounds from cu_seqlens.
 
@@ -89,234 +90,6 @@ def _load_rows(p_base, o_t, m_t, o_d, m_d, STRIDE: tl.constexpr):
 def _store_rows(p_base, b_x, o_t, m_t, o_d, m_d, STRIDE: tl.constexpr):
     p = p_base + o_t[:, None] * STRIDE + o_d[None, :]
     tl.store(p, b_x.to(p_base.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
-
-
-@triton.jit
-def _halves(b_x, R: tl.constexpr, C: tl.constexpr):
-    """The top and bottom [R // 2, C] halves of an [R, C] block."""
-    return tl.split(tl.permute(tl.reshape(b_x, (2, R // 2, C)), (1, 2, 0)))
-
-
-@triton.jit
-def chunk_kda_fwd_chunk_kernel(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    gc,
-    qg,
-    kg,
-    gl,
-    rqk,
-    aqk,
-    tkk,
-    w,
-    u,
-    cu_seqlens,
-    chunk_seq,
-    chunk_offsets,
-    T,
-    N,
-    NT,
-    scale,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    USE_QK_L2NORM: tl.constexpr,
-    STORE_RESIDUALS: tl.constexpr,
-    DIAG_PRECISION: tl.constexpr,
-):
-    """Per (chunk, head): G = chunk-local cumsum of g, G_last (to gl), the q/k norms,
-    qg = scale·q⊙e^G, kg = k⊙e^(G_last − G), A_qk (scale, incl. diagonal) as whole rows with
-    zeros above the diagonal (to aqk), A_kk (beta, strictly lower) in registers, then
-    T = (I + A_kk)^-1 in registers and w = T(β⊙k⊙e^G), u = T(β⊙v). With STORE_RESIDUALS (what
-    the backward reads; without it gc, rqk and tkk are None) G goes to gc, the norms to rqk and T
-    to tkk, whole rows like A_qk's.
-
-    A's strictly lower pairs (i, j) are split by the highest bit where i and j differ (level b,
-    i has bit b set, j not, both in one aligned block of 2^(b+1) rows) and each level runs on
-    tensor cores with the exact factorisation e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j), a the
-    last row of the block's lower half: j ≤ a < i, so both factors are ≤ 1. One exponential per
-    element and level (six levels for BT = 64): levels 0-3 (inside the 16-row sub-chunks) as
-    batched [16, 16] products in DIAG_PRECISION, levels 4-5 (across sub-chunks) in tf32.
-
-    T by the same hierarchy: forward substitution inside the four 16x16 diagonal blocks D, then
-    for each 32-row half H = [[D0, 0], [P, D1]] (P its level-4 block) H^-1 = Dinv − Dinv·P·Dinv,
-    then the chunk: T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]] (L the level-5 block), products in
-    tf32x3. w and u take a second pass over K (g reloaded and summed again) and one over V.
-    """
-    tl.static_assert(BT == 4 * BC)
-    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
-        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
-        if i_n >= N:
-            return
-        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        t0, i_s = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT, i_t
-    else:
-        t0, eos, i_s = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T, i_b * NT + i_t
-    o_i = tl.arange(0, BT)
-    o_t = t0 + o_i  # [BT] token rows
-    m_t = o_t < eos
-    p_q, p_k, p_g = q + i_h * K, k + i_h * K, g + i_h * K
-
-    # [BT] x 2: 1 / sqrt(sum(x^2) + 1e-6) of the q and k rows (ones without the norm)
-    b_rq = tl.zeros([BT], dtype=tl.float32)
-    b_rk = tl.zeros([BT], dtype=tl.float32)
-    if USE_QK_L2NORM:
-        for i_k in range(tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            b_x = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K)
-            b_rq += tl.sum(b_x * b_x, axis=1)
-            b_x = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K)
-            b_rk += tl.sum(b_x * b_x, axis=1)
-        b_rq = tl.rsqrt(b_rq + 1e-6)
-        b_rk = tl.rsqrt(b_rk + 1e-6)
-        if STORE_RESIDUALS:
-            tl.store(rqk + (o_t * H + i_h) * 2, b_rq, mask=m_t)
-            tl.store(rqk + (o_t * H + i_h) * 2 + 1, b_rk, mask=m_t)
-    else:
-        b_rq += 1.0
-        b_rk += 1.0
-
-    H2: tl.constexpr = BT // 2
-    b_dqk = tl.zeros([BT], dtype=tl.float32)  # A_qk's diagonal, q_i . k_i
-    b_Dqk = tl.zeros([4, BC, BC], dtype=tl.float32)  # the four diagonal 16x16 blocks (levels 0-3)
-    b_Dkk = tl.zeros([4, BC, BC], dtype=tl.float32)
-    b_Pqk = tl.zeros([2, H2, H2], dtype=tl.float32)  # level 4, per 32-row half (rows >= 16, cols < 16)
-    b_Pkk = tl.zeros([2, H2, H2], dtype=tl.float32)
-    b_Lqk = tl.zeros([H2, H2], dtype=tl.float32)  # level 5: rows 32-63 x columns 0-31
-    b_Lkk = tl.zeros([H2, H2], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_G = tl.cumsum(_load_rows(p_g, o_t, m_t, o_k, m_k, H * K), axis=0)  # [BT, BK]
-        if STORE_RESIDUALS:
-            _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
-        # padded rows add g = 0, so the last row is G at the last real row
-        b_gl = _row(b_G, o_i, BT - 1)  # [BK]
-        tl.store(gl + (i_s * H + i_h).to(tl.int64) * K + o_k, b_gl, mask=m_k)
-        b_q = _load_rows(p_q, o_t, m_t, o_k, m_k, H * K) * b_rq[:, None]  # [BT, BK]
-        b_k = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_rk[:, None]  # [BT, BK]
-        _store_rows(qg + i_h * K, scale * b_q * tl.exp(b_G), o_t, m_t, o_k, m_k, H * K)
-        _store_rows(kg + i_h * K, b_k * tl.exp(b_gl[None, :] - b_G), o_t, m_t, o_k, m_k, H * K)
-        b_dqk += tl.sum(b_q * b_k, axis=1)
-        for b in tl.static_range(6):
-            m_hi = ((o_i >> b) & 1) == 1  # [BT] rows on the upper side of their level-b block
-            o_a = ((o_i >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BT] anchor rows
-            b_Ga = tl.gather(b_G, tl.broadcast_to(o_a[:, None], (BT, BK)), axis=0)  # [BT, BK]
-            b_e = tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))  # [BT, BK] all <= 1
-            b_qr = tl.where(m_hi[:, None], b_q * b_e, 0.0)  # rows i of the pairs
-            b_kr = tl.where(m_hi[:, None], b_k * b_e, 0.0)
-            b_kc = tl.where(m_hi[:, None], 0.0, b_k * b_e)  # columns j of the pairs
-            if b < 4:
-                b_qr3 = tl.reshape(b_qr, (4, BC, BK))
-                b_kr3 = tl.reshape(b_kr, (4, BC, BK))
-                b_kc3 = tl.permute(tl.reshape(b_kc, (4, BC, BK)), (0, 2, 1))
-                o_c = tl.arange(0, BC)
-                m_blk = ((o_c[:, None] >> (b + 1)) == (o_c[None, :] >> (b + 1)))[None, :, :]
-                b_Dqk += tl.where(m_blk, tl.dot(b_qr3, b_kc3, input_precision=DIAG_PRECISION), 0.0)
-                b_Dkk += tl.where(m_blk, tl.dot(b_kr3, b_kc3, input_precision=DIAG_PRECISION), 0.0)
-            elif b == 4:
-                b_qr3 = tl.reshape(b_qr, (2, H2, BK))
-                b_kr3 = tl.reshape(b_kr, (2, H2, BK))
-                b_kc3 = tl.permute(tl.reshape(b_kc, (2, H2, BK)), (0, 2, 1))
-                b_Pqk += tl.dot(b_qr3, b_kc3)
-                b_Pkk += tl.dot(b_kr3, b_kc3)
-            else:
-                b_kc_top, _ = _halves(b_kc, BT, BK)
-                _, b_qr_bot = _halves(b_qr, BT, BK)
-                _, b_kr_bot = _halves(b_kr, BT, BK)
-                b_Lqk += tl.dot(b_qr_bot, tl.trans(b_kc_top))
-                b_Lkk += tl.dot(b_kr_bot, tl.trans(b_kc_top))
-
-    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    p_aqk = aqk + i_h * BT
-    # diagonal blocks [4, BC, BC]: rows and columns 16c + r
-    o_c = tl.arange(0, BC)
-    o_r3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, :, None]  # [4, BC, 1] chunk rows
-    o_j3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, None, :]  # [4, 1, BC] chunk columns
-    m_r3 = (t0 + o_r3) < eos
-    b_dqk3 = tl.reshape(b_dqk, (4, BC))[:, :, None]
-    b_Dqk = tl.where(o_r3 == o_j3, b_dqk3, b_Dqk)
-    b_beta3 = tl.reshape(b_beta, (4, BC))[:, :, None]
-    p_row3 = (t0 + o_r3) * H * BT
-    tl.store(p_aqk + p_row3 + o_j3, b_Dqk * scale, mask=m_r3)
-    # level 4 blocks: rows 32c + 16 + r, columns 32c + r'
-    o_h = tl.arange(0, H2)
-    o_p3 = tl.arange(0, 2)[:, None, None] * H2 + o_h[None, :, None]  # [2, H2, 1] chunk rows
-    o_q3 = tl.arange(0, 2)[:, None, None] * H2 + o_h[None, None, :]  # [2, 1, H2] chunk columns
-    m_p3 = ((t0 + o_p3) < eos) & (o_h[None, :, None] >= BC) & (o_h[None, None, :] < BC)
-    b_beta_p = tl.reshape(b_beta, (2, H2))[:, :, None]
-    p_row_p = (t0 + o_p3) * H * BT
-    tl.store(p_aqk + p_row_p + o_q3, b_Pqk * scale, mask=m_p3)
-    # level 5: rows 32 + r, columns r'
-    o_tl = t0 + H2 + o_h  # [H2]
-    m_tl = o_tl < eos
-    _, b_beta_bot = tl.split(tl.permute(tl.reshape(b_beta, (2, H2)), (1, 0)))
-    _store_rows(p_aqk, b_Lqk * scale, o_tl, m_tl, o_h, o_h < H2, H * BT)
-    # zeros above the diagonal blocks
-    m_up = (o_i[None, :] // BC) > (o_i[:, None] // BC)  # [BT, BT]
-    b_zero = tl.zeros([BT, BT], dtype=tl.float32)
-    tl.store(p_aqk + o_t[:, None] * H * BT + o_i[None, :], b_zero, mask=m_t[:, None] & m_up)
-
-    # [4, BC, BC] D^-1 - I of the diagonal blocks by forward substitution, row i from row j < i
-    b_N = b_Dkk * b_beta3
-    b_X = -b_N
-    for i in range(1, BC):
-        m_i = (o_c == i)[None, :, None]
-        b_a = -tl.sum(tl.where(m_i, b_N, 0.0), axis=1)  # [4, BC]
-        b_a += tl.sum(b_a[:, :, None] * b_X, axis=1)
-        b_X = tl.where(m_i, b_a[:, None, :], b_X)
-    b_X += (o_c[:, None] == o_c[None, :]).to(tl.float32)[None, :, :]
-    # [2, H2, H2] block-diagonal D^-1 of each half, then the halves' inverses
-    o_2 = tl.arange(0, 2)
-    m_own = (o_2[None, :, None, None, None] == o_2[None, None, None, :, None])  # [1, 2, 1, 2, 1]
-    b_Dinv = tl.reshape(tl.where(m_own, tl.reshape(b_X, (2, 2, BC, 1, BC)), 0.0), (2, H2, H2))
-    b_DP = tl.dot(b_Dinv, b_Pkk * b_beta_p, input_precision="tf32x3")
-    b_Hinv = b_Dinv - tl.dot(b_DP, b_Dinv, input_precision="tf32x3")
-    b_H0, b_H1 = tl.split(tl.permute(b_Hinv, (1, 2, 0)))  # [H2, H2] x 2
-    b_HL = tl.dot(b_H1, b_Lkk * b_beta_bot[:, None], input_precision="tf32x3")
-    b_Tbl = -tl.dot(b_HL, b_H0, input_precision="tf32x3")  # [H2, H2] rows 32-63, columns 0-31
-
-    o_tt = t0 + o_h  # [H2] rows of the top half
-    m_tt = o_tt < eos
-    if STORE_RESIDUALS:
-        # [BT, BT] T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]] as whole rows, by [H2, H2] blocks:
-        # the backward's wy kernel reads it instead of inverting I + A_kk again
-        p_tkk = tkk + i_h * BT
-        m_h = o_h < H2
-        _store_rows(p_tkk, b_H0, o_tt, m_tt, o_h, m_h, H * BT)
-        _store_rows(p_tkk + H2, tl.zeros([H2, H2], dtype=tl.float32), o_tt, m_tt, o_h, m_h, H * BT)
-        _store_rows(p_tkk, b_Tbl, o_tl, m_tl, o_h, m_h, H * BT)
-        _store_rows(p_tkk + H2, b_H1, o_tl, m_tl, o_h, m_h, H * BT)
-    b_kb = b_beta * b_rk  # [BT]
-    # w = T (beta k e^G), per K tile
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_G = tl.cumsum(_load_rows(p_g, o_t, m_t, o_k, m_k, H * K), axis=0)  # [BT, BK]
-        b_x = _load_rows(p_k, o_t, m_t, o_k, m_k, H * K) * b_kb[:, None] * tl.exp(b_G)
-        b_xt, b_xb = _halves(b_x, BT, BK)
-        _store_rows(w + i_h * K, tl.dot(b_H0, b_xt), o_tt, m_tt, o_k, m_k, H * K)
-        _store_rows(w + i_h * K, tl.dot(b_Tbl, b_xt) + tl.dot(b_H1, b_xb), o_tl, m_tl, o_k, m_k, H * K)
-    # u = T (beta v), per V tile
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        b_x = _load_rows(v + i_h * V, o_t, m_t, o_v, m_v, H * V) * b_beta[:, None]
-        b_xt, b_xb = _halves(b_x, BT, BV)
-        _store_rows(u + i_h * V, tl.dot(b_H0, b_xt), o_tt, m_tt, o_v, m_v, H * V)
-        _store_rows(u + i_h * V, tl.dot(b_Tbl, b_xt) + tl.dot(b_H1, b_xb), o_tl, m_tl, o_v, m_v, H * V)
 
 
 @triton.jit
@@ -424,7 +197,6 @@ def chunk_kda_fwd_intra_kernel(
     BK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
-    DIAG_LEVELS: tl.constexpr,
     DIAG_PRECISION: tl.constexpr,
 ):
     """Per (sub-chunk, chunk, head), the BC rows R of one sub-chunk: A_qk[R, :] (scale, with its
@@ -433,8 +205,9 @@ def chunk_kda_fwd_intra_kernel(
     The earlier sub-chunks' columns J on tensor cores, anchored at n = R's first row: for
     j < n <= i, e^(G_i − G_j) = e^(G_i − G_n)·e^(G_n − G_j), both factors <= 1, so
     [BC, BK] rows q̂_R e^(G_R − G_n) meet [BT, BK] rows k̂_J e^(G_n − G_J) (the rows from n on
-    masked to zero). The diagonal block exactly, one column c of R at a time: its k̂ and G rows
-    loaded once as [BK] vectors, e^(G_i − G_c) formed for i >= c only."""
+    masked to zero). The diagonal block by levels (the module docstring): four [BC, BK]
+    exponentials and eight [BC, BC] products in DIAG_PRECISION per K tile, A_qk's diagonal
+    q̂_i·k̂_i as a row sum."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_c, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -470,8 +243,7 @@ def chunk_kda_fwd_intra_kernel(
     b_Ak = tl.zeros([BC, BT], dtype=tl.float32)
     b_Dq = tl.zeros([BC, BC], dtype=tl.float32)  # the diagonal block, columns R
     b_Dk = tl.zeros([BC, BC], dtype=tl.float32)
-    b_dqk = tl.zeros([BC], dtype=tl.float32)  # q̂_i·k̂_i, the diagonal of A_qk (levels only)
-    n_c = tl.minimum(BC, eos - t_a)  # R's real rows
+    b_dqk = tl.zeros([BC], dtype=tl.float32)  # q̂_i·k̂_i, the diagonal of A_qk
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -487,32 +259,22 @@ def chunk_kda_fwd_intra_kernel(
             b_kj = _load_rows(p_k, o_tj, m_j, o_k, m_k, H * K) * b_rj[:, None] * b_ej  # [BT, BK]
             b_Aq = tl.dot(b_q * b_en, tl.trans(b_kj), acc=b_Aq)
             b_Ak = tl.dot(b_k * b_en, tl.trans(b_kj), acc=b_Ak)
-        if DIAG_LEVELS:
-            b_dqk += tl.sum(b_q * b_k, axis=1)
-            for b in tl.static_range(4):
-                m_hi = ((o_r >> b) & 1) == 1  # [BC] rows on the upper side of their level-b block
-                o_a = t_a + ((o_r >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BC] anchor rows
-                b_Ga = _load_gate(p_G, o_a, o_a < eos, o_k, m_k, b_gl, H * K)  # [BC, BK]
-                b_e = tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))  # [BC, BK] all <= 1
-                b_kc = tl.trans(tl.where(m_hi[:, None], 0.0, b_k * b_e))  # [BK, BC] columns j of the pairs
-                m_blk = (o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))  # [BC, BC] one level-b block
-                b_Dq += tl.where(m_blk, tl.dot(tl.where(m_hi[:, None], b_q * b_e, 0.0), b_kc, input_precision=DIAG_PRECISION), 0.0)
-                b_Dk += tl.where(m_blk, tl.dot(tl.where(m_hi[:, None], b_k * b_e, 0.0), b_kc, input_precision=DIAG_PRECISION), 0.0)
-        else:
-            for jj in range(0, n_c):
-                t_c = t_a + jj
-                b_kc = tl.load(p_k + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-                if USE_QK_L2NORM:
-                    b_kc *= tl.load(rqk + (t_c * H + i_h) * 2 + 1)
-                b_Gc = tl.load(p_G + t_c * H * K + o_k, mask=m_k, other=0.0)  # [BK]
-                # masked before exp so no positive exponent is ever formed
-                b_kE = b_kc[None, :] * tl.exp(tl.where((o_r >= jj)[:, None], b_G - b_Gc[None, :], float("-inf")))
-                m_col = (o_r == jj)[None, :]  # [1, BC] column c of the block
-                b_Dq += tl.where(m_col, tl.sum(b_q * b_kE, axis=1)[:, None], 0.0)
-                b_Dk += tl.where(m_col & (o_r > jj)[:, None], tl.sum(b_k * b_kE, axis=1)[:, None], 0.0)
+        b_dqk += tl.sum(b_q * b_k, axis=1)
+        # the diagonal block by levels: pairs (i, j) of level b meet at the anchor a, the last
+        # row of the lower half of their 2^(b+1)-row block, so j <= a < i
+        for b in tl.static_range(4):
+            m_hi = ((o_r >> b) & 1) == 1  # [BC] rows on the upper side of their level-b block
+            o_a = t_a + ((o_r >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BC] anchor rows
+            b_Ga = _load_gate(p_G, o_a, o_a < eos, o_k, m_k, b_gl, H * K)  # [BC, BK]
+            b_e = tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))  # [BC, BK] all <= 1
+            b_kc = tl.trans(tl.where(m_hi[:, None], 0.0, b_k * b_e))  # [BK, BC] columns j of the pairs
+            m_lvl = (o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))  # [BC, BC] within one block
+            b_qr = tl.where(m_hi[:, None], b_q * b_e, 0.0)  # [BC, BK] rows i of the pairs
+            b_kr = tl.where(m_hi[:, None], b_k * b_e, 0.0)
+            b_Dq += tl.where(m_lvl, tl.dot(b_qr, b_kc, input_precision=DIAG_PRECISION), 0.0)
+            b_Dk += tl.where(m_lvl, tl.dot(b_kr, b_kc, input_precision=DIAG_PRECISION), 0.0)
 
-    if DIAG_LEVELS:
-        b_Dq = tl.where(o_r[:, None] == o_r[None, :], b_dqk[:, None], b_Dq)
+    b_Dq = tl.where(o_r[:, None] == o_r[None, :], b_dqk[:, None], b_Dq)
     m_blk = (o_j >= i_c * BC) & (o_j < i_c * BC + BC)  # [BT] R's own columns
     p_row = o_t[:, None] * (H * BT) + i_h * BT  # [BC, 1]
     m_rest = m_t[:, None] & ~m_blk[None, :]
@@ -520,130 +282,6 @@ def chunk_kda_fwd_intra_kernel(
     tl.store(akk + p_row + o_j[None, :], b_Ak, mask=m_rest)
     tl.store(aqk + p_row + i_c * BC + o_r[None, :], b_Dq * scale, mask=m_t[:, None])
     tl.store(akk + p_row + i_c * BC + o_r[None, :], b_Dk, mask=m_t[:, None])
-
-
-@triton.jit
-def chunk_kda_fwd_solve_kernel(
-    k,
-    v,
-    beta,
-    gc,
-    rqk,
-    akk,
-    tkk,
-    w,
-    u,
-    cu_seqlens,
-    chunk_seq,
-    chunk_offsets,
-    T,
-    N,
-    NT,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BC: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    USE_QK_L2NORM: tl.constexpr,
-    STORE_RESIDUALS: tl.constexpr,
-):
-    """Per (chunk, head): T = (I + β⊙A_kk)^-1 from the intra kernel's A_kk (to tkk with
-    STORE_RESIDUALS), w = T(β⊙k̂⊙e^G) and u = T(β⊙v).
-
-    T by the sub-chunk hierarchy: forward substitution inside the four 16x16 diagonal blocks D,
-    then for each 32-row half H = [[D0, 0], [P, D1]] H^-1 = Dinv − Dinv·P·Dinv, then the chunk:
-    T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]] (L the rows 32-63 × columns 0-31), products in
-    tf32x3."""
-    tl.static_assert(BT == 4 * BC)
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:  # i_t is a chunk slot: the table gives its sequence, N for an unused slot
-        i_n = tl.load(chunk_seq + i_t).to(tl.int32)
-        if i_n >= N:
-            return
-        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        t0 = bos + (i_t - tl.load(chunk_offsets + i_n).to(tl.int32)) * BT
-    else:
-        t0, eos = i_b.to(tl.int64) * T + i_t * BT, i_b.to(tl.int64) * T + T
-    o_i = tl.arange(0, BT)
-    o_t = t0 + o_i  # [BT] token rows
-    m_t = o_t < eos
-    H2: tl.constexpr = BT // 2
-    p_akk = akk + i_h * BT
-    b_beta = tl.load(beta + o_t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # [BT]
-    # [4, BC, BC] the diagonal blocks: rows and columns 16c + r
-    o_c = tl.arange(0, BC)
-    o_r3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, :, None]  # [4, BC, 1] chunk rows
-    o_j3 = tl.arange(0, 4)[:, None, None] * BC + o_c[None, None, :]  # [4, 1, BC] chunk columns
-    b_Dkk = tl.load(p_akk + (t0 + o_r3) * H * BT + o_j3, mask=(t0 + o_r3) < eos, other=0.0)
-    b_beta3 = tl.reshape(b_beta, (4, BC))[:, :, None]
-    # [2, H2, H2] per 32-row half, its rows 16-31 x columns 0-15 (zero elsewhere)
-    o_h = tl.arange(0, H2)
-    o_p3 = tl.arange(0, 2)[:, None, None] * H2 + o_h[None, :, None]  # [2, H2, 1] chunk rows
-    o_q3 = tl.arange(0, 2)[:, None, None] * H2 + o_h[None, None, :]  # [2, 1, H2] chunk columns
-    m_p3 = ((t0 + o_p3) < eos) & (o_h[None, :, None] >= BC) & (o_h[None, None, :] < BC)
-    b_Pkk = tl.load(p_akk + (t0 + o_p3) * H * BT + o_q3, mask=m_p3, other=0.0)
-    b_beta_p = tl.reshape(b_beta, (2, H2))[:, :, None]
-    # [H2, H2] rows 32-63 x columns 0-31
-    o_tl = t0 + H2 + o_h  # [H2]
-    m_tl = o_tl < eos
-    b_Lkk = _load_rows(p_akk, o_tl, m_tl, o_h, o_h < H2, H * BT)
-    _, b_beta_bot = tl.split(tl.permute(tl.reshape(b_beta, (2, H2)), (1, 0)))
-
-    # [4, BC, BC] D^-1 - I of the diagonal blocks by forward substitution, row i from row j < i
-    b_N = b_Dkk * b_beta3
-    b_X = -b_N
-    for i in range(1, BC):
-        m_i = (o_c == i)[None, :, None]
-        b_a = -tl.sum(tl.where(m_i, b_N, 0.0), axis=1)  # [4, BC]
-        b_a += tl.sum(b_a[:, :, None] * b_X, axis=1)
-        b_X = tl.where(m_i, b_a[:, None, :], b_X)
-    b_X += (o_c[:, None] == o_c[None, :]).to(tl.float32)[None, :, :]
-    # [2, H2, H2] block-diagonal D^-1 of each half, then the halves' inverses
-    o_2 = tl.arange(0, 2)
-    m_own = (o_2[None, :, None, None, None] == o_2[None, None, None, :, None])  # [1, 2, 1, 2, 1]
-    b_Dinv = tl.reshape(tl.where(m_own, tl.reshape(b_X, (2, 2, BC, 1, BC)), 0.0), (2, H2, H2))
-    b_DP = tl.dot(b_Dinv, b_Pkk * b_beta_p, input_precision="tf32x3")
-    b_Hinv = b_Dinv - tl.dot(b_DP, b_Dinv, input_precision="tf32x3")
-    b_H0, b_H1 = tl.split(tl.permute(b_Hinv, (1, 2, 0)))  # [H2, H2] x 2
-    b_HL = tl.dot(b_H1, b_Lkk * b_beta_bot[:, None], input_precision="tf32x3")
-    b_Tbl = -tl.dot(b_HL, b_H0, input_precision="tf32x3")  # [H2, H2] rows 32-63, columns 0-31
-
-    o_tt = t0 + o_h  # [H2] rows of the top half
-    m_tt = o_tt < eos
-    if STORE_RESIDUALS:
-        # [BT, BT] T = [[H0^-1, 0], [−H1^-1·L·H0^-1, H1^-1]] as whole rows, by [H2, H2] blocks:
-        # the backward's wy kernel reads it instead of inverting I + A_kk again
-        p_tkk = tkk + i_h * BT
-        m_h = o_h < H2
-        _store_rows(p_tkk, b_H0, o_tt, m_tt, o_h, m_h, H * BT)
-        _store_rows(p_tkk + H2, tl.zeros([H2, H2], dtype=tl.float32), o_tt, m_tt, o_h, m_h, H * BT)
-        _store_rows(p_tkk, b_Tbl, o_tl, m_tl, o_h, m_h, H * BT)
-        _store_rows(p_tkk + H2, b_H1, o_tl, m_tl, o_h, m_h, H * BT)
-    if USE_QK_L2NORM:
-        b_kb = b_beta * tl.load(rqk + (o_t * H + i_h) * 2 + 1, mask=m_t, other=0.0)  # [BT] β/||k||
-    else:
-        b_kb = b_beta
-    # w = T (β k̂ e^G), per K tile
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_G = _load_rows(gc + i_h * K, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
-        b_x = _load_rows(k + i_h * K, o_t, m_t, o_k, m_k, H * K) * b_kb[:, None] * tl.exp(b_G)
-        b_xt, b_xb = _halves(b_x, BT, BK)
-        _store_rows(w + i_h * K, tl.dot(b_H0, b_xt), o_tt, m_tt, o_k, m_k, H * K)
-        _store_rows(w + i_h * K, tl.dot(b_Tbl, b_xt) + tl.dot(b_H1, b_xb), o_tl, m_tl, o_k, m_k, H * K)
-    # u = T (β v), per V tile
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        b_x = _load_rows(v + i_h * V, o_t, m_t, o_v, m_v, H * V) * b_beta[:, None]
-        b_xt, b_xb = _halves(b_x, BT, BV)
-        _store_rows(u + i_h * V, tl.dot(b_H0, b_xt), o_tt, m_tt, o_v, m_v, H * V)
-        _store_rows(u + i_h * V, tl.dot(b_Tbl, b_xt) + tl.dot(b_H1, b_xb), o_tl, m_tl, o_v, m_v, H * V)
 
 
 @triton.jit
@@ -666,7 +304,7 @@ def _wy_rows(b_T0, b_T1, b_T2, b_T3, b_x0, b_x1, b_x2, b_x3):
 
 
 @triton.jit
-def chunk_kda_fwd_solve_blocks_kernel(
+def chunk_kda_fwd_solve_kernel(
     k,
     v,
     beta,
@@ -895,26 +533,23 @@ DIAG_PRECISIONS = ("tf32", "tf32x3", "ieee")
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block sizes and warps of the two kernels and the tl.dot precision of the per-chunk
-    kernel's diagonal blocks (levels 0-3); a pure function of (K, V, dtype)."""
+    """Tiles, warps and stages of the four kernels (gate, intra, solve, scan) and the tl.dot
+    precision of the intra kernel's diagonal blocks; a pure function of (K, V, dtype)."""
 
-    chunk_bk: int
-    chunk_bv: int
-    chunk_warps: int
+    gate_bk: int
+    gate_warps: int
+    intra_bk: int
+    intra_warps: int
+    intra_stages: int
+    solve_bk: int
+    solve_bv: int
+    solve_warps: int
+    solve_stages: int
     scan_bk: int
     scan_bv: int
     scan_warps: int
     scan_stages: int
-    diag_precision: str = "tf32"  # one of DIAG_PRECISIONS; why tf32: the module docstring
-    split: bool = True
-    gate_bk: int = 32
-    intra_bk: int = 32
-    intra_warps: int = 2
-    intra_stages: int = 3
-    intra_levels: bool = True
-    solve_stages: int = 3
-    solve_blocks: bool = True
-    solve_warps: int = 1
+    diag_precision: str  # one of DIAG_PRECISIONS; why tf32 for 16-bit inputs: the module docstring
 
     def __post_init__(self):
         if self.diag_precision not in DIAG_PRECISIONS:
@@ -925,6 +560,10 @@ class LaunchConfig:
 def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     """Deterministic launch configuration keyed on the head dims and dtype (never on B or T).
 
+    The per-chunk kernels work on 16-row sub-chunks, so one warp holds a whole [16, BK] tile
+    and no layout change crosses warps: the intra kernel on 1 warp with BK = 16 (2 warps or
+    BK = 32: 7-20% slower; BK = 64 spills), the solve on 1 warp with [16, 32] tiles of k and v
+    (2 or 4 warps: 25-110% slower), the memory-bound gate with BK = 32 on 4 warps.
     The scan holds the whole key dimension of the state (BK = next power of two >= K, at least
     16 for tl.dot) and takes BV = 32: its programs are sequential over chunks, so few programs
     leave SMs idle (B·H·V/BV of them) while small tiles make every V tile re-read w, qg, kg and
@@ -932,17 +571,22 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     tiles are double-buffered while they fit in shared memory (16-bit K <= 128). fp32 at K = 256
     is the exception: its three [BT, 256] fp32 operand tiles alone are 192 KB, and with BV = 32
     the scan asked for 245760 bytes of shared memory, over the 232448 a block may have on an
-    H100; it takes BV = 16 on 8 warps (229376 bytes, no spills; 4 warps spill 352 B). The
-    per-chunk kernel tiles K by 16 and V by 32 on 4 warps (wider tiles or 8 warps spill or lose
-    occupancy). Chosen from bench/tune_chunk_kda_fwd.py on an H100 (bench/NOTES.md).
+    H100; it takes BV = 16 on 8 warps (229376 bytes, no spills; 4 warps spill 352 B).
+    Chosen from bench/tune_chunk_kda_fwd.py on an H100 (bench/NOTES.md).
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
     widest = wide and scan_bk > 128
     return LaunchConfig(
-        chunk_bk=min(32, scan_bk),
-        chunk_bv=min(32, max(16, triton.next_power_of_2(V))),
-        chunk_warps=4,
+        gate_bk=min(32, scan_bk),
+        gate_warps=4,
+        intra_bk=16,
+        intra_warps=1,
+        intra_stages=3,
+        solve_bk=min(32, scan_bk),
+        solve_bv=min(32, max(16, triton.next_power_of_2(V))),
+        solve_warps=1,
+        solve_stages=3,
         scan_bk=scan_bk,
         scan_bv=16 if widest else 32,
         scan_warps=8 if widest else 4,
@@ -1017,7 +661,7 @@ def chunk_index(cu_seqlens: torch.Tensor | None, B: int, T: int, launch: Callabl
 
 def scan_buffers(q: torch.Tensor, v: torch.Tensor, slots: int) -> dict[str, torch.Tensor]:
     """Uninitialised w, u, qg, kg (token-flat [B*T, H, *]) and gl ([slots, H, K]): what the scans
-    read besides A_qk, as the forward's chunk kernel or the backward's prep kernel writes them.
+    read besides A_qk, as the forward's gate and solve kernels or the backward's prep kernel write them.
 
     w, qg, kg in the input dtype; u (and A_qk) in fp32: rounding either to bf16 costs as much
     relative error as rounding o itself (~1.7e-3 each), w, qg, kg ~2e-4 together. Every buffer
@@ -1035,7 +679,7 @@ def scan_buffers(q: torch.Tensor, v: torch.Tensor, slots: int) -> dict[str, torc
     )
 
 
-def run_chunk_kernel(
+def run_chunk_kernels(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -1050,48 +694,37 @@ def run_chunk_kernel(
     launch: Callable,
     residuals: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Allocates what chunk_kda_fwd_chunk_kernel writes for the scans and launches it (q, k, v, g,
-    beta contiguous; index, rows, slots from chunk_index): returns w, u, qg, kg, aqk (A_qk) and gl
-    (G_last). With residuals (gc, aqk, tkk, rqk preallocated as chunk_kda_residuals_meta makes
-    them) the kernel runs with STORE_RESIDUALS and also writes G, T and the q/k norms there,
-    and A_qk into the given aqk.
+    """Allocates what the per-chunk kernels write for the scans and launches gate, intra and
+    solve (q, k, v, g, beta contiguous; index, rows, slots from chunk_index): returns w, u, qg,
+    kg, aqk (A_qk) and gl (G_last). With residuals (gc, aqk, tkk, rqk preallocated as
+    chunk_kda_residuals_meta makes them) G, A_qk and the q/k norms go there and the solve runs
+    with STORE_RESIDUALS, writing T to tkk; without, G, the norms and A_kk are scratch.
 
-    A_qk in fp32 (see scan_buffers for why).
+    A_qk and A_kk in fp32 (see scan_buffers for why).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
+    f32, dev = torch.float32, q.device
     x = scan_buffers(q, v, slots)
-    x["aqk"] = residuals["aqk"] if residuals else torch.empty((B * T, H, BT), dtype=torch.float32, device=q.device)
     saved = residuals or {}
-    if cfg.split:
-        f32, dev = torch.float32, q.device
-        gc = saved.get("gc", torch.empty((B * T, H, K), dtype=f32, device=dev))
-        rqk = saved.get("rqk", torch.empty((B * T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev))
-        akk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
-        common = dict(IS_VARLEN=index[0] is not None, USE_QK_L2NORM=use_qk_l2norm)
-        launch(chunk_kda_fwd_gate_kernel)[(rows, B * H)](
-            q, k, g, gc, x["qg"], x["kg"], x["gl"], rqk, *index, scale,
-            H=H, K=K, BT=BT, BK=cfg.gate_bk, **common,
-        )
-        launch(chunk_kda_fwd_intra_kernel)[(BT // BC, rows, B * H)](
-            q, k, gc, x["gl"], rqk, x["aqk"], akk, *index, scale,
-            H=H, K=K, BT=BT, BC=BC, BK=cfg.intra_bk, num_warps=cfg.intra_warps, num_stages=cfg.intra_stages,
-            DIAG_LEVELS=cfg.intra_levels, DIAG_PRECISION=cfg.diag_precision, **common,
-        )
-        solve = chunk_kda_fwd_solve_blocks_kernel if cfg.solve_blocks else chunk_kda_fwd_solve_kernel
-        launch(solve)[(rows, B * H)](
-            k, v, beta, gc, rqk, akk, saved.get("tkk"), x["w"], x["u"], *index,
-            H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv,
-            num_warps=cfg.solve_warps if cfg.solve_blocks else cfg.chunk_warps,
-            num_stages=cfg.solve_stages, STORE_RESIDUALS=residuals is not None, **common,
-        )
-        return x
-    launch(chunk_kda_fwd_chunk_kernel)[(rows, B * H)](
-        q, k, v, g, beta, saved.get("gc"), x["qg"], x["kg"], x["gl"], saved.get("rqk"), x["aqk"], saved.get("tkk"),
-        x["w"], x["u"], *index, scale,
-        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.chunk_bk, BV=cfg.chunk_bv, num_warps=cfg.chunk_warps,
-        IS_VARLEN=index[0] is not None, USE_QK_L2NORM=use_qk_l2norm,
-        STORE_RESIDUALS=residuals is not None, DIAG_PRECISION=cfg.diag_precision,
+    x["aqk"] = saved.get("aqk", torch.empty((B * T, H, BT), dtype=f32, device=dev))
+    gc = saved.get("gc", torch.empty((B * T, H, K), dtype=f32, device=dev))
+    rqk = saved.get("rqk", torch.empty((B * T, H, 2) if use_qk_l2norm else (0,), dtype=f32, device=dev))
+    akk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
+    common = dict(IS_VARLEN=index[0] is not None, USE_QK_L2NORM=use_qk_l2norm)
+    launch(chunk_kda_fwd_gate_kernel)[(rows, B * H)](
+        q, k, g, gc, x["qg"], x["kg"], x["gl"], rqk, *index, scale,
+        H=H, K=K, BT=BT, BK=cfg.gate_bk, **common, num_warps=cfg.gate_warps,
+    )
+    launch(chunk_kda_fwd_intra_kernel)[(BT // BC, rows, B * H)](
+        q, k, gc, x["gl"], rqk, x["aqk"], akk, *index, scale,
+        H=H, K=K, BT=BT, BC=BC, BK=cfg.intra_bk, DIAG_PRECISION=cfg.diag_precision, **common,
+        num_warps=cfg.intra_warps, num_stages=cfg.intra_stages,
+    )
+    launch(chunk_kda_fwd_solve_kernel)[(rows, B * H)](
+        k, v, beta, gc, rqk, akk, saved.get("tkk"), x["w"], x["u"], *index,
+        H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.solve_bk, BV=cfg.solve_bv, STORE_RESIDUALS=residuals is not None,
+        **common, num_warps=cfg.solve_warps, num_stages=cfg.solve_stages,
     )
     return x
 
@@ -1128,7 +761,7 @@ def chunk_kda_fwd_triton(
     cfg = config or launch_config(K, V, q.dtype)
     index, rows, slots = chunk_index(cu_seqlens, B, T, launch)
     _, _, chunk_offsets, _, N, NT = index
-    x = run_chunk_kernel(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, cfg, launch, residuals)
+    x = run_chunk_kernels(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, cfg, launch, residuals)
     w, u, qg, kg, aqk, gl = (x[name] for name in ("w", "u", "qg", "kg", "aqk", "gl"))
     store_final = final_state.dim() == 4
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)

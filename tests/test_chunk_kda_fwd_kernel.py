@@ -232,7 +232,7 @@ def test_compile_fullgraph_emits_the_kernels(varlen):
 
     (o, s), codes = run_and_get_code(torch.compile(f, fullgraph=True), *x.values())
     code = "\n".join(codes)
-    for name in ("chunk", "scan"):
+    for name in ("gate", "intra", "solve", "scan"):
         assert f"chunk_kda_fwd_{name}_kernel" in code
     # the same kernels with the same arguments (scale cast to fp32 in the kernel, whatever float
     # type the caller passes): eager's values bit for bit

@@ -192,29 +192,40 @@ def _mla_cache_write(dynamic):
 
 
 _TABLE = ("chunk_kda_fwd_table_kernel", "chunk_offsets chunk_seq")
-_FWD_CHUNK = "aqk gl kg qg u w"  # what the scans read; kept residuals (or the backward's rerun) add G, T and the norms
+_FWD_GATE = "gc gl kg qg"  # the norms (rqk) too with the in-kernel L2 norm
+_FWD_INTRA = ("chunk_kda_fwd_intra_kernel", "akk aqk")
 # (id, inputs and op, [(kernel, the arguments it writes), per launch in order])
 WRITE_CASES = [
     ("chunk_kda_fwd-plain", lambda d: _chunk_kda_fwd(d, False), [
-        ("chunk_kda_fwd_chunk_kernel", _FWD_CHUNK),
+        ("chunk_kda_fwd_gate_kernel", _FWD_GATE),
+        _FWD_INTRA,
+        ("chunk_kda_fwd_solve_kernel", "u w"),
         ("chunk_kda_fwd_scan_kernel", "o"),
     ]),
     ("chunk_kda_fwd-varlen-h0-final-l2norm", lambda d: _chunk_kda_fwd(d, True), [
         _TABLE,
-        ("chunk_kda_fwd_chunk_kernel", _FWD_CHUNK),
+        ("chunk_kda_fwd_gate_kernel", _FWD_GATE + " rqk"),
+        _FWD_INTRA,
+        ("chunk_kda_fwd_solve_kernel", "u w"),
         ("chunk_kda_fwd_scan_kernel", "ht o"),
     ]),
     ("chunk_kda_fwd-residuals", lambda d: _chunk_kda_fwd(d, False, save=True), [
-        ("chunk_kda_fwd_chunk_kernel", _FWD_CHUNK + " gc tkk"),
+        ("chunk_kda_fwd_gate_kernel", _FWD_GATE),
+        _FWD_INTRA,
+        ("chunk_kda_fwd_solve_kernel", "tkk u w"),
         ("chunk_kda_fwd_scan_kernel", "o"),
     ]),
     ("chunk_kda_fwd-varlen-h0-final-l2norm-residuals", lambda d: _chunk_kda_fwd(d, True, save=True), [
         _TABLE,
-        ("chunk_kda_fwd_chunk_kernel", _FWD_CHUNK + " gc rqk tkk"),
+        ("chunk_kda_fwd_gate_kernel", _FWD_GATE + " rqk"),
+        _FWD_INTRA,
+        ("chunk_kda_fwd_solve_kernel", "tkk u w"),
         ("chunk_kda_fwd_scan_kernel", "ht o"),
     ]),
     ("chunk_kda_bwd-plain", lambda d: _chunk_kda_bwd(d, False), [
-        ("chunk_kda_fwd_chunk_kernel", _FWD_CHUNK + " gc tkk"),
+        ("chunk_kda_fwd_gate_kernel", _FWD_GATE),
+        _FWD_INTRA,
+        ("chunk_kda_fwd_solve_kernel", "tkk u w"),
         ("chunk_kda_bwd_state_kernel", "h v_new"),
         ("chunk_kda_bwd_dstate_kernel", "dh dv_new"),
         ("chunk_kda_bwd_wy_kernel", "db dv dv_new mkk mqk"),
@@ -223,7 +234,9 @@ WRITE_CASES = [
     ]),
     ("chunk_kda_bwd-varlen-h0-dht-l2norm", lambda d: _chunk_kda_bwd(d, True), [
         _TABLE,
-        ("chunk_kda_fwd_chunk_kernel", _FWD_CHUNK + " gc rqk tkk"),
+        ("chunk_kda_fwd_gate_kernel", _FWD_GATE + " rqk"),
+        _FWD_INTRA,
+        ("chunk_kda_fwd_solve_kernel", "tkk u w"),
         ("chunk_kda_bwd_state_kernel", "h v_new"),
         ("chunk_kda_bwd_dstate_kernel", "dh dh0 dv_new"),
         ("chunk_kda_bwd_wy_kernel", "db dv dv_new mkk mqk"),
