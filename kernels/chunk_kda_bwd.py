@@ -442,6 +442,8 @@ def chunk_kda_bwd_intra_kernel(
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
+    DIAG_LEVELS: tl.constexpr,
+    DIAG_PRECISION: tl.constexpr,
 ):
     """Per (K tile × sub-chunk, chunk, head), the BC rows R of one sub-chunk: the products with
     the states S₀ and dS₁ over V, the intra-chunk backward of A_qk and A_kk with the per-channel
@@ -562,28 +564,56 @@ def chunk_kda_bwd_intra_kernel(
             b_sc = tl.dot(tl.load(p_Mq + o_m, mask=m_ti[None, :], other=0.0), b_qi, acc=b_sc)
             b_sc = tl.dot(tl.load(p_Mk + o_m, mask=m_ti[None, :], other=0.0), b_ki, acc=b_sc)
         b_Ac += b_sc * tl.exp(b_gm[None, :] - b_G)
-    # the diagonal block, exactly: one row c of R at a time, loaded once as a [BK] vector; it is a
-    # column c <= i of the row sums and a row c >= j of the column sums
-    for jj in range(0, tl.minimum(BC, eos - t_a)):
-        t_c = t_a + jj
-        b_qc = tl.load(p_q + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-        b_kc = tl.load(p_k + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_Gc = tl.load(p_G + t_c * H * K + o_k, mask=m_k, other=0.0)
-        b_bc = tl.load(beta + t_c * H + i_h).to(tl.float32)
-        if USE_QK_L2NORM:
-            b_qc *= tl.load(rqk + (t_c * H + i_h) * 2)
-            b_kc *= tl.load(rqk + (t_c * H + i_h) * 2 + 1)
-        # [BC] x 4: M[i, c] of the row sums and M[c, i] of the column sums
-        b_Dq = tl.load(p_Mq + o_t * (H * BT) + i_c * BC + jj, mask=m_t, other=0.0)
-        b_Dk = tl.load(p_Mk + o_t * (H * BT) + i_c * BC + jj, mask=m_t, other=0.0)
-        b_Eq = tl.load(p_Mq + t_c * (H * BT) + i_c * BC + o_r)
-        b_Ek = tl.load(p_Mk + t_c * (H * BT) + i_c * BC + o_r)
-        # masked before exp so no positive exponent is ever formed
-        b_kE = b_kc[None, :] * tl.exp(tl.where((o_r >= jj)[:, None], b_G - b_Gc[None, :], float("-inf")))
-        b_Aq += b_Dq[:, None] * b_kE
-        b_Ay += b_Dk[:, None] * b_kE
-        b_x = b_Eq[:, None] * b_qc[None, :] + (b_bc * b_Ek)[:, None] * b_kc[None, :]
-        b_Ac += b_x * tl.exp(tl.where((o_r <= jj)[:, None], b_Gc[None, :] - b_G, float("-inf")))
+    # the diagonal block by levels (as the forward's intra kernel): the pairs (i, j) of level b
+    # meet at the anchor a, the last row of the lower half of their 2^(b+1)-row block, j <= a < i
+    if DIAG_LEVELS:
+        o_m = o_t[:, None] * (H * BT) + (i_c * BC + o_r)[None, :]  # [BC, BC] M[R, R]
+        b_Mq = tl.load(p_Mq + o_m, mask=m_t[:, None], other=0.0)
+        b_Mk = tl.load(p_Mk + o_m, mask=m_t[:, None], other=0.0)
+        m_eye = o_r[:, None] == o_r[None, :]
+        b_dMq = tl.sum(tl.where(m_eye, b_Mq, 0.0), axis=1)  # [BC] M_qk[i, i] (M_kk's is zero)
+        b_Aq += b_dMq[:, None] * b_k
+        b_Ac += b_dMq[:, None] * b_q
+        b_bk = b_beta[:, None] * b_k  # [BC, BK] β_i k̂_i
+        for b in tl.static_range(4):
+            m_hi = ((o_r >> b) & 1) == 1  # [BC] rows on the upper side of their level-b block
+            o_a = t_a + ((o_r >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BC] anchor rows
+            b_Ga = _load_gate(p_G, o_a, o_a < eos, o_k, m_k, b_gl, H * K)  # [BC, BK]
+            b_e = tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))  # [BC, BK] all <= 1
+            # [BC, BC] the level-b pairs: i upper, j lower, one block
+            m_lvl = ((o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))) & m_hi[:, None] & ~m_hi[None, :]
+            b_Mqb = tl.where(m_lvl, b_Mq, 0.0)
+            b_Mkb = tl.where(m_lvl, b_Mk, 0.0)
+            b_klo = tl.where(m_hi[:, None], 0.0, b_k * b_e)  # [BC, BK] k̂_j e^(G_a − G_j)
+            b_Aq += b_e * tl.dot(b_Mqb, b_klo, input_precision=DIAG_PRECISION)
+            b_Ay += b_e * tl.dot(b_Mkb, b_klo, input_precision=DIAG_PRECISION)
+            b_qhi = tl.where(m_hi[:, None], b_q * b_e, 0.0)  # [BC, BK] q̂_i e^(G_i − G_a)
+            b_khi = tl.where(m_hi[:, None], b_bk * b_e, 0.0)
+            b_sc = tl.dot(tl.trans(b_Mqb), b_qhi, input_precision=DIAG_PRECISION)
+            b_Ac += b_e * tl.dot(tl.trans(b_Mkb), b_khi, acc=b_sc, input_precision=DIAG_PRECISION)
+    else:
+        # the diagonal block, exactly: one row c of R at a time, loaded once as a [BK] vector; it is a
+        # column c <= i of the row sums and a row c >= j of the column sums
+        for jj in range(0, tl.minimum(BC, eos - t_a)):
+            t_c = t_a + jj
+            b_qc = tl.load(p_q + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+            b_kc = tl.load(p_k + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            b_Gc = tl.load(p_G + t_c * H * K + o_k, mask=m_k, other=0.0)
+            b_bc = tl.load(beta + t_c * H + i_h).to(tl.float32)
+            if USE_QK_L2NORM:
+                b_qc *= tl.load(rqk + (t_c * H + i_h) * 2)
+                b_kc *= tl.load(rqk + (t_c * H + i_h) * 2 + 1)
+            # [BC] x 4: M[i, c] of the row sums and M[c, i] of the column sums
+            b_Dq = tl.load(p_Mq + o_t * (H * BT) + i_c * BC + jj, mask=m_t, other=0.0)
+            b_Dk = tl.load(p_Mk + o_t * (H * BT) + i_c * BC + jj, mask=m_t, other=0.0)
+            b_Eq = tl.load(p_Mq + t_c * (H * BT) + i_c * BC + o_r)
+            b_Ek = tl.load(p_Mk + t_c * (H * BT) + i_c * BC + o_r)
+            # masked before exp so no positive exponent is ever formed
+            b_kE = b_kc[None, :] * tl.exp(tl.where((o_r >= jj)[:, None], b_G - b_Gc[None, :], float("-inf")))
+            b_Aq += b_Dq[:, None] * b_kE
+            b_Ay += b_Dk[:, None] * b_kE
+            b_x = b_Eq[:, None] * b_qc[None, :] + (b_bc * b_Ek)[:, None] * b_kc[None, :]
+            b_Ac += b_x * tl.exp(tl.where((o_r <= jj)[:, None], b_Gc[None, :] - b_G, float("-inf")))
 
     b_bAy = b_beta[:, None] * b_Ay
     b_dk = b_Ac + b_bAy + b_Al
@@ -704,6 +734,7 @@ class LaunchConfig:
     prep_bk: int
     prep_bv: int
     prep_warps: int
+    intra_levels: bool = True
 
 
 def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
@@ -883,6 +914,7 @@ def chunk_kda_bwd_triton(
         q, k, beta, do, gc, mqk, mkk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, dglp, db, ds,
         *index, NTH, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.intra_bk, BV=cfg.intra_bv, **common,
+        DIAG_LEVELS=cfg.intra_levels, DIAG_PRECISION=fwd_cfg.diag_precision,
         num_warps=cfg.intra_warps,
         num_stages=cfg.intra_stages,
     )
