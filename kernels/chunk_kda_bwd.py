@@ -64,14 +64,16 @@ rows past the sequence end read G = G_last, the reference's zero-gate padding). 
 kernel's off-diagonal 16×16 blocks run on tensor cores with one anchor per sum: the row sums of
 its rows R over earlier sub-chunks J anchor at n = R's first row (j < n ≤ i, so
 e^(G_i − G_j) = e^(G_i − G_n)·e^(G_n − G_j), both factors ≤ 1 and exact), the column sums over
-later sub-chunks I at R's last row. The diagonal block is exact and elementwise: one row c of R
-at a time, loaded once as a [BK] vector, masked to j ≤ i before exponentiating, serves as
-column c of the row sums and row c of the column sums. Gates of −1000 stay exact.
+later sub-chunks I at R's last row. The diagonal block goes by the forward's levels: a pair
+(i, j) of level b (the highest bit where i and j differ) meets at the anchor a, the last row of
+the lower half of their 2^(b+1)-row block (j ≤ a < i), so each level is one [16, BK]
+exponential with exponents ≤ 0 and four [16, 16] products of the masked M blocks, in the
+forward's diagonal precision (tf32 for 16-bit inputs, tf32x3 for fp32). Gates of −1000 stay
+exact.
 
 Resources (sm_90, checked offline by bench/check_kernel_resources.py for every launch config of
-launch_config, see its docstring): the intra kernel's [16, 32] tiles on 1 warp take 250-255
-registers with 0-76 B of spills (0 at bf16, K = 128 without the norm); no [64, 64] tile lives
-across its loops.
+launch_config, see its docstring): the intra kernel's [16, 32] tiles on 2 warps take 255
+registers with 0-64 B of spills; no [64, 64] tile lives across its loops.
 
 Varlen (B = 1, device `cu_seqlens`): the forward's chunk table (slot → sequence, from device
 ops, no host read) drives the parallel kernels; the scans read their sequence's bounds and first
@@ -442,7 +444,6 @@ def chunk_kda_bwd_intra_kernel(
     BV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
-    DIAG_LEVELS: tl.constexpr,
     DIAG_PRECISION: tl.constexpr,
 ):
     """Per (K tile × sub-chunk, chunk, head), the BC rows R of one sub-chunk: the products with
@@ -451,9 +452,8 @@ def chunk_kda_bwd_intra_kernel(
     reverse cumsum); the K tile's part of dβ (slot 1 + i_k of db), with the L2 norm of the row
     dots Σ_d y·dy (ds), and this sub-chunk's part of G_last's gradient (to dglp [slots, NC, H, K]).
 
-    fla-core's layout of the same work: [BC, BK] tiles, one program per sub-chunk, so the
-    diagonal block reads each of its rows once as a [BK] vector (bench/NOTES.md has the plan
-    and the measurements)."""
+    fla-core's layout of the same work: [BC, BK] tiles, one program per sub-chunk; the diagonal
+    block by levels, as the forward's intra kernel (bench/NOTES.md has the measurements)."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_kc, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -566,54 +566,30 @@ def chunk_kda_bwd_intra_kernel(
         b_Ac += b_sc * tl.exp(b_gm[None, :] - b_G)
     # the diagonal block by levels (as the forward's intra kernel): the pairs (i, j) of level b
     # meet at the anchor a, the last row of the lower half of their 2^(b+1)-row block, j <= a < i
-    if DIAG_LEVELS:
-        o_m = o_t[:, None] * (H * BT) + (i_c * BC + o_r)[None, :]  # [BC, BC] M[R, R]
-        b_Mq = tl.load(p_Mq + o_m, mask=m_t[:, None], other=0.0)
-        b_Mk = tl.load(p_Mk + o_m, mask=m_t[:, None], other=0.0)
-        m_eye = o_r[:, None] == o_r[None, :]
-        b_dMq = tl.sum(tl.where(m_eye, b_Mq, 0.0), axis=1)  # [BC] M_qk[i, i] (M_kk's is zero)
-        b_Aq += b_dMq[:, None] * b_k
-        b_Ac += b_dMq[:, None] * b_q
-        b_bk = b_beta[:, None] * b_k  # [BC, BK] β_i k̂_i
-        for b in tl.static_range(4):
-            m_hi = ((o_r >> b) & 1) == 1  # [BC] rows on the upper side of their level-b block
-            o_a = t_a + ((o_r >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BC] anchor rows
-            b_Ga = _load_gate(p_G, o_a, o_a < eos, o_k, m_k, b_gl, H * K)  # [BC, BK]
-            b_e = tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))  # [BC, BK] all <= 1
-            # [BC, BC] the level-b pairs: i upper, j lower, one block
-            m_lvl = ((o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))) & m_hi[:, None] & ~m_hi[None, :]
-            b_Mqb = tl.where(m_lvl, b_Mq, 0.0)
-            b_Mkb = tl.where(m_lvl, b_Mk, 0.0)
-            b_klo = tl.where(m_hi[:, None], 0.0, b_k * b_e)  # [BC, BK] k̂_j e^(G_a − G_j)
-            b_Aq += b_e * tl.dot(b_Mqb, b_klo, input_precision=DIAG_PRECISION)
-            b_Ay += b_e * tl.dot(b_Mkb, b_klo, input_precision=DIAG_PRECISION)
-            b_qhi = tl.where(m_hi[:, None], b_q * b_e, 0.0)  # [BC, BK] q̂_i e^(G_i − G_a)
-            b_khi = tl.where(m_hi[:, None], b_bk * b_e, 0.0)
-            b_sc = tl.dot(tl.trans(b_Mqb), b_qhi, input_precision=DIAG_PRECISION)
-            b_Ac += b_e * tl.dot(tl.trans(b_Mkb), b_khi, acc=b_sc, input_precision=DIAG_PRECISION)
-    else:
-        # the diagonal block, exactly: one row c of R at a time, loaded once as a [BK] vector; it is a
-        # column c <= i of the row sums and a row c >= j of the column sums
-        for jj in range(0, tl.minimum(BC, eos - t_a)):
-            t_c = t_a + jj
-            b_qc = tl.load(p_q + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-            b_kc = tl.load(p_k + t_c * H * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-            b_Gc = tl.load(p_G + t_c * H * K + o_k, mask=m_k, other=0.0)
-            b_bc = tl.load(beta + t_c * H + i_h).to(tl.float32)
-            if USE_QK_L2NORM:
-                b_qc *= tl.load(rqk + (t_c * H + i_h) * 2)
-                b_kc *= tl.load(rqk + (t_c * H + i_h) * 2 + 1)
-            # [BC] x 4: M[i, c] of the row sums and M[c, i] of the column sums
-            b_Dq = tl.load(p_Mq + o_t * (H * BT) + i_c * BC + jj, mask=m_t, other=0.0)
-            b_Dk = tl.load(p_Mk + o_t * (H * BT) + i_c * BC + jj, mask=m_t, other=0.0)
-            b_Eq = tl.load(p_Mq + t_c * (H * BT) + i_c * BC + o_r)
-            b_Ek = tl.load(p_Mk + t_c * (H * BT) + i_c * BC + o_r)
-            # masked before exp so no positive exponent is ever formed
-            b_kE = b_kc[None, :] * tl.exp(tl.where((o_r >= jj)[:, None], b_G - b_Gc[None, :], float("-inf")))
-            b_Aq += b_Dq[:, None] * b_kE
-            b_Ay += b_Dk[:, None] * b_kE
-            b_x = b_Eq[:, None] * b_qc[None, :] + (b_bc * b_Ek)[:, None] * b_kc[None, :]
-            b_Ac += b_x * tl.exp(tl.where((o_r <= jj)[:, None], b_Gc[None, :] - b_G, float("-inf")))
+    o_m = o_t[:, None] * (H * BT) + (i_c * BC + o_r)[None, :]  # [BC, BC] M[R, R]
+    b_Mq = tl.load(p_Mq + o_m, mask=m_t[:, None], other=0.0)
+    b_Mk = tl.load(p_Mk + o_m, mask=m_t[:, None], other=0.0)
+    m_eye = o_r[:, None] == o_r[None, :]
+    b_dMq = tl.sum(tl.where(m_eye, b_Mq, 0.0), axis=1)  # [BC] M_qk[i, i] (M_kk's is zero)
+    b_Aq += b_dMq[:, None] * b_k
+    b_Ac += b_dMq[:, None] * b_q
+    b_bk = b_beta[:, None] * b_k  # [BC, BK] β_i k̂_i
+    for b in tl.static_range(4):
+        m_hi = ((o_r >> b) & 1) == 1  # [BC] rows on the upper side of their level-b block
+        o_a = t_a + ((o_r >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BC] anchor rows
+        b_Ga = _load_gate(p_G, o_a, o_a < eos, o_k, m_k, b_gl, H * K)  # [BC, BK]
+        b_e = tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))  # [BC, BK] all <= 1
+        # [BC, BC] the level-b pairs: i upper, j lower, one block
+        m_lvl = ((o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))) & m_hi[:, None] & ~m_hi[None, :]
+        b_Mqb = tl.where(m_lvl, b_Mq, 0.0)
+        b_Mkb = tl.where(m_lvl, b_Mk, 0.0)
+        b_klo = tl.where(m_hi[:, None], 0.0, b_k * b_e)  # [BC, BK] k̂_j e^(G_a − G_j)
+        b_Aq += b_e * tl.dot(b_Mqb, b_klo, input_precision=DIAG_PRECISION)
+        b_Ay += b_e * tl.dot(b_Mkb, b_klo, input_precision=DIAG_PRECISION)
+        b_qhi = tl.where(m_hi[:, None], b_q * b_e, 0.0)  # [BC, BK] q̂_i e^(G_i − G_a)
+        b_khi = tl.where(m_hi[:, None], b_bk * b_e, 0.0)
+        b_sc = tl.dot(tl.trans(b_Mqb), b_qhi, input_precision=DIAG_PRECISION)
+        b_Ac += b_e * tl.dot(tl.trans(b_Mkb), b_khi, acc=b_sc, input_precision=DIAG_PRECISION)
 
     b_bAy = b_beta[:, None] * b_Ay
     b_dk = b_Ac + b_bAy + b_Al
@@ -734,7 +710,6 @@ class LaunchConfig:
     prep_bk: int
     prep_bv: int
     prep_warps: int
-    intra_levels: bool = True
 
 
 def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
@@ -754,9 +729,10 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
     K = 256 to spread the registers.
 
     The intra kernel runs one program per (32-wide K tile, 16-row sub-chunk) with 32-wide V
-    tiles on 1 warp and 2 stages: of 16 tiles, warps and stages swept at the three benchmark
-    shapes, the fastest at each, 16-20% ahead of fla-core's own choice for its sub-chunk kernel
-    (2 warps) and 35% ahead of the whole-chunk kernel it replaced (bench/NOTES.md).
+    tiles on 2 warps and 2 stages: with the diagonal block by levels, the fastest of 8 tiles,
+    warps and stages at the three benchmark shapes (1 warp 22-29% slower: its registers run
+    out); 12-14% ahead of the row-by-row diagonal it replaced, at its best on 1 warp
+    (bench/NOTES.md).
     The wy kernel holds Tᵀ and the two C×C gradients ([64, 64] fp32) over 32-wide V tiles on 4
     warps and 3 stages: 80-96 KB of shared memory and no spills, so two programs per SM; 8 warps
     (one program per SM) measured 45% slower at B8 T4096 H32, 16- or 64-wide V tiles 25-32%.
@@ -776,7 +752,7 @@ def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
         wy_stages=3,
         intra_bk=min(32, scan_bk),
         intra_bv=min(32, max(16, triton.next_power_of_2(V))),
-        intra_warps=1,
+        intra_warps=2,
         intra_stages=2,
         finish_bk=min(64, scan_bk),
         prep_bk=min(32, scan_bk),
@@ -914,7 +890,7 @@ def chunk_kda_bwd_triton(
         q, k, beta, do, gc, mqk, mkk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, dglp, db, ds,
         *index, NTH, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.intra_bk, BV=cfg.intra_bv, **common,
-        DIAG_LEVELS=cfg.intra_levels, DIAG_PRECISION=fwd_cfg.diag_precision,
+        DIAG_PRECISION=fwd_cfg.diag_precision,
         num_warps=cfg.intra_warps,
         num_stages=cfg.intra_stages,
     )
