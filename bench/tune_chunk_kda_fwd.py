@@ -1,6 +1,6 @@
 """Sweeps the launch configuration of the chunked KDA forward's kernels on the GPU at hand, one
 kernel at a time around kernels/chunk_kda_fwd.py's launch_config, at the benchmark shapes (bf16,
-K = V = 128): the gate kernel's K tile; the intra kernel's K tile, warps, stages and diagonal-block
+K = V = 128): the gate kernel's K tile and warps; the intra kernel's K tile, warps, stages and diagonal-block
 precision; the solve kernel's tiles, warps and stages; the scan's V tile, warps and stages.
 launch_config is chosen from these tables.
 

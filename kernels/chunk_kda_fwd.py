@@ -331,10 +331,11 @@ def chunk_kda_fwd_solve_kernel(
     USE_QK_L2NORM: tl.constexpr,
     STORE_RESIDUALS: tl.constexpr,
 ):
-    """The solve kernel on [BC, BC] blocks, for one warp (fla-core's inter_solve layout): T =
-    (I + β⊙A_kk)^-1 by forward substitution inside the four diagonal blocks (batched), then the
-    block merges T_rc = −T_rr·Σ_{c <= j < r} A_rj·T_jc (tf32x3); w = T(β⊙k̂⊙e^G) and u = T(β⊙v)
-    per sub-chunk row block, as [BC, BC] × [BC, BK] products."""
+    """Per (chunk, head) on [BC, BC] blocks, for one warp (fla-core's inter_solve layout): T =
+    (I + β⊙A_kk)^-1 from the intra kernel's A_kk by forward substitution inside the four
+    diagonal blocks (batched), then the block merges T_rc = −T_rr·Σ_{c <= j < r} A_rj·T_jc
+    (tf32x3), to tkk under STORE_RESIDUALS; w = T(β⊙k̂⊙e^G) and u = T(β⊙v) per sub-chunk row
+    block, as [BC, BC] × [BC, BK] products."""
     tl.static_assert(BT == 4 * BC)
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
