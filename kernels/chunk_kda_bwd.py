@@ -26,7 +26,7 @@ backward recomputes the rest. Chunk length BT = 64 in sub-chunks of BC = 16 rows
        dv_new·(β⊙v − β⊙k⊙e^G·S₀)ᵀ and that bracket is T⁻¹·v_new, so −Tᵀ·dT·Tᵀ =
        −Tᵀ·dv_new·v_newᵀ; it needs no pass over K. dv_b goes back over dv_new; the masked
        M_qk = scale·dA_qk and M_kk = dA_kk go to their own buffers.
-   (b) `chunk_kda_bwd_intra_kernel`, per (K tile, 16-row sub-chunk, chunk, head), on 1 warp:
+   (b) `chunk_kda_bwd_intra_kernel`, per (K tile, 16-row sub-chunk, chunk, head), on 2 warps:
        over V tiles of h and dh, dO·S₀ᵀ, dv_b·S₀ᵀ (the WY gradient Tᵀ·dw with
        dw = −dv_new·S₀ᵀ), v_new·dS₁ᵀ and Σ_v dS₁⊙S₀ for its rows; the intra-chunk backward of
        A_qk and A_kk with the per-channel gate; dq, dk (or the norm's input gradient dy, fp32)
@@ -91,6 +91,7 @@ from ..meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_residuals_meta
 from .chunk_kda_fwd import (
     BC,
     BT,
+    _level_factors,
     _load_gate,
     _load_rows,
     _store_rows,
@@ -575,10 +576,7 @@ def chunk_kda_bwd_intra_kernel(
     b_Ac += b_dMq[:, None] * b_q
     b_bk = b_beta[:, None] * b_k  # [BC, BK] β_i k̂_i
     for b in tl.static_range(4):
-        m_hi = ((o_r >> b) & 1) == 1  # [BC] rows on the upper side of their level-b block
-        o_a = t_a + ((o_r >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BC] anchor rows
-        b_Ga = _load_gate(p_G, o_a, o_a < eos, o_k, m_k, b_gl, H * K)  # [BC, BK]
-        b_e = tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))  # [BC, BK] all <= 1
+        m_hi, b_e = _level_factors(p_G, b_G, b_gl, t_a, o_r, eos, o_k, m_k, b, H * K)
         # [BC, BC] the level-b pairs: i upper, j lower, one block
         m_lvl = ((o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))) & m_hi[:, None] & ~m_hi[None, :]
         b_Mqb = tl.where(m_lvl, b_Mq, 0.0)

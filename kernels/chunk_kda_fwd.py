@@ -101,6 +101,17 @@ def _load_gate(p_G, o_t, m_t, o_k, m_k, b_gl, STRIDE: tl.constexpr):
 
 
 @triton.jit
+def _level_factors(p_G, b_G, b_gl, t_a, o_r, eos, o_k, m_k, b: tl.constexpr, STRIDE: tl.constexpr):
+    """Level b of a sub-chunk's diagonal block (rows t_a + o_r, G of them b_G [BC, BK]): m_hi [BC],
+    the rows on the upper side of their level-b block, and b_e [BC, BK], e^(G_i − G_a) on those
+    rows and e^(G_a − G_j) on the others, a the last row of the block's lower half: all <= 1."""
+    m_hi = ((o_r >> b) & 1) == 1
+    o_a = t_a + ((o_r >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BC] anchor rows
+    b_Ga = _load_gate(p_G, o_a, o_a < eos, o_k, m_k, b_gl, STRIDE)  # [BC, BK]
+    return m_hi, tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))
+
+
+@triton.jit
 def chunk_kda_fwd_gate_kernel(
     q,
     k,
@@ -263,10 +274,7 @@ def chunk_kda_fwd_intra_kernel(
         # the diagonal block by levels: pairs (i, j) of level b meet at the anchor a, the last
         # row of the lower half of their 2^(b+1)-row block, so j <= a < i
         for b in tl.static_range(4):
-            m_hi = ((o_r >> b) & 1) == 1  # [BC] rows on the upper side of their level-b block
-            o_a = t_a + ((o_r >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BC] anchor rows
-            b_Ga = _load_gate(p_G, o_a, o_a < eos, o_k, m_k, b_gl, H * K)  # [BC, BK]
-            b_e = tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))  # [BC, BK] all <= 1
+            m_hi, b_e = _level_factors(p_G, b_G, b_gl, t_a, o_r, eos, o_k, m_k, b, H * K)
             b_kc = tl.trans(tl.where(m_hi[:, None], 0.0, b_k * b_e))  # [BK, BC] columns j of the pairs
             m_lvl = (o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))  # [BC, BC] within one block
             b_qr = tl.where(m_hi[:, None], b_q * b_e, 0.0)  # [BC, BK] rows i of the pairs
