@@ -66,13 +66,19 @@ def _load_kv_tile(
 ):
     """(m_n, b_kv, b_kr): tokens [i_n, i_n + BLOCK_N) of a sequence, read through its block table,
     as their value columns [BLOCK_N, BLOCK_V] and shared-key columns [BLOCK_N, BLOCK_R] (zeros
-    when D_ROPE = 0); rows at or past eos are zeros and never read."""
+    when D_ROPE = 0); rows at or past eos are zeros and never read. i_n is a multiple of BLOCK_N,
+    so where BLOCK_N divides PAGE_SIZE the tile lies in one page, addressed by one scalar page id
+    (no page-id vector for the pipeliner to stage, fewer registers; bench/NOTES.md)."""
     o_n = i_n + tl.arange(0, BLOCK_N)
     o_v = tl.arange(0, BLOCK_V)
     o_r = tl.arange(0, BLOCK_R)
     m_n = o_n < eos
-    b_page = tl.load(p_bt + (o_n // PAGE_SIZE) * stride_bt_n, mask=m_n, other=0).to(tl.int64)  # [BLOCK_N]
-    p_kv = kv_cache + b_page[:, None] * stride_kv_block + (o_n % PAGE_SIZE)[:, None] * stride_kv_row  # [BLOCK_N, 1]
+    if PAGE_SIZE % BLOCK_N == 0:
+        i_page = tl.load(p_bt + (i_n // PAGE_SIZE) * stride_bt_n).to(tl.int64)  # i_n < eos: a used entry
+        p_kv = kv_cache + i_page * stride_kv_block + (o_n % PAGE_SIZE)[:, None] * stride_kv_row  # [BLOCK_N, 1]
+    else:
+        b_page = tl.load(p_bt + (o_n // PAGE_SIZE) * stride_bt_n, mask=m_n, other=0).to(tl.int64)  # [BLOCK_N]
+        p_kv = kv_cache + b_page[:, None] * stride_kv_block + (o_n % PAGE_SIZE)[:, None] * stride_kv_row  # [BLOCK_N, 1]
     b_kv = tl.load(p_kv + o_v[None, :], mask=m_n[:, None] & (o_v < V)[None, :], other=0.0)  # [BLOCK_N, BLOCK_V]
     b_kr = tl.load(p_kv + V + o_r[None, :], mask=m_n[:, None] & (o_r < D_ROPE)[None, :], other=0.0)  # [BLOCK_N, BLOCK_R]
     return m_n, b_kv, b_kr

@@ -51,6 +51,8 @@ CASES = [
     ("combine-tall-steps", [3, 1000, 20], 2, 48, 32, 16, torch.float32, HEAD_MAJOR_P64, ""),
     ("batch-over-one-length-chunk", [i % 3 for i in range(300)], 2, 32, 32, 16, torch.float32, TOKEN_MAJOR, ""),
     ("no-shared-key-D32V32", [1, 33, 16], 3, 32, 32, 16, torch.float32, None, ""),
+    ("two-tiles-per-page-head-major", [0, 5, 40, 68, 17], 4, 80, 64, 32, torch.float32, HEAD_MAJOR, ""),
+    ("two-tiles-per-page-token-major", [70, 0, 31, 33], 4, 80, 64, 32, torch.float32, TOKEN_MAJOR, ""),
     ("non-pow2-V48-D60-page12", [0, 11, 12, 13, 50], 5, 60, 48, 12, torch.float32, TOKEN_MAJOR, ""),
     ("strided-q-cache-table", [7, 0, 45], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, "strided"),
     ("over-capacity-length", [48, 5], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, "over-capacity"),
