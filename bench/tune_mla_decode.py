@@ -36,21 +36,19 @@ SHAPES = [(1, 32768), (32, 4096), (32, 32768), (128, 4096), (128, 32768)]  # (B,
 # (block_n, num_warps, num_stages, token_major, programs_per_sm), all heads in one program.
 # Triton's pipeliner splits num_stages between the page-id load and the KV tile load it feeds:
 # stages 2-4 leave the tile one buffer (its next load is issued after the dots read it and waited
-# for at the top of the next iteration: no overlap), 5 gives it two buffers, 7 three
-# (bench/NOTES.md). The first row, the 3-stage tile that won before that was known, stays as the
-# baseline; two programs per SM only where two fit in shared memory. 64 padded heads (wgmma) and
-# 16 warps lost at 5 and 7 stages too (results/h100/mla_decode_alt_tiles_profile.json).
+# for at the top of the next iteration: no overlap), 5-6 give it two buffers, 7 three
+# (bench/NOTES.md). Two programs per SM only where two fit in registers and shared memory
+# (BLOCK_N 32 on 4 warps: 113 KB each). Lost before and not retried: token-major (wgmma on
+# BLOCK_N 64 too, `results/h100/mla_decode_token_major_ab.json`), 64 padded heads and 16 warps
+# (`results/h100/mla_decode_alt_tiles_profile.json`).
 CANDIDATES = [
-    (64, 8, 3, False, 1),
     (64, 8, 5, False, 1),
+    (64, 8, 3, False, 1),
     (32, 8, 5, False, 1),
-    (32, 8, 5, False, 2),
     (32, 8, 7, False, 1),
+    (32, 4, 5, False, 2),
+    (32, 4, 7, False, 1),
     (16, 8, 7, False, 1),
-    (16, 8, 7, False, 2),
-    (32, 8, 5, True, 1),
-    (32, 8, 5, True, 2),
-    (32, 8, 7, True, 1),
 ]
 
 
