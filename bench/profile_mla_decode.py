@@ -4,9 +4,9 @@ over --calls eager calls) of the split and combine kernels, beside the CUDA-grap
 benchmark (D_qk = 576, v_dim = 512, block size 64, bf16, full-length sequences).
 
     python bench/profile_mla_decode.py --shapes 32,128,4096 32,1,32768
-    python bench/profile_mla_decode.py --shapes 32,128,4096 --configs 16,64,8,5,0,1 32,64,8,5,0,1
+    python bench/profile_mla_decode.py --shapes 32,128,4096 --configs 16,64,8,5,1 32,64,8,5,1
 
---configs: block_h,block_n,num_warps,num_stages,token_major,programs_per_sm per entry; default
+--configs: block_h,block_n,num_warps,num_stages,programs_per_sm per entry; default
 the launch table's row for each shape.
 """
 
@@ -27,9 +27,9 @@ from kda_ops.kernels.mla_decode import MLADecodeConfig, mla_decode_config, mla_d
 
 
 def parse_config(text: str) -> MLADecodeConfig:
-    block_h, block_n, warps, stages, token_major, pps = (int(x) for x in text.split(","))
+    block_h, block_n, warps, stages, pps = (int(x) for x in text.split(","))
     return MLADecodeConfig(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages,
-                           token_major=bool(token_major), programs_per_sm=pps)
+                           programs_per_sm=pps)
 
 
 def profile_config(H: int, B: int, L: int, config: MLADecodeConfig, calls: int) -> dict:

@@ -1,5 +1,5 @@
-"""Sweeps the launch configuration of the mla_decode split kernel on the GPU at hand (orientation,
-heads per program, BLOCK_N, warps, pipeline stages, programs per SM) in one process and writes
+"""Sweeps the launch configuration of the mla_decode split kernel on the GPU at hand (heads per
+program, BLOCK_N, warps, pipeline stages, programs per SM) in one process and writes
 JSON; kernels/mla_decode.py's CONFIGS rows are the winners it prints.
 
     python bench/tune_mla_decode.py --out $OUT/mla_decode_tune.json [--heads 32,16] [--budget-s 230]
@@ -33,30 +33,29 @@ from kda_ops.kernels.mla_decode import MLADecodeConfig, mla_decode_triton
 SHAPES = [(1, 32768), (32, 4096), (32, 32768), (128, 4096), (128, 32768)]  # (B, L)
 
 
-# (block_n, num_warps, num_stages, token_major, programs_per_sm), all heads in one program.
+# (block_n, num_warps, num_stages, programs_per_sm), all heads in one program.
 # Triton's pipeliner splits num_stages between the page-id load and the KV tile load it feeds:
 # stages 2-4 leave the tile one buffer (its next load is issued after the dots read it and waited
 # for at the top of the next iteration: no overlap), 5-6 give it two buffers, 7 three
 # (bench/NOTES.md). Two programs per SM only where two fit in registers and shared memory
-# (BLOCK_N 32 on 4 warps: 113 KB each). Lost before and not retried: token-major (wgmma on
-# BLOCK_N 64 too, `results/h100/mla_decode_token_major_ab.json`), 64 padded heads and 16 warps
+# (BLOCK_N 32 on 4 warps: 113 KB each). Lost before and not retried: 64 padded heads and 16 warps
 # (`results/h100/mla_decode_alt_tiles_profile.json`).
 CANDIDATES = [
-    (64, 8, 5, False, 1),
-    (64, 8, 3, False, 1),
-    (32, 8, 5, False, 1),
-    (32, 8, 7, False, 1),
-    (32, 4, 5, False, 2),
-    (32, 4, 7, False, 1),
-    (16, 8, 7, False, 1),
+    (64, 8, 5, 1),
+    (64, 8, 3, 1),
+    (32, 8, 5, 1),
+    (32, 8, 7, 1),
+    (32, 4, 5, 2),
+    (32, 4, 7, 1),
+    (16, 8, 7, 1),
 ]
 
 
 def candidates(num_heads: int) -> list[MLADecodeConfig]:
     """CANDIDATES with all heads (padded to a power of two, at least 16) in one program."""
     block_h = max(16, triton.next_power_of_2(num_heads))
-    return [MLADecodeConfig(block_h=block_h, block_n=n, num_warps=w, num_stages=s, token_major=t, programs_per_sm=p)
-            for n, w, s, t, p in CANDIDATES]
+    return [MLADecodeConfig(block_h=block_h, block_n=n, num_warps=w, num_stages=s, programs_per_sm=p)
+            for n, w, s, p in CANDIDATES]
 
 
 def time_config(args, ref, cfg: MLADecodeConfig) -> tuple[float | None, str]:

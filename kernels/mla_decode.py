@@ -17,11 +17,10 @@ so one CUDA graph serves every step:
    sequence's partials are consecutive rows. The programs that hold a sequence's first and last
    tile write their r to part_span [2, B].
    Each [BLOCK_N, D_qk] tile is loaded once through the block table and its first V columns are
-   the values. Two orientations of the two products (config.token_major):
-   - head-major: S = Q K^T [BLOCK_H, BLOCK_N], O += P V [BLOCK_H, V]. MMA M = BLOCK_H, so H < 64
-     compiles to mma.sync unless BLOCK_H pads the heads to 64.
-   - token-major: S^T = K Q^T [BLOCK_N, BLOCK_H], O^T += V^T P^T [V, BLOCK_H]. MMA M = BLOCK_N
-     and V, so wgmma at any head count without padding; the softmax runs along axis 0.
+   the values: S = Q K^T [BLOCK_H, BLOCK_N], O += P V [BLOCK_H, V]. MMA M = BLOCK_H, so H < 64
+   compiles to mma.sync. The transposed orientation (S^T = K Q^T, O^T += V^T P^T: wgmma at any
+   head count) measured slower at every swept shape, with wgmma on both products too, and was
+   removed (bench/NOTES.md).
 2. `mla_decode_combine_kernel`, grid (B, H, cdiv(V, BLOCK_VC)) with BLOCK_VC covering all V
    (bench/sweep_mla_combine.py tries narrower): reads sequence b's span and merges its partials
    with log-sum-exp and writes o (in o's dtype) and lse (natural log). Its cost is per program
@@ -85,13 +84,13 @@ def _load_kv_tile(
 
 
 @triton.jit
-def _attend_head_major(
+def _attend(
     p_q, p_bt, kv_cache, p_o, p_lse, bos, eos, qk_scale, o_h, m_h, H,
     stride_q_h, stride_kv_block, stride_kv_row, stride_bt_n,
     V: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Tokens [bos, eos) of one sequence for heads o_h, S = Q K^T; writes the partial to p_o / p_lse."""
+    """Tokens [bos, eos) of one sequence for heads o_h; writes the partial to p_o / p_lse."""
     o_v = tl.arange(0, BLOCK_V)
     o_r = tl.arange(0, BLOCK_R)
     m_v = o_v < V
@@ -116,41 +115,6 @@ def _attend_head_major(
         b_m = b_m_new
 
     tl.store(p_o + o_h[:, None] * V + o_v[None, :], b_acc / b_l[:, None], mask=m_h[:, None] & m_v[None, :])
-    tl.store(p_lse + o_h, b_m + tl.log2(b_l), mask=m_h)
-
-
-@triton.jit
-def _attend_token_major(
-    p_q, p_bt, kv_cache, p_o, p_lse, bos, eos, qk_scale, o_h, m_h, H,
-    stride_q_h, stride_kv_block, stride_kv_row, stride_bt_n,
-    V: tl.constexpr, D_ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Tokens [bos, eos) of one sequence for heads o_h, S^T = K Q^T; writes the partial to p_o / p_lse."""
-    o_v = tl.arange(0, BLOCK_V)
-    o_r = tl.arange(0, BLOCK_R)
-    m_v = o_v < V
-    m_r = o_r < D_ROPE
-    b_qt = tl.load(p_q + o_h[None, :] * stride_q_h + o_v[:, None], mask=m_v[:, None] & m_h[None, :], other=0.0)  # [BLOCK_V, BLOCK_H]
-    b_qrt = tl.load(p_q + o_h[None, :] * stride_q_h + V + o_r[:, None], mask=m_r[:, None] & m_h[None, :], other=0.0)  # [BLOCK_R, BLOCK_H]
-
-    b_m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # [BLOCK_H] running max (log2 domain)
-    b_l = tl.zeros([BLOCK_H], dtype=tl.float32)  # [BLOCK_H] running sum of exp2
-    b_acct = tl.zeros([BLOCK_V, BLOCK_H], dtype=tl.float32)  # [BLOCK_V, BLOCK_H]
-    for i_n in range(bos, eos, BLOCK_N):
-        m_n, b_kv, b_kr = _load_kv_tile(kv_cache, p_bt, i_n, eos, stride_kv_block, stride_kv_row, stride_bt_n,
-                                        V, D_ROPE, PAGE_SIZE, BLOCK_N, BLOCK_V, BLOCK_R)
-        b_st = tl.dot(b_kv, b_qt, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
-        b_st += tl.dot(b_kr, b_qrt, input_precision=DOT_PRECISION)
-        b_st = tl.where(m_n[:, None], b_st * qk_scale, float("-inf"))  # [BLOCK_N, BLOCK_H]
-        b_m_new = tl.maximum(b_m, tl.max(b_st, 0))  # [BLOCK_H]; finite: every tile holds a token
-        b_alpha = tl.exp2(b_m - b_m_new)  # [BLOCK_H]
-        b_pt = tl.exp2(b_st - b_m_new[None, :])  # [BLOCK_N, BLOCK_H]
-        b_l = b_l * b_alpha + tl.sum(b_pt, 0)
-        b_acct = b_acct * b_alpha[None, :] + tl.dot(tl.trans(b_kv), b_pt.to(b_kv.dtype), input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_H]
-        b_m = b_m_new
-
-    tl.store(p_o + o_h[None, :] * V + o_v[:, None], b_acct / b_l[None, :], mask=m_v[:, None] & m_h[None, :])
     tl.store(p_lse + o_h, b_m + tl.log2(b_l), mask=m_h)
 
 
@@ -183,7 +147,6 @@ def mla_decode_split_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    TOKEN_MAJOR: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
     DOT_PRECISION: tl.constexpr = "ieee" if IEEE_DOT else "tf32"
@@ -235,18 +198,11 @@ def mla_decode_split_kernel(
             p_q = q + i_b64 * stride_q_b
             p_bt = block_table + i_b64 * stride_bt_b
             o_ws = (i_b64 + i_r) * H  # workspace row b + r
-            if TOKEN_MAJOR:
-                _attend_token_major(
-                    p_q, p_bt, kv_cache, o_part + o_ws * V, lse_part + o_ws, bos, eos, qk_scale, o_h, m_h, H,
-                    stride_q_h, stride_kv_block, stride_kv_row, stride_bt_n,
-                    V, D_ROPE, PAGE_SIZE, BLOCK_H, BLOCK_N, BLOCK_V, BLOCK_R, DOT_PRECISION,
-                )
-            else:
-                _attend_head_major(
-                    p_q, p_bt, kv_cache, o_part + o_ws * V, lse_part + o_ws, bos, eos, qk_scale, o_h, m_h, H,
-                    stride_q_h, stride_kv_block, stride_kv_row, stride_bt_n,
-                    V, D_ROPE, PAGE_SIZE, BLOCK_H, BLOCK_N, BLOCK_V, BLOCK_R, DOT_PRECISION,
-                )
+            _attend(
+                p_q, p_bt, kv_cache, o_part + o_ws * V, lse_part + o_ws, bos, eos, qk_scale, o_h, m_h, H,
+                stride_q_h, stride_kv_block, stride_kv_row, stride_bt_n,
+                V, D_ROPE, PAGE_SIZE, BLOCK_H, BLOCK_N, BLOCK_V, BLOCK_R, DOT_PRECISION,
+            )
             i_t = seg_end
         b_first += tl.cdiv(seq_len, BLOCK_N)
         i_b += 1
@@ -334,19 +290,19 @@ class MLADecodeConfig:
     block_n: int  # tokens per KV tile, also the unit in which the work is dealt out
     num_warps: int
     num_stages: int
-    token_major: bool  # S^T = K Q^T (MMA M = tokens) rather than S = Q K^T (MMA M = heads)
     programs_per_sm: int  # split-kernel programs per SM; the grid is this times the SM count
 
 
 # (arch, dtype, H, D_qk, v_dim) -> config: the winners of bench/tune_mla_decode.py on an H100
-# (results/h100/mla_decode_tune.json). 5 stages: Triton's pipeliner spends one stage on the
+# (results/h100/mla_decode_tune.json). 5 and 7 stages: Triton's pipeliner spends stages on the
 # page-id load that the tile load depends on, and only from 5 stages on does the KV tile get two
-# buffers, i.e. a load in flight while the dots read the other one (bench/NOTES.md).
+# buffers (three at 7), i.e. a load in flight while the dots read another (bench/NOTES.md).
 _SM90 = (9, 0)
 CONFIGS = {
-    (_SM90, dtype, heads, 576, 512): MLADecodeConfig(block_h=heads, block_n=64, num_warps=8, num_stages=5, token_major=False, programs_per_sm=1)
-    for dtype in (torch.bfloat16, torch.float16)
-    for heads in (16, 32)
+    **{(_SM90, dtype, 32, 576, 512): MLADecodeConfig(block_h=32, block_n=64, num_warps=8, num_stages=5, programs_per_sm=1)
+       for dtype in (torch.bfloat16, torch.float16)},
+    **{(_SM90, dtype, 16, 576, 512): MLADecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=7, programs_per_sm=1)
+       for dtype in (torch.bfloat16, torch.float16)},
 }
 SMEM_BUDGET = 200 * 1024  # the KV tile buffers and the q block; the rest of the 227 KB is scratch
 
@@ -362,8 +318,7 @@ def device_sm_count_and_arch(device: torch.device) -> tuple[int, tuple[int, int]
 
 
 def heuristic_config(num_heads: int, head_dim: int, v_dim: int, dtype: torch.dtype) -> MLADecodeConfig:
-    """Head-major (it measured faster than token-major on the H100 at every swept head count),
-    all heads (up to 64; 16 for fp32, whose IEEE dots run on FMA registers) in one program, 8
+    """All heads (up to 64; 16 for fp32, whose IEEE dots run on FMA registers) in one program, 8
     warps, 5 stages (see CONFIGS), one program per SM, and the widest power-of-two BLOCK_N <= 64
     whose KV tile buffers fit SMEM_BUDGET beside the q block: two buffers, three where the dots
     compile to wgmma (16-bit inputs, 64 heads per program), as Triton's pipeliner allocates them
@@ -377,7 +332,6 @@ def heuristic_config(num_heads: int, head_dim: int, v_dim: int, dtype: torch.dty
         block_n=min(64, 1 << (tile_rows.bit_length() - 1)),
         num_warps=8,
         num_stages=5,
-        token_major=False,
         programs_per_sm=1,
     )
 
@@ -464,7 +418,6 @@ def mla_decode_triton(
         BLOCK_V=_block_v(v_dim),
         BLOCK_R=_block_r(D - v_dim),
         BLOCK_B=BLOCK_B,
-        TOKEN_MAJOR=config.token_major,
         IEEE_DOT=q.dtype == torch.float32,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

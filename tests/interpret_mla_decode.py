@@ -6,8 +6,9 @@ must be set before triton is first imported). Tiny shapes, every path: a length-
 within one tile and over several, tile ranges that cross sequences, fewer tiles than programs,
 one sequence over all programs, partials merged over several combine steps (also with fewer
 tiles than programs, where partial rows follow tiles), a batch over one chunk of the tile
-count, both orientations, two head blocks, no shared-key slice (D_qk = v_dim), non-power-of-two widths, pages smaller than a tile and not a
-power of two, lengths above the table's capacity, strided q / cache / block table. Unowned cache
+count, two head blocks, no shared-key slice (D_qk = v_dim), non-power-of-two widths, pages
+smaller than a tile and not a power of two, pages of two tiles (one scalar page id per tile),
+lengths above the table's capacity, strided q / cache / block table. Unowned cache
 rows are NaN and unused table entries out of range; outputs start as NaN. fp32 and fp16 (the
 interpreter multiplies bf16 as raw integers, so bf16 runs only in the GPU tests). The cache
 write: int32 and int64 slots, skipped slots (-1, past the cache), a strided cache and rows;
@@ -29,33 +30,31 @@ from kda_ops.kernels.mla_decode import MLADecodeConfig, mla_decode_triton
 from kda_ops.meta.mla_decode import mla_cache_write_reference, mla_decode_reference
 
 # 4 "SMs" in the interpreter: 8 programs share the tiles of a launch.
-TOKEN_MAJOR = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=True, programs_per_sm=2)
-HEAD_MAJOR = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=False, programs_per_sm=2)
+TWO_PER_SM = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, programs_per_sm=2)
 # 16 programs: a sequence's span can pass the combine's 8 partials per step
-HEAD_MAJOR_P16 = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=False, programs_per_sm=4)
+SIXTEEN_PROGRAMS = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, programs_per_sm=4)
 # 64 programs: a span of more than 32 partials takes several of the combine's tall steps
-HEAD_MAJOR_P64 = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, token_major=False, programs_per_sm=16)
+SIXTY_FOUR_PROGRAMS = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1, programs_per_sm=16)
 # id, lens, H, D_qk, v_dim, block_size, dtype, config (None: the heuristic), variant:
 # "strided" inputs, or "over-capacity": a row that fills its table is passed as length 1000
 CASES = [
     ("B3-H4-D80V64-bs16-default", [0, 5, 40], 4, 80, 64, 16, torch.float32, None, ""),
     ("B3-H4-D80V64-bs16-default-fp16", [0, 5, 40], 4, 80, 64, 16, torch.float16, None, ""),
-    ("tiles-across-sequences-token-major", [0, 5, 40, 68, 17], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, ""),
-    ("tiles-across-sequences-head-major", [0, 5, 40, 68, 17], 4, 80, 64, 16, torch.float32, HEAD_MAJOR, ""),
-    ("fewer-tiles-than-programs", [3, 0, 2], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, ""),
-    ("one-sequence-all-programs", [200], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, ""),
-    ("H20-two-head-blocks-fp16", [33, 0, 70], 20, 48, 32, 16, torch.float16, TOKEN_MAJOR, ""),
-    ("H20-two-head-blocks-head-major", [33, 0, 70], 20, 48, 32, 16, torch.float32, HEAD_MAJOR, ""),
-    ("combine-steps-long-among-short", [200, 1, 1, 1, 1, 1, 1, 1], 4, 80, 64, 16, torch.float32, HEAD_MAJOR_P16, ""),
-    ("combine-steps-fewer-tiles-than-programs", [200, 0, 0, 0], 4, 80, 64, 16, torch.float32, HEAD_MAJOR_P16, ""),
-    ("combine-tall-steps", [3, 1000, 20], 2, 48, 32, 16, torch.float32, HEAD_MAJOR_P64, ""),
-    ("batch-over-one-length-chunk", [i % 3 for i in range(300)], 2, 32, 32, 16, torch.float32, TOKEN_MAJOR, ""),
+    ("tiles-across-sequences", [0, 5, 40, 68, 17], 4, 80, 64, 16, torch.float32, TWO_PER_SM, ""),
+    ("fewer-tiles-than-programs", [3, 0, 2], 4, 80, 64, 16, torch.float32, TWO_PER_SM, ""),
+    ("one-sequence-all-programs", [200], 4, 80, 64, 16, torch.float32, TWO_PER_SM, ""),
+    ("H20-two-head-blocks-fp16", [33, 0, 70], 20, 48, 32, 16, torch.float16, TWO_PER_SM, ""),
+    ("H20-two-head-blocks", [33, 0, 70], 20, 48, 32, 16, torch.float32, TWO_PER_SM, ""),
+    ("combine-steps-long-among-short", [200, 1, 1, 1, 1, 1, 1, 1], 4, 80, 64, 16, torch.float32, SIXTEEN_PROGRAMS, ""),
+    ("combine-steps-fewer-tiles-than-programs", [200, 0, 0, 0], 4, 80, 64, 16, torch.float32, SIXTEEN_PROGRAMS, ""),
+    ("combine-tall-steps", [3, 1000, 20], 2, 48, 32, 16, torch.float32, SIXTY_FOUR_PROGRAMS, ""),
+    ("batch-over-one-length-chunk", [i % 3 for i in range(300)], 2, 32, 32, 16, torch.float32, TWO_PER_SM, ""),
     ("no-shared-key-D32V32", [1, 33, 16], 3, 32, 32, 16, torch.float32, None, ""),
-    ("two-tiles-per-page-head-major", [0, 5, 40, 68, 17], 4, 80, 64, 32, torch.float32, HEAD_MAJOR, ""),
-    ("two-tiles-per-page-token-major", [70, 0, 31, 33], 4, 80, 64, 32, torch.float32, TOKEN_MAJOR, ""),
-    ("non-pow2-V48-D60-page12", [0, 11, 12, 13, 50], 5, 60, 48, 12, torch.float32, TOKEN_MAJOR, ""),
-    ("strided-q-cache-table", [7, 0, 45], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, "strided"),
-    ("over-capacity-length", [48, 5], 4, 80, 64, 16, torch.float32, TOKEN_MAJOR, "over-capacity"),
+    ("two-tiles-per-page", [0, 5, 40, 68, 17], 4, 80, 64, 32, torch.float32, TWO_PER_SM, ""),
+    ("two-tiles-per-page-fp16", [70, 0, 31, 33], 4, 80, 64, 32, torch.float16, TWO_PER_SM, ""),
+    ("non-pow2-V48-D60-page12", [0, 11, 12, 13, 50], 5, 60, 48, 12, torch.float32, TWO_PER_SM, ""),
+    ("strided-q-cache-table", [7, 0, 45], 4, 80, 64, 16, torch.float32, TWO_PER_SM, "strided"),
+    ("over-capacity-length", [48, 5], 4, 80, 64, 16, torch.float32, TWO_PER_SM, "over-capacity"),
 ]
 
 

@@ -68,10 +68,10 @@ def test_gpu_mixed_lengths_bf16(H, block_size, d_qk):
     assert torch.equal(o_op, o) and torch.equal(lse_op, lse)
 
 
-SWEPT_CONFIGS = [  # tiles other than the table's: token-major, one KV buffer, 64 padded heads (wgmma), two programs per SM
-    pytest.param(MLADecodeConfig(block_h=32, block_n=32, num_warps=4, num_stages=3, token_major=True, programs_per_sm=2), id="token-major-bn32-w4-s3-pps2"),
-    pytest.param(MLADecodeConfig(block_h=32, block_n=64, num_warps=8, num_stages=2, token_major=False, programs_per_sm=1), id="head-major-bh32-bn64"),
-    pytest.param(MLADecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, token_major=False, programs_per_sm=2), id="head-major-bh64-bn32-pps2"),
+SWEPT_CONFIGS = [  # tiles other than the table's: one KV buffer, 64 padded heads (wgmma), two programs per SM
+    pytest.param(MLADecodeConfig(block_h=32, block_n=32, num_warps=4, num_stages=5, programs_per_sm=2), id="bh32-bn32-w4-s5-pps2"),
+    pytest.param(MLADecodeConfig(block_h=32, block_n=64, num_warps=8, num_stages=2, programs_per_sm=1), id="bh32-bn64-s2"),
+    pytest.param(MLADecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, programs_per_sm=2), id="bh64-bn32-pps2"),
 ]
 
 

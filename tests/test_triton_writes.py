@@ -164,11 +164,11 @@ def _mla_decode(dynamic):
     return decode, _mla_inputs(dynamic)
 
 
-def _mla_decode_token_major(dynamic):
-    """The split kernel's other orientation, which no table row picks: the launcher is called with
-    the config, as the tune script does."""
+def _mla_decode_one_page_tiles(dynamic):
+    """Tiles as tall as a page (one scalar page id per tile; the table's 64-token tiles span four
+    16-token pages): the launcher is called with the config, as the tune script does."""
     config = mla_decode_kernels.MLADecodeConfig(
-        block_h=16, block_n=64, num_warps=8, num_stages=2, token_major=True, programs_per_sm=1
+        block_h=16, block_n=MLA_PAGE, num_warps=4, num_stages=5, programs_per_sm=1
     )
 
     def decode(q, kv_cache, block_table, seq_lens):
@@ -259,7 +259,7 @@ WRITE_CASES = [
         ("mla_decode_split_kernel", "lse_part o_part part_span"),
         ("mla_decode_combine_kernel", "lse o"),
     ]),
-    ("mla_decode-token-major", _mla_decode_token_major, [
+    ("mla_decode-one-page-tiles", _mla_decode_one_page_tiles, [
         ("mla_decode_split_kernel", "lse_part o_part part_span"),
         ("mla_decode_combine_kernel", "lse o"),
     ]),
