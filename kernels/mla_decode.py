@@ -6,16 +6,20 @@ Two launches whose grids and fp32 workspace depend on shapes and static configur
 so one CUDA graph serves every step:
 
 1. `mla_decode_split_kernel`, grid (P, head_blocks) with P = programs_per_sm * SMs / head_blocks.
-   Every sequence is cut into cdiv(seq_len, BLOCK_N) tiles of BLOCK_N tokens and the tiles of all
-   sequences, in batch order, are dealt out evenly: program p takes tiles [p*T // P,
-   (p+1)*T // P) of the T in total, whatever sequences they belong to, so every program streams
-   the same number of cache bytes at any mix of lengths (no wave tail, no idle SMs at B = 1).
-   Each program derives its range from seq_lens on the device. For each sequence its range
-   touches it writes one partial (o normalised in fp32, log2-sum-exp) to workspace row b + r,
-   r = p when T >= P (then every program holds a tile) and r = its only tile when T < P: the
-   ranges are ordered, so (b, r) -> b + r is one-to-one, the workspace has B + P rows, and a
-   sequence's partials are consecutive rows. The programs that hold a sequence's first and last
-   tile write their r to part_span [2, B].
+   Every sequence is cut into cdiv(seq_len, BLOCK_N) tiles of BLOCK_N tokens, T in all, and each
+   program derives its range of tiles from seq_lens on the device, by one of two deals:
+   - aligned: the smallest piece size c in [cdiv(T, P), cdiv(T, P) + SPLIT_SLACK] that cuts each
+     sequence into cdiv(tiles, c) pieces, at most P in all; program p takes piece p (in batch
+     order), a range inside one sequence. No program pays twice for a range's fixed cost (q
+     load, pipeline fill and drain, partial store), which SPLIT_SLACK tiles measure.
+   - balanced, where no such c exists (many short sequences, or long ones just over a multiple
+     of the share): program p takes tiles [p*T // P, (p+1)*T // P) whatever sequences they
+     belong to, so every program streams the same bytes at any mix of lengths.
+   Either way every program with tiles holds a tile at or after tile p. For each sequence its
+   range touches it writes one partial (o normalised in fp32, log2-sum-exp) to workspace row
+   b + p: the ranges are ordered, so (b, p) -> b + p is one-to-one, the workspace has B + P
+   rows, and a sequence's partials are consecutive rows. The programs that hold a sequence's
+   first and last tile write their p to part_span [2, B].
    Each [BLOCK_N, D_qk] tile is loaded once through the block table and its first V columns are
    the values: S = Q K^T [BLOCK_H, BLOCK_N], O += P V [BLOCK_H, V]. MMA M = BLOCK_H, so H < 64
    compiles to mma.sync. The transposed orientation (S^T = K Q^T, O^T += V^T P^T: wgmma at any
@@ -47,6 +51,7 @@ import triton.language as tl
 
 LN2 = tl.constexpr(math.log(2.0))
 BLOCK_B = 256  # sequence lengths read per step of the on-device tile count
+SEGMENT_COST_TOKENS = 128  # a range's fixed cost (q load, pipeline fill and drain, partial store), in tokens streamed
 COMBINE_BLOCK_S = 8  # partials a combine program merges per step, when a sequence has at most this many
 COMBINE_BLOCK_S_TALL = 32  # partials per step when it has more
 
@@ -147,6 +152,7 @@ def mla_decode_split_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    SPLIT_SLACK: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
     DOT_PRECISION: tl.constexpr = "ieee" if IEEE_DOT else "tf32"
@@ -158,26 +164,47 @@ def mla_decode_split_kernel(
         o_b = i_b0 + tl.arange(0, BLOCK_B)
         b_len = tl.load(seq_lens + o_b * stride_sl, mask=o_b < B, other=0)  # [BLOCK_B]
         b_total += tl.sum(_tile_counts(b_len, capacity, BLOCK_N), 0)
+    # The aligned deal: the smallest piece size c within SPLIT_SLACK tiles of the balanced share
+    # that cuts every sequence into at most num_programs pieces in all, one piece per program.
+    c_share = tl.maximum(tl.cdiv(b_total, num_programs), 1)
+    c_piece = 0x7FFFFFFF  # no size fits: the balanced deal
+    # One 1-D pass per candidate (N(c) falls with c: the last fit is the smallest). A single pass
+    # over a [BLOCK_B, candidates] tile changed how the whole kernel compiles: 186 -> 168
+    # registers at H = 16 and the tile loop up to 38% slower on the GPU (bench/NOTES.md).
+    for i_c in tl.static_range(SPLIT_SLACK, -1, -1):
+        n_pieces = 0
+        for i_b0 in range(0, B, BLOCK_B):
+            o_b = i_b0 + tl.arange(0, BLOCK_B)
+            b_len = tl.load(seq_lens + o_b * stride_sl, mask=o_b < B, other=0)  # [BLOCK_B]
+            n_pieces += tl.sum(tl.cdiv(_tile_counts(b_len, capacity, BLOCK_N), c_share + i_c), 0)
+        c_piece = tl.where(n_pieces <= num_programs, c_share + i_c, c_piece)
+    aligned = c_piece < 0x7FFFFFFF
+    # Locate the unit the program starts at: its piece (aligned) or its first tile (balanced), the
+    # sequence i_b that holds it, and i_b's first tile b_first (units are tiles when balanced).
     i_t = ((i_p.to(tl.int64) * b_total) // num_programs).to(tl.int32)
     t_end = (((i_p.to(tl.int64) + 1) * b_total) // num_programs).to(tl.int32)
-    if i_t >= t_end:
-        return
-    # Partial rows are b + r: r = p when T >= P, and the program's only tile when T < P, so
-    # the rows of a sequence's partials are consecutive (no program without tiles among them).
-    i_r = tl.minimum(i_p, i_t)
-    # the sequence i_b that holds tile i_t, and its first tile b_first
-    b_carry = 0
+    c_unit = tl.where(aligned, c_piece, 1)
+    i_unit = tl.where(aligned, i_p, i_t)
+    u_carry = 0
     i_b = 0
+    u_first = 0  # units of the sequences before i_b
     b_first = 0
     for i_b0 in range(0, B, BLOCK_B):
         o_b = i_b0 + tl.arange(0, BLOCK_B)
         b_len = tl.load(seq_lens + o_b * stride_sl, mask=o_b < B, other=0)  # [BLOCK_B]
         b_tiles = _tile_counts(b_len, capacity, BLOCK_N)  # [BLOCK_B]
-        b_end = b_carry + tl.cumsum(b_tiles, 0)  # [BLOCK_B] one past each sequence's last tile
-        m_before = (b_end <= i_t) & (o_b < B)  # sequences that end at or before i_t
+        b_end = u_carry + tl.cumsum(tl.cdiv(b_tiles, c_unit), 0)  # [BLOCK_B] one past each sequence's last unit
+        m_before = (b_end <= i_unit) & (o_b < B)  # sequences that end at or before the unit
         i_b += tl.sum(m_before.to(tl.int32), 0)
-        b_first = tl.maximum(b_first, tl.max(tl.where(m_before, b_end, 0), 0))
-        b_carry += tl.sum(b_tiles, 0)
+        u_first = tl.maximum(u_first, tl.max(tl.where(m_before, b_end, 0), 0))
+        b_first += tl.sum(tl.where(m_before, b_tiles, 0), 0)
+        u_carry += tl.sum(tl.cdiv(b_tiles, c_unit), 0)
+    if aligned:
+        n_tiles = _tile_counts(tl.load(seq_lens + i_b.to(tl.int64) * stride_sl, mask=i_b < B, other=0), capacity, BLOCK_N)
+        i_t = b_first + (i_p - u_first) * c_piece
+        t_end = b_first + tl.minimum((i_p - u_first + 1) * c_piece, n_tiles)
+    if i_t >= t_end:
+        return
 
     o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
     m_h = o_h < H
@@ -188,16 +215,16 @@ def mla_decode_split_kernel(
         seq_end = b_first + tl.cdiv(seq_len, BLOCK_N)
         seg_end = tl.minimum(seq_end, t_end)
         if seg_end > i_t:
-            # the span [first, last] of r over sequence i_b's partials
+            # the first and last program of sequence i_b's partials
             if (i_hb == 0) & (i_t == b_first):
-                tl.store(part_span + i_b64, i_r)
+                tl.store(part_span + i_b64, i_p)
             if (i_hb == 0) & (seg_end == seq_end):
-                tl.store(part_span + B + i_b64, i_r)
+                tl.store(part_span + B + i_b64, i_p)
             bos = (i_t - b_first) * BLOCK_N
             eos = tl.minimum((seg_end - b_first) * BLOCK_N, seq_len)
             p_q = q + i_b64 * stride_q_b
             p_bt = block_table + i_b64 * stride_bt_b
-            o_ws = (i_b64 + i_r) * H  # workspace row b + r
+            o_ws = (i_b64 + i_p) * H  # workspace row b + p
             _attend(
                 p_q, p_bt, kv_cache, o_part + o_ws * V, lse_part + o_ws, bos, eos, qk_scale, o_h, m_h, H,
                 stride_q_h, stride_kv_block, stride_kv_row, stride_bt_n,
@@ -386,6 +413,7 @@ def mla_decode_triton(
     sm_count, _ = device_sm_count_and_arch(q.device)
     head_blocks = triton.cdiv(H, config.block_h)
     num_programs = max(1, config.programs_per_sm * sm_count // head_blocks)
+    split_slack = max(1, SEGMENT_COST_TOKENS // config.block_n)  # tiles
     o_part = torch.empty((B + num_programs, H, v_dim), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B + num_programs, H), dtype=torch.float32, device=q.device)
     part_span = torch.empty((2, B), dtype=torch.int32, device=q.device)  # first and last partial row r of each sequence
@@ -418,6 +446,7 @@ def mla_decode_triton(
         BLOCK_V=_block_v(v_dim),
         BLOCK_R=_block_r(D - v_dim),
         BLOCK_B=BLOCK_B,
+        SPLIT_SLACK=split_slack,
         IEEE_DOT=q.dtype == torch.float32,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
