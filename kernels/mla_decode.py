@@ -51,7 +51,7 @@ import triton.language as tl
 
 LN2 = tl.constexpr(math.log(2.0))
 BLOCK_B = 256  # sequence lengths read per step of the on-device tile count
-SEGMENT_COST_TOKENS = 128  # a range's fixed cost (q load, pipeline fill and drain, partial store), in tokens streamed
+SEGMENT_COST_TOKENS = 128  # a range's fixed cost (q load, pipeline fill and drain, partial store) in tokens streamed (bench/NOTES.md)
 COMBINE_BLOCK_S = 8  # partials a combine program merges per step, when a sequence has at most this many
 COMBINE_BLOCK_S_TALL = 32  # partials per step when it has more
 
@@ -416,7 +416,7 @@ def mla_decode_triton(
     split_slack = max(1, SEGMENT_COST_TOKENS // config.block_n)  # tiles
     o_part = torch.empty((B + num_programs, H, v_dim), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B + num_programs, H), dtype=torch.float32, device=q.device)
-    part_span = torch.empty((2, B), dtype=torch.int32, device=q.device)  # first and last partial row r of each sequence
+    part_span = torch.empty((2, B), dtype=torch.int32, device=q.device)  # first and last program p of each sequence's partials
 
     launch(mla_decode_split_kernel)[(num_programs, head_blocks)](
         q,
