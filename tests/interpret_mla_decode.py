@@ -1,17 +1,17 @@
 """Runs the MLA decode Triton kernels (split-KV + combine) and the cache-write kernel under
 TRITON_INTERPRET=1 on CPU against meta's references; exits non-zero on any mismatch.
 
-Run as a script (test_mla_decode_kernel.py starts it in a subprocess, because TRITON_INTERPRET
-must be set before triton is first imported). Tiny shapes, every path: a length-0 row, lengths
-within one tile and over several, both deals of tiles to programs (pieces inside one sequence,
-and balanced ranges that cross sequences), fewer tiles than programs, one sequence over all
-programs, partials merged over several combine steps (also with fewer tiles than programs, some
-programs idle), a batch over one chunk of the tile count, two head blocks, no shared-key slice
-(D_qk = v_dim), non-power-of-two widths, pages smaller than a tile and not a power of two, pages
-of two tiles (one scalar page id per tile), lengths above the table's capacity, strided q /
-cache / block table. Unowned cache rows are NaN and unused table entries out of range; outputs start as NaN. fp32 and fp16 (the
-interpreter multiplies bf16 as raw integers, so bf16 runs only in the GPU tests). The cache
-write: int32 and int64 slots, skipped slots (-1, past the cache), a strided cache and rows;
+Run as a script (test_mla_decode_kernel.py starts it in a subprocess, because TRITON_INTERPRET must
+be set before triton is first imported). Tiny shapes, every path: a length-0 row, lengths within
+one tile and over several, both deals of tiles to programs (pieces inside one sequence, and
+balanced ranges that cross sequences), fewer tiles than programs, one sequence over all programs,
+partials merged over several combine steps (also with fewer tiles than programs, some programs
+idle), a batch over one chunk of the tile count, two head blocks, no shared-key slice (D_qk =
+v_dim), non-power-of-two widths, pages smaller than a tile and not a power of two, pages of two
+tiles (one scalar page id per tile), lengths above the table's capacity, strided q / cache / block
+table. Unowned cache rows are NaN and unused table entries out of range; outputs start as NaN. fp32
+and fp16 (the interpreter multiplies bf16 as raw integers, so bf16 runs only in the GPU tests). The
+cache write: int32 and int64 slots, skipped slots (-1, past the cache), a strided cache and rows;
 every row it must not write stays bit-identical.
 """
 
