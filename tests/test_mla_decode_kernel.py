@@ -68,6 +68,19 @@ def test_gpu_mixed_lengths_bf16(H, block_size, d_qk):
     assert torch.equal(o_op, o) and torch.equal(lse_op, lse)
 
 
+@pytest.mark.gpu
+def test_gpu_balanced_deal_ranges_across_sequences():
+    """More sequences than programs (200 lengths in [0, 700), H = 32): no piece size fits, so the
+    split kernel deals balanced ranges that cross sequences; the mixed batches above take the
+    aligned deal."""
+    cache = paged_cache([(i * 37) % 700 for i in range(200)], 64, 576, dtype=torch.bfloat16, device="cuda")
+    args = (torch.randn(200, 32, 576, device="cuda").bfloat16(), cache.kv_cache, cache.block_table, cache.seq_lens)
+    o = torch.full((200, 32, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lse = torch.full((200, 32), float("nan"), device="cuda")
+    mla_decode_triton(*args, o, lse, SCALE, 512)
+    _check_against_reference(o, lse, *args, 512)
+
+
 SWEPT_CONFIGS = [  # tiles other than the table's: one KV buffer, 64 padded heads (wgmma), two programs per SM
     pytest.param(MLADecodeConfig(block_h=32, block_n=32, num_warps=4, num_stages=5, programs_per_sm=2), id="bh32-bn32-w4-s5-pps2"),
     pytest.param(MLADecodeConfig(block_h=32, block_n=64, num_warps=8, num_stages=2, programs_per_sm=1), id="bh32-bn64-s2"),
