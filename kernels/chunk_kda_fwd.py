@@ -8,10 +8,9 @@ where the work is arithmetic, wide memory-bound ones elsewhere; then one scan.
    chunk-local cumulative gate G (fp32, to gc), G_last (to gl), qg = scale·q̂⊙e^G and
    kg = k̂⊙e^(G_last − G).
 2. `chunk_kda_fwd_intra_kernel`, per (sub-chunk, chunk, head) on one warp: the sub-chunk's rows
-   of A_qk (scale, with its diagonal; whole rows of the chunk, zeros above) and A_kk (strictly
-   lower, without β; the blocks at and left of the diagonal, which the solve reads), fp32: the
-   earlier sub-chunks' columns on tensor cores anchored at the sub-chunk's first row, one
-   [16, 16] block each, and the diagonal block by levels (below).
+   of A_qk (scale, with its diagonal) and A_kk (strictly lower, without β), fp32, as whole rows
+   of the chunk with zeros above: the earlier sub-chunks' columns on tensor cores anchored at
+   the sub-chunk's first row, the diagonal block by levels (below).
 3. `chunk_kda_fwd_solve_kernel`, per (chunk, head) on one warp: T = (I + β⊙A_kk)^-1 on [16, 16]
    blocks (forward substitution inside the four diagonal blocks, batched, then the six merges
    T_rc = −T_rr·Σ_{c <= j < r} A_rj·T_jc in tf32x3), w = T(β⊙k̂⊙e^G) and u = T(β⊙v).
@@ -110,29 +109,6 @@ def _level_factors(p_G, b_G, b_gl, t_a, o_r, eos, o_k, m_k, b: tl.constexpr, STR
     o_a = t_a + ((o_r >> b) << b) + tl.where(m_hi, -1, (1 << b) - 1)  # [BC] anchor rows
     b_Ga = _load_gate(p_G, o_a, o_a < eos, o_k, m_k, b_gl, STRIDE)  # [BC, BK]
     return m_hi, tl.exp(tl.where(m_hi[:, None], b_G - b_Ga, b_Ga - b_G))
-
-
-@triton.jit
-def _earlier_block(p_k, p_G, t_j, b_rj, b_gn, b_qn, b_kn, b_Aq, b_Ak, o_r, o_k, m_k, STRIDE: tl.constexpr):
-    """Adds one earlier sub-chunk J (rows t_j + o_r, all before the anchor n) to the [BC, BC]
-    blocks A_qk[R, J] and A_kk[R, J]: rows k̂_J e^(G_n − G_J) (<= 1) against b_qn, b_kn, the rows
-    of R already scaled by e^(G_R − G_n)."""
-    o_tj = t_j + o_r  # [BC] rows J, real: they precede n
-    m_j = o_tj >= 0
-    b_ej = tl.exp(b_gn[None, :] - _load_rows(p_G, o_tj, m_j, o_k, m_k, STRIDE))  # [BC, BK] <= 1
-    b_kj = tl.trans(_load_rows(p_k, o_tj, m_j, o_k, m_k, STRIDE) * b_rj[:, None] * b_ej)  # [BK, BC]
-    return tl.dot(b_qn, b_kj, acc=b_Aq), tl.dot(b_kn, b_kj, acc=b_Ak)
-
-
-@triton.jit
-def _store_earlier_block(p_aqk, p_akk, b_Aq, b_Ak, o_t, m_t, o_r, J: tl.constexpr, i_c, scale,
-                         BC: tl.constexpr, STRIDE: tl.constexpr):
-    """Columns of sub-chunk J in R's rows when J is earlier than R; when later, zeros in A_qk (the
-    scan multiplies whole rows) and nothing in A_kk (the solve reads only blocks at or below the
-    diagonal)."""
-    p = o_t[:, None] * STRIDE + J * BC + o_r[None, :]
-    tl.store(p_aqk + p, tl.where(J < i_c, b_Aq * scale, 0.0), mask=m_t[:, None] & (J != i_c))
-    tl.store(p_akk + p, b_Ak, mask=m_t[:, None] & (J < i_c))
 
 
 @triton.jit
@@ -235,14 +211,12 @@ def chunk_kda_fwd_intra_kernel(
     DIAG_PRECISION: tl.constexpr,
 ):
     """Per (sub-chunk, chunk, head), the BC rows R of one sub-chunk: A_qk[R, :] (scale, with its
-    diagonal) as whole rows of the chunk, zeros above, and A_kk[R, :R's block] (strictly lower,
-    without β).
+    diagonal) and A_kk[R, :] (strictly lower, without β) as whole rows of the chunk, zeros above.
 
     The earlier sub-chunks' columns J on tensor cores, anchored at n = R's first row: for
     j < n <= i, e^(G_i − G_j) = e^(G_i − G_n)·e^(G_n − G_j), both factors <= 1, so
-    [BC, BK] rows q̂_R e^(G_R − G_n) meet [BC, BK] rows k̂_J e^(G_n − G_J), one [BC, BC] block
-    per earlier sub-chunk (only those: a [BT, BK] tile of all the chunk's rows spent half its
-    exponentials and products on masked rows). The diagonal block by levels (the module docstring): four [BC, BK]
+    [BC, BK] rows q̂_R e^(G_R − G_n) meet [BT, BK] rows k̂_J e^(G_n − G_J) (the rows from n on
+    masked to zero). The diagonal block by levels (the module docstring): four [BC, BK]
     exponentials and eight [BC, BC] products in DIAG_PRECISION per K tile, A_qk's diagonal
     q̂_i·k̂_i as a row sum."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
@@ -263,27 +237,21 @@ def chunk_kda_fwd_intra_kernel(
     o_r = tl.arange(0, BC)
     o_t = t_a + o_r  # [BC] the sub-chunk's token rows R
     m_t = o_t < eos
-    tl.static_assert(BT == 4 * BC)
+    o_j = tl.arange(0, BT)
+    o_tj = t0 + o_j  # [BT] the chunk's rows as columns
+    m_j = o_tj < t_a  # [BT] the earlier sub-chunks' rows J (real rows: they precede t_a)
     p_q, p_k, p_G = q + i_h * K, k + i_h * K, gc + i_h * K
     if USE_QK_L2NORM:
         b_rq = tl.load(rqk + (o_t * H + i_h) * 2, mask=m_t, other=0.0)  # [BC]
         b_rk = tl.load(rqk + (o_t * H + i_h) * 2 + 1, mask=m_t, other=0.0)  # [BC]
-        b_r0 = tl.load(rqk + ((t0 + o_r) * H + i_h) * 2 + 1, mask=i_c > 0, other=0.0)  # [BC] rows of J = 0, 1, 2
-        b_r1 = tl.load(rqk + ((t0 + BC + o_r) * H + i_h) * 2 + 1, mask=i_c > 1, other=0.0)
-        b_r2 = tl.load(rqk + ((t0 + 2 * BC + o_r) * H + i_h) * 2 + 1, mask=i_c > 2, other=0.0)
+        b_rj = tl.load(rqk + (o_tj * H + i_h) * 2 + 1, mask=m_j, other=0.0)  # [BT]
     else:
         b_rq = tl.full([BC], 1.0, dtype=tl.float32)
         b_rk = b_rq
-        b_r0 = b_rq
-        b_r1 = b_rq
-        b_r2 = b_rq
+        b_rj = tl.full([BT], 1.0, dtype=tl.float32)
 
-    b_Aq0 = tl.zeros([BC, BC], dtype=tl.float32)  # columns of the earlier sub-chunks J = 0, 1, 2
-    b_Ak0 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Aq1 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Ak1 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Aq2 = tl.zeros([BC, BC], dtype=tl.float32)
-    b_Ak2 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Aq = tl.zeros([BC, BT], dtype=tl.float32)  # columns J (zero from n on)
+    b_Ak = tl.zeros([BC, BT], dtype=tl.float32)
     b_Dq = tl.zeros([BC, BC], dtype=tl.float32)  # the diagonal block, columns R
     b_Dk = tl.zeros([BC, BC], dtype=tl.float32)
     b_dqk = tl.zeros([BC], dtype=tl.float32)  # q̂_i·k̂_i, the diagonal of A_qk
@@ -297,13 +265,11 @@ def chunk_kda_fwd_intra_kernel(
         if i_c > 0:
             b_gn = tl.load(p_G + t_a * H * K + o_k, mask=m_k, other=0.0)  # [BK] G at n (a real row)
             b_en = tl.exp(b_G - b_gn[None, :])  # [BC, BK] e^(G_R − G_n) <= 1
-            b_qn = b_q * b_en
-            b_kn = b_k * b_en
-            b_Aq0, b_Ak0 = _earlier_block(p_k, p_G, t0, b_r0, b_gn, b_qn, b_kn, b_Aq0, b_Ak0, o_r, o_k, m_k, H * K)
-            if i_c > 1:
-                b_Aq1, b_Ak1 = _earlier_block(p_k, p_G, t0 + BC, b_r1, b_gn, b_qn, b_kn, b_Aq1, b_Ak1, o_r, o_k, m_k, H * K)
-            if i_c > 2:
-                b_Aq2, b_Ak2 = _earlier_block(p_k, p_G, t0 + 2 * BC, b_r2, b_gn, b_qn, b_kn, b_Aq2, b_Ak2, o_r, o_k, m_k, H * K)
+            b_Gj = _load_rows(p_G, o_tj, m_j, o_k, m_k, H * K)
+            b_ej = tl.exp(tl.where(m_j[:, None], b_gn[None, :] - b_Gj, float("-inf")))  # [BT, BK] <= 1
+            b_kj = _load_rows(p_k, o_tj, m_j, o_k, m_k, H * K) * b_rj[:, None] * b_ej  # [BT, BK]
+            b_Aq = tl.dot(b_q * b_en, tl.trans(b_kj), acc=b_Aq)
+            b_Ak = tl.dot(b_k * b_en, tl.trans(b_kj), acc=b_Ak)
         b_dqk += tl.sum(b_q * b_k, axis=1)
         # the diagonal block by levels: pairs (i, j) of level b meet at the anchor a, the last
         # row of the lower half of their 2^(b+1)-row block, so j <= a < i
@@ -317,12 +283,11 @@ def chunk_kda_fwd_intra_kernel(
             b_Dk += tl.where(m_lvl, tl.dot(b_kr, b_kc, input_precision=DIAG_PRECISION), 0.0)
 
     b_Dq = tl.where(o_r[:, None] == o_r[None, :], b_dqk[:, None], b_Dq)
-    p_aqk, p_akk = aqk + i_h * BT, akk + i_h * BT
-    _store_earlier_block(p_aqk, p_akk, b_Aq0, b_Ak0, o_t, m_t, o_r, 0, i_c, scale, BC, H * BT)
-    _store_earlier_block(p_aqk, p_akk, b_Aq1, b_Ak1, o_t, m_t, o_r, 1, i_c, scale, BC, H * BT)
-    _store_earlier_block(p_aqk, p_akk, b_Aq2, b_Ak2, o_t, m_t, o_r, 2, i_c, scale, BC, H * BT)
-    _store_earlier_block(p_aqk, p_akk, b_Aq2, b_Ak2, o_t, m_t, o_r, 3, i_c, scale, BC, H * BT)  # J = 3 never precedes R: zeros
+    m_blk = (o_j >= i_c * BC) & (o_j < i_c * BC + BC)  # [BT] R's own columns
     p_row = o_t[:, None] * (H * BT) + i_h * BT  # [BC, 1]
+    m_rest = m_t[:, None] & ~m_blk[None, :]
+    tl.store(aqk + p_row + o_j[None, :], b_Aq * scale, mask=m_rest)
+    tl.store(akk + p_row + o_j[None, :], b_Ak, mask=m_rest)
     tl.store(aqk + p_row + i_c * BC + o_r[None, :], b_Dq * scale, mask=m_t[:, None])
     tl.store(akk + p_row + i_c * BC + o_r[None, :], b_Dk, mask=m_t[:, None])
 
