@@ -8,7 +8,8 @@ non-power-of-two K and V, initial state on/off, dht on/off, in-kernel L2 norm on
 -1000, varlen with tiny and empty sequences (and an unused chunk slot), the forward's residuals
 read back or recomputed (the backward must not write them), half-precision storage
 of the intermediates with fp32 beta (fp16: the interpreter's bf16 tl.dot is wrong in triton
-3.7.1; bf16 is covered by the GPU tests). Every gradient is written into a NaN-prefilled buffer, so unwritten elements show.
+3.7.1; bf16 is covered by the GPU tests). Every gradient is written into a NaN-prefilled buffer,
+so unwritten elements show, and the launchers' scratch starts as NaN (kda_inputs.poisoned_scratch).
 
 The oracle is meta's chunked backward in fp64. fp32 kernels must be as accurate as the same
 reference run in fp32, within a factor of 3: with gates of -1000 the cumulative gate reaches
@@ -30,6 +31,7 @@ from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton
 from kda_ops.meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_bwd_meta, chunk_kda_fwd_meta, chunk_kda_residuals_meta
 from kda_ops.meta.chunk_kda_bwd import chunk_kda_bwd_reference
 from kda_ops.meta.kda_recurrent import l2norm
+from kda_inputs import poisoned_scratch
 
 NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 FP16_BAR = 1e-3
@@ -85,7 +87,8 @@ def forward_residuals(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2) ->
     for r in residuals.values():
         r.fill_(float("nan"))
     o, final_state = chunk_kda_fwd_meta(q, k, v, g, beta, initial_state, cu_seqlens, scale, False, l2)
-    chunk_kda_fwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state, residuals=residuals)
+    with poisoned_scratch():
+        chunk_kda_fwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state, residuals=residuals)
     return residuals
 
 
@@ -102,7 +105,8 @@ def run_case(case, gen) -> list[str]:
     outs = chunk_kda_bwd_meta(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2)
     for out in outs:
         out.fill_(float("nan"))
-    chunk_kda_bwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2, *outs, residuals=residuals)
+    with poisoned_scratch():
+        chunk_kda_bwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2, *outs, residuals=residuals)
     failures = []
     if residuals is not None:
         failures += [f"{name}: the backward wrote the residual {n}" for n, r in residuals.items()

@@ -6,7 +6,8 @@ TRITON_INTERPRET must be set before triton is first imported). Tiny shapes, ever
 T < 64, T = 64, T not a multiple of 64, several chunks, non-power-of-two K and V, initial state
 on/off, final state on/off, in-kernel L2 norm, gates of -1000, varlen with tiny sequences,
 half-precision storage of the intermediates with fp32 beta (fp16: the interpreter's bf16
-tl.dot is wrong in triton 3.7.1; bf16 is covered by the GPU tests).
+tl.dot is wrong in triton 3.7.1; bf16 is covered by the GPU tests). The launcher's scratch
+starts as NaN (kda_inputs.poisoned_scratch), so a kernel that reads scratch it never wrote fails.
 
 The oracle is meta's chunked reference in fp64. fp32 kernels must be as accurate as the same
 reference run in fp32, within a factor of 3 (seen up to 1.6 over seeds): with gates of -1000 the cumulative gate reaches
@@ -29,7 +30,7 @@ import torch
 from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton, chunk_table
 from kda_ops.meta.chunk_kda import chunk_kda_fwd_reference
 from kda_ops.meta.kda_recurrent import l2norm
-from kda_inputs import rel_rms
+from kda_inputs import poisoned_scratch, rel_rms
 
 # (id, B, T, H, K, V, cu_seqlens, initial state, final state, l2norm, -1000 gates, dtype, beta dtype)
 CASES = [
@@ -70,7 +71,8 @@ def run_case(case, gen) -> list[str]:
     scale = K**-0.5
     o = torch.full((B, T, H, V), float("nan"), dtype=dtype)
     final_state = torch.full((N, H, K, V) if final else (0,), float("nan"))
-    chunk_kda_fwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state)
+    with poisoned_scratch():
+        chunk_kda_fwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state)
     args = (q, k, v, g, beta, initial_state)
     ref64 = chunk_kda_fwd_reference(*(_to(x, torch.float64) for x in args), cu_seqlens, scale, True, l2)
     ref32 = chunk_kda_fwd_reference(*(_to(x, torch.float32) for x in args), cu_seqlens, scale, True, l2)

@@ -9,10 +9,11 @@ partials merged over several combine steps (also with fewer tiles than programs,
 idle), a batch over one chunk of the tile count, two head blocks, no shared-key slice (D_qk =
 v_dim), non-power-of-two widths, pages smaller than a tile and not a power of two, pages of two
 tiles (one scalar page id per tile), lengths above the table's capacity, strided q / cache / block
-table. Unowned cache rows are NaN and unused table entries out of range; outputs start as NaN. fp32
-and fp16 (the interpreter multiplies bf16 as raw integers, so bf16 runs only in the GPU tests). The
-cache write: int32 and int64 slots, skipped slots (-1, past the cache), a strided cache and rows;
-every row it must not write stays bit-identical.
+table. Unowned cache rows are NaN and unused table entries out of range; outputs and the launcher's
+scratch (kda_inputs.poisoned_scratch) start as NaN. fp32 and fp16 (the interpreter multiplies bf16
+as raw integers, so bf16 runs only in the GPU tests). The cache write: int32 and int64 slots,
+skipped slots (-1, past the cache), a strided cache and rows; every row it must not write stays
+bit-identical.
 """
 
 import os
@@ -22,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     sys.exit("interpret_mla_decode.py needs TRITON_INTERPRET=1 in its environment")
 
 import torch
-from kda_inputs import rel_rms
+from kda_inputs import poisoned_scratch, rel_rms
 from mla_inputs import paged_cache
 
 from kda_ops.kernels.mla_cache_write import mla_cache_write_triton
@@ -75,7 +76,8 @@ def run_case(case) -> list[str]:
     scale = D**-0.5
     o = torch.full((len(lens), H, V), float("nan"), dtype=dtype)
     lse = torch.full((len(lens), H), float("nan"))
-    mla_decode_triton(q, kv_cache, block_table, seq_lens, o, lse, scale, V, config=config)
+    with poisoned_scratch():
+        mla_decode_triton(q, kv_cache, block_table, seq_lens, o, lse, scale, V, config=config)
     ref_o, ref_lse = mla_decode_reference(q.double(), kv_cache.double(), block_table, cache.seq_lens, scale, V)
 
     failures = []

@@ -1,5 +1,8 @@
 """Random KDA inputs and error measures shared by the tests."""
 
+from contextlib import contextmanager
+from unittest import mock
+
 import torch
 
 from kda_ops.meta.kda_recurrent import l2norm
@@ -81,3 +84,19 @@ def kernel_check_inputs(
         beta=torch.rand(B, T, H, device=device).to(beta_dtype or dtype),
         initial_state=torch.randn(n_seqs, H, K, V, device=device) if initial_state else None,
     )
+
+
+@contextmanager
+def poisoned_scratch():
+    """While active, torch.empty returns NaN-filled floating tensors and -1-filled integer ones:
+    a kernel that reads launcher scratch it never wrote fails its comparison instead of passing
+    on the zeroed pages a fresh CPU allocation happens to hand out."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    with mock.patch.object(torch, "empty", empty):
+        yield
+
