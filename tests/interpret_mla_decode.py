@@ -41,7 +41,7 @@ SIXTY_FOUR_PROGRAMS = MLADecodeConfig(block_h=16, block_n=16, num_warps=4, num_s
 CASES = [
     ("B3-H4-D80V64-bs16-default", [0, 5, 40], 4, 80, 64, 16, torch.float32, None, ""),
     ("B3-H4-D80V64-bs16-default-fp16", [0, 5, 40], 4, 80, 64, 16, torch.float16, None, ""),
-    ("tiles-across-sequences", [0, 5, 40, 68, 17], 4, 80, 64, 16, torch.float32, TWO_PER_SM, ""),
+    ("aligned-pieces-mixed-lengths", [0, 5, 40, 68, 17], 4, 80, 64, 16, torch.float32, TWO_PER_SM, ""),
     ("balanced-ranges-across-sequences", [40, 0, 70, 33, 64, 17, 50, 5, 80, 48, 1, 65], 4, 80, 64, 16, torch.float32, TWO_PER_SM, ""),
     ("fewer-tiles-than-programs", [3, 0, 2], 4, 80, 64, 16, torch.float32, TWO_PER_SM, ""),
     ("one-sequence-all-programs", [200], 4, 80, 64, 16, torch.float32, TWO_PER_SM, ""),
