@@ -193,12 +193,13 @@ def mla_decode_split_kernel(
         o_b = i_b0 + tl.arange(0, BLOCK_B)
         b_len = tl.load(seq_lens + o_b * stride_sl, mask=o_b < B, other=0)  # [BLOCK_B]
         b_tiles = _tile_counts(b_len, capacity, BLOCK_N)  # [BLOCK_B]
-        b_end = u_carry + tl.cumsum(tl.cdiv(b_tiles, c_unit), 0)  # [BLOCK_B] one past each sequence's last unit
+        b_units = tl.cdiv(b_tiles, c_unit)  # [BLOCK_B]
+        b_end = u_carry + tl.cumsum(b_units, 0)  # [BLOCK_B] one past each sequence's last unit
         m_before = (b_end <= i_unit) & (o_b < B)  # sequences that end at or before the unit
         i_b += tl.sum(m_before.to(tl.int32), 0)
         u_first = tl.maximum(u_first, tl.max(tl.where(m_before, b_end, 0), 0))
         b_first += tl.sum(tl.where(m_before, b_tiles, 0), 0)
-        u_carry += tl.sum(tl.cdiv(b_tiles, c_unit), 0)
+        u_carry += tl.sum(b_units, 0)
     if aligned:
         n_tiles = _tile_counts(tl.load(seq_lens + i_b.to(tl.int64) * stride_sl, mask=i_b < B, other=0), capacity, BLOCK_N)
         i_t = b_first + (i_p - u_first) * c_piece
