@@ -53,17 +53,27 @@ GPU_CASES = [
 ]
 
 
+MIXED_LENGTHS = [0, 1, 63, 64, 65, 4096, 32768]
+
+
+def _launch_and_check(lens, H, block_size, d_qk, config=None):
+    """The direct launch on a bf16 batch of the given lengths on NaN-poisoned pages, into
+    NaN-prefilled outputs, checked against the reference: (args, o, lse)."""
+    cache = paged_cache(lens, block_size, d_qk, dtype=torch.bfloat16, device="cuda")
+    args = (torch.randn(len(lens), H, d_qk, device="cuda").bfloat16(), cache.kv_cache, cache.block_table, cache.seq_lens)
+    o = torch.full((len(lens), H, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lse = torch.full((len(lens), H), float("nan"), device="cuda")
+    mla_decode_triton(*args, o, lse, SCALE, 512, config=config)
+    _check_against_reference(o, lse, *args, 512)
+    return args, o, lse
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("H, block_size, d_qk", GPU_CASES)
 def test_gpu_mixed_lengths_bf16(H, block_size, d_qk):
     """One batch of lengths 0, 1, 63, 64, 65, 4096 and 32768 on NaN-poisoned pages: the direct
     launch (NaN-prefilled outputs) meets the bars, and the op returns the same bits."""
-    cache = paged_cache([0, 1, 63, 64, 65, 4096, 32768], block_size, d_qk, dtype=torch.bfloat16, device="cuda")
-    args = (torch.randn(7, H, d_qk, device="cuda").bfloat16(), cache.kv_cache, cache.block_table, cache.seq_lens)
-    o = torch.full((7, H, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
-    lse = torch.full((7, H), float("nan"), device="cuda")
-    mla_decode_triton(*args, o, lse, SCALE, 512)
-    _check_against_reference(o, lse, *args, 512)
+    args, o, lse = _launch_and_check(MIXED_LENGTHS, H, block_size, d_qk)
     o_op, lse_op = kda_ops.mla_decode(*args, scale=SCALE, v_dim=512)
     assert torch.equal(o_op, o) and torch.equal(lse_op, lse)
 
@@ -73,12 +83,7 @@ def test_gpu_balanced_deal_ranges_across_sequences():
     """More sequences than programs (200 lengths in [0, 700), H = 32): no piece size fits, so the
     split kernel deals balanced ranges that cross sequences; the mixed batches above take the
     aligned deal."""
-    cache = paged_cache([(i * 37) % 700 for i in range(200)], 64, 576, dtype=torch.bfloat16, device="cuda")
-    args = (torch.randn(200, 32, 576, device="cuda").bfloat16(), cache.kv_cache, cache.block_table, cache.seq_lens)
-    o = torch.full((200, 32, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
-    lse = torch.full((200, 32), float("nan"), device="cuda")
-    mla_decode_triton(*args, o, lse, SCALE, 512)
-    _check_against_reference(o, lse, *args, 512)
+    _launch_and_check([(i * 37) % 700 for i in range(200)], 32, 64, 576)
 
 
 SWEPT_CONFIGS = [  # tiles other than the table's: one KV buffer, 64 padded heads (wgmma), two programs per SM
@@ -92,12 +97,7 @@ SWEPT_CONFIGS = [  # tiles other than the table's: one KV buffer, 64 padded head
 @pytest.mark.parametrize("config", SWEPT_CONFIGS)
 def test_gpu_swept_configs_mixed_lengths(config):
     """The tuning sweep's other tiles meet the bars on the mixed-length poisoned batch at H = 32."""
-    cache = paged_cache([0, 1, 63, 64, 65, 4096, 32768], 64, 576, dtype=torch.bfloat16, device="cuda")
-    args = (torch.randn(7, 32, 576, device="cuda").bfloat16(), cache.kv_cache, cache.block_table, cache.seq_lens)
-    o = torch.full((7, 32, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
-    lse = torch.full((7, 32), float("nan"), device="cuda")
-    mla_decode_triton(*args, o, lse, SCALE, 512, config=config)
-    _check_against_reference(o, lse, *args, 512)
+    _launch_and_check(MIXED_LENGTHS, 32, 64, 576, config=config)
 
 
 def _small_cuda_args(lens=(0, 1, 100, 300)):
