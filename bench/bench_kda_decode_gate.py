@@ -29,7 +29,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import kda_ops
-from kda_ops.meta.kda_decode import kda_gate
+from kda_ops.meta.kda_recurrent import kda_gate
 from kda_ops.meta.kda_recurrent import recurrent_kda
 
 H, K, V = 32, 128, 128

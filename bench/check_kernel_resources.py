@@ -14,8 +14,8 @@ shared memory is underestimated), pointers as 16-byte aligned (torch's
 allocations are).
 
 Each op runs in two variants: `plain` (dense batch, every optional feature off) and `full`
-(varlen cu_seqlens, initial state, final-state gradient, in-kernel L2 norm; for the decode ops a
-multi-token step), so both sides of every constexpr feature switch are compiled.
+(varlen cu_seqlens, initial state, final-state gradient, in-kernel L2 norm, the gate computed in
+the kernels; for the decode ops a multi-token step), so both sides of every constexpr feature switch are compiled.
 
 Exits 1 when a kernel fails to compile or needs more shared memory per block than --max-shared
 (default: the H100's 232448 bytes), or, with --no-spills, when ptxas spills registers; 2 when
@@ -154,28 +154,33 @@ def _chunk_inputs(K, V, dtype, full):
     cu = torch.tensor([0, 15, 100, T], dtype=torch.int32) if full else None
     n = 3 if full else B
     h0 = torch.randn(n, H, K, V) if full else None
-    return x, cu, n, h0
+    # the full variant computes the gate in the kernels from its pre-activation
+    gate = dict(A_log=torch.zeros(H), dt_bias=torch.zeros(H * K)) if full else {}
+    if full:
+        x["g"] = x["g"].to(dtype)
+    return x, cu, n, h0, gate
 
 
 def _launches_chunk_fwd(K, V, dtype, full, rec):
-    x, cu, n, h0 = _chunk_inputs(K, V, dtype, full)
+    x, cu, n, h0, gate = _chunk_inputs(K, V, dtype, full)
     B, T, H = x["q"].shape[:3]
     o = torch.empty(B, T, H, V, dtype=dtype)
     final = torch.empty(n, H, K, V) if full else torch.empty(0)
     chunk_kda_fwd.chunk_kda_fwd_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], h0, cu, K**-0.5, full, o, final,
-                                       launch=rec)
+                                       launch=rec, **gate)
 
 
 def _launches_chunk_bwd(K, V, dtype, full, rec):
-    x, cu, n, h0 = _chunk_inputs(K, V, dtype, full)
+    x, cu, n, h0, gate = _chunk_inputs(K, V, dtype, full)
     B, T, H = x["q"].shape[:3]
     do = torch.randn(B, T, H, V).to(dtype)
     dht = torch.randn(n, H, K, V) if full else None
     outs = [torch.empty_like(x[name]) for name in ("q", "k", "v", "g", "beta")]
     dh0 = torch.empty(n, H, K, V) if full else torch.empty(0)
+    gate_grads = [torch.empty_like(p) for p in gate.values()] or [torch.empty(0), torch.empty(0)]
     for residuals in (None, dict(zip(RESIDUAL_NAMES, chunk_kda_residuals_meta(x["q"], full, save=True)))):
         chunk_kda_bwd.chunk_kda_bwd_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], h0, cu, do, dht, K**-0.5, full,
-                                           *outs, dh0, launch=rec, residuals=residuals)
+                                           *outs, dh0, *gate_grads, launch=rec, residuals=residuals, **gate)
 
 
 def _launches_kda_decode(K, V, dtype, full, rec):

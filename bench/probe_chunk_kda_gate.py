@@ -23,7 +23,7 @@ from bench_chunk_kda import K, V, _inputs  # noqa: E402
 from common import kernel_times  # noqa: E402
 
 from kda_ops import chunk_kda  # noqa: E402
-from kda_ops.meta.kda_decode import kda_gate  # noqa: E402
+from kda_ops.meta.kda_recurrent import kda_gate  # noqa: E402
 
 SHAPES = [(1, 8192, 16), (8, 4096, 32), (1, 32768, 32)]  # (B, T, H)
 

@@ -41,9 +41,11 @@ def _chunk_kda_fwd_reference(
     scale: float,
     output_final_state: bool,
     use_qk_l2norm: bool,
+    A_log: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     return chunk_kda_fwd_reference(
-        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm
+        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm, A_log, dt_bias
     )
 
 
@@ -63,9 +65,11 @@ def _chunk_kda_bwd_reference(
     dht: Optional[Tensor],
     scale: float,
     use_qk_l2norm: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    A_log: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return chunk_kda_bwd_reference(
-        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, A_log, dt_bias
     )
 
 
@@ -90,25 +94,29 @@ def chunk_kda_fwd(
     output_final_state: bool,
     use_qk_l2norm: bool,
     save_for_backward: bool = False,
+    A_log: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Chunked KDA forward: (o [B, T, H, V] in v's dtype, final state [N, H, K, V] fp32 or an
     empty [0] tensor when output_final_state is False, then the residuals gc, aqk, tkk, rqk that
     kda::chunk_kda_bwd reads instead of recomputing them: fp32, shaped as
     meta/chunk_kda.py chunk_kda_residuals_meta says when save_for_backward is set and the Triton
-    kernels run, else four empty [0] tensors). See meta/chunk_kda.py for the contract.
+    kernels run, else four empty [0] tensors). With A_log and dt_bias, g is the gate's
+    pre-activation z (the in-op gate). See meta/chunk_kda.py for the contract.
     CUDA tensors (bf16/fp16/fp32) run the Triton kernels; CPU and fp64 run the reference."""
     residuals = chunk_kda_residuals_meta(q, use_qk_l2norm, save_for_backward and _triton_serves(q))
     if not _triton_serves(q):
         o, final_state = torch.ops.kda.chunk_kda_fwd_reference(
-            q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm
+            q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm, A_log, dt_bias
         )
         return (o, final_state, *residuals)
     o, final_state = chunk_kda_fwd_meta(
-        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm, token_flat=True
+        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm, A_log, dt_bias,
+        token_flat=True,
     )
     chunk_kda_fwd_triton(
         q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, o, final_state, launch=wrap_triton,
-        residuals=dict(zip(RESIDUAL_NAMES, residuals)) if save_for_backward else None,
+        residuals=dict(zip(RESIDUAL_NAMES, residuals)) if save_for_backward else None, A_log=A_log, dt_bias=dt_bias,
     )
     return (o.view(v.shape), final_state, *residuals)
 
@@ -130,52 +138,67 @@ def chunk_kda_bwd(
     aqk: Optional[Tensor] = None,
     tkk: Optional[Tensor] = None,
     rqk: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Chunked KDA backward: (dq, dk, dv, dg, dbeta, dh0), dh0 an empty [0] tensor when there is
-    no initial state. gc, aqk, tkk, rqk: kda::chunk_kda_fwd's residuals for the same inputs (all
-    or none; read, never written); without them the backward recomputes them. CUDA tensors
+    A_log: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Chunked KDA backward: (dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias), dh0 an empty [0]
+    tensor when there is no initial state. gc, aqk, tkk, rqk: kda::chunk_kda_fwd's residuals for
+    the same inputs (all or none; read, never written); without them the backward recomputes
+    them. With A_log and dt_bias (the in-op gate) g is the pre-activation z, dg its gradient,
+    and dA_log, ddt_bias theirs; without, those two are empty [0] tensors. CUDA tensors
     (bf16/fp16/fp32) run the Triton kernels; CPU and fp64 run the reference, which recomputes
     everything and ignores residuals."""
     residuals = (gc, aqk, tkk, rqk)
     if not _triton_serves(q):
         check_chunk_kda_residuals("chunk_kda_bwd", q, residuals, use_qk_l2norm)
         return torch.ops.kda.chunk_kda_bwd_reference(
-            q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm
+            q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, A_log, dt_bias
         )
-    dq, dk, dv, dg, dbeta, dh0 = chunk_kda_bwd_meta(
-        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, residuals, token_flat=True
+    dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias = chunk_kda_bwd_meta(
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, residuals, A_log, dt_bias,
+        token_flat=True,
     )
     chunk_kda_bwd_triton(
         q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm,
-        dq, dk, dv, dg, dbeta, dh0, launch=wrap_triton,
+        dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias, launch=wrap_triton,
         residuals=None if gc is None else {name: r.contiguous() for name, r in zip(RESIDUAL_NAMES, residuals)},
+        A_log=A_log, dt_bias=dt_bias,
     )
-    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg.view(g.shape), dbeta.view(beta.shape), dh0
+    return (
+        dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg.view(g.shape), dbeta.view(beta.shape), dh0,
+        dA_log, ddt_bias,
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, g, beta, initial_state, cu_seqlens, scale, _, use_qk_l2norm, _ = inputs
+    q, k, v, g, beta, initial_state, cu_seqlens, scale, _, use_qk_l2norm, _, A_log, dt_bias = inputs
     residuals = output[2:]
     ctx.mark_non_differentiable(*residuals)
     # no zero-filled gradients for the residuals (≈ 1 KB per token and head) or an unused output
     ctx.set_materialize_grads(False)
     kept = residuals[0].dim() == 3  # [0] when nothing was kept
-    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *(residuals if kept else ()))
+    ctx.save_for_backward(
+        q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *(residuals if kept else ())
+    )
     ctx.scale, ctx.use_qk_l2norm = scale, use_qk_l2norm
 
 
 def _backward(ctx, do: Optional[Tensor], dht: Optional[Tensor], *residual_grads):
-    q, k, v, g, beta, initial_state, cu_seqlens, *residuals = ctx.saved_tensors
+    q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, *residuals = ctx.saved_tensors
     residuals = residuals or [None] * len(RESIDUAL_NAMES)
     if do is None:  # only the final state reached the loss
         do = torch.zeros_like(v)
     if dht is not None and dht.numel() == 0:
         dht = None  # the forward returned no final state
-    dq, dk, dv, dg, dbeta, dh0 = torch.ops.kda.chunk_kda_bwd(
+    dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias = torch.ops.kda.chunk_kda_bwd(
         q, k, v, g, beta, initial_state, cu_seqlens, do, dht, ctx.scale, ctx.use_qk_l2norm,
-        *residuals,
+        *residuals, A_log, dt_bias,
     )
-    return dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None, None, None, None
+    in_op_gate = A_log is not None
+    return (
+        dq, dk, dv, dg, dbeta, (dh0 if initial_state is not None else None), None, None, None, None, None,
+        dA_log if in_op_gate else None, ddt_bias if in_op_gate else None,
+    )
 
 
 chunk_kda_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -193,13 +216,18 @@ def chunk_kda(
     output_final_state: bool = False,
     use_qk_l2norm: bool = False,
     cu_seqlens: Optional[Tensor] = None,
+    A_log: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Kimi Delta Attention over whole sequences (prefill and training), differentiable.
 
     Args:
         q, k: [B, T, H, K] bf16/fp16/fp32 (fp64 on CPU for checks).
         v: [B, T, H, V], q's dtype.
-        g: [B, T, H, K] fp32 log-space per-channel decay (<= 0; any magnitude, -1000 is exact).
+        g: [B, T, H, K] fp32 log-space per-channel decay (<= 0; any magnitude, -1000 is exact);
+            or, when A_log and dt_bias are given, the Kimi gate's pre-activation z (q's dtype or
+            fp32), from which the op computes the decay -exp(A_log[h]) * softplus(z + dt_bias) in
+            fp32 inside its kernels, with gradients for z, A_log and dt_bias.
         beta: [B, T, H] write strength, q's dtype or fp32.
         scale: query scale, default K ** -0.5. Keep it constant per model: a new value recompiles.
         initial_state: [N, H, K, V] fp32 state per sequence, or None for zeros.
@@ -207,15 +235,18 @@ def chunk_kda(
         use_qk_l2norm: L2-normalise q and k per head inside the op (backward goes through it).
         cu_seqlens: [N + 1] int32/int64 device tensor of packed sequence boundaries (B must be 1);
             its values are never read on the host and are not validated.
+        A_log: [H] fp32 log of the per-head decay rate (the checkpoint's [1, 1, H, 1] viewed as [H]).
+        dt_bias: [H*K] fp32 per-channel gate bias. Both or neither.
 
     Returns:
         o [B, T, H, V] in v's dtype, and the final state (None unless output_final_state).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    inputs = (q, k, v, g, beta, initial_state)
+    inputs = (q, k, v, g, beta, initial_state, A_log, dt_bias)
     save = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     o, final_state, *_ = chunk_kda_fwd(
-        q, k, v, g, beta, initial_state, cu_seqlens, float(scale), output_final_state, use_qk_l2norm, save
+        q, k, v, g, beta, initial_state, cu_seqlens, float(scale), output_final_state, use_qk_l2norm, save,
+        A_log, dt_bias,
     )
     return o, (final_state if output_final_state else None)

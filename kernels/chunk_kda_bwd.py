@@ -98,6 +98,7 @@ from .chunk_kda_fwd import (
     chunk_index,
     run_chunk_kernels,
     scan_buffers,
+    softplus,
 )
 from .chunk_kda_fwd import launch_config as fwd_launch_config
 
@@ -622,6 +623,12 @@ def chunk_kda_bwd_finish_kernel(
     dq,
     dk,
     dbeta,
+    z,
+    A_log,
+    dt_bias,
+    dz,
+    dAp,
+    dbp,
     cu_seqlens,
     chunk_seq,
     chunk_offsets,
@@ -637,12 +644,17 @@ def chunk_kda_bwd_finish_kernel(
     NK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
+    USE_GATE_IN_KERNEL: tl.constexpr,
 ):
     """Per (chunk, head): dg = the reverse cumulative sum of the intra kernel's dG over the chunk
     (G_i = Σ_{s <= i} g_s) plus G_last's gradient, the sum of the sub-chunks' parts (G_last is
     the last row's G, so its gradient reaches every g of the chunk); dβ, the sum of the wy
     kernel's and every K tile's part; with the L2 norm, its backward dx = r·(dy − y·(y·dy))
-    over the dy the intra kernel parked in dqn, dkn."""
+    over the dy the intra kernel parked in dqn, dkn.
+    USE_GATE_IN_KERNEL (g = −e^A·softplus(z + dt_bias), A = A_log[h]): dg stays in its fp32
+    buffer and dz = −e^A·softplus'(z + dt_bias)·dg goes to dz; the chunk's parts of the parameter
+    gradients, Σ_rows dz to dbp [slots, H, K] (d dt_bias) and Σ_rows,k g·dg to dAp [slots, H]
+    (dA_log), are summed over chunks by the launcher."""
     NC: tl.constexpr = BT // BC
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -659,13 +671,28 @@ def chunk_kda_bwd_finish_kernel(
     m_t = o_t < eos
     o_c = tl.arange(0, NC)
     m_c = t0 + o_c * BC < eos  # [NC] sub-chunks holding a real row (the others wrote no part)
+    b_dA = tl.zeros([BK], dtype=tl.float32)  # the chunk's part of dA_log, per channel of a K tile
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         p_gl = dglp + ((i_s * NC + o_c[:, None]).to(tl.int64) * H + i_h) * K + o_k[None, :]  # [NC, BK]
         b_dgl = tl.sum(tl.load(p_gl, mask=m_c[:, None] & m_k[None, :], other=0.0), axis=0)  # [BK]
         b_dG = _load_rows(dg + i_h * K, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
-        _store_rows(dg + i_h * K, tl.cumsum(b_dG, axis=0, reverse=True) + b_dgl[None, :], o_t, m_t, o_k, m_k, H * K)
+        b_dg = tl.cumsum(b_dG, axis=0, reverse=True) + b_dgl[None, :]  # [BT, BK]
+        if USE_GATE_IN_KERNEL:
+            b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+            b_bias = tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+            b_s = _load_rows(z + i_h * K, o_t, m_t, o_k, m_k, H * K) + b_bias[None, :]  # [BT, BK]
+            b_dg = tl.where(m_t[:, None], b_dg, 0.0)  # padded rows add nothing to the sums
+            # softplus' = sigmoid, 1 where softplus is the identity (as torch's autograd takes it)
+            b_dz = -b_a * tl.where(b_s > 20.0, 1.0, tl.sigmoid(b_s)) * b_dg
+            _store_rows(dz + i_h * K, b_dz, o_t, m_t, o_k, m_k, H * K)
+            tl.store(dbp + (i_s * H + i_h).to(tl.int64) * K + o_k, tl.sum(b_dz, axis=0), mask=m_k)
+            b_dA += tl.sum(-b_a * softplus(b_s) * b_dg, axis=0)
+        else:
+            _store_rows(dg + i_h * K, b_dg, o_t, m_t, o_k, m_k, H * K)
+    if USE_GATE_IN_KERNEL:
+        tl.store(dAp + i_s * H + i_h, tl.sum(b_dA, axis=0))
     o_p = o_t * H + i_h  # [BT]
     # partial sums are NTH apart; stepping a pointer keeps the offsets 64-bit
     p_db = db + o_p
@@ -781,15 +808,21 @@ def chunk_kda_bwd_triton(
     dg: torch.Tensor,
     dbeta: torch.Tensor,
     dh0: torch.Tensor,
+    dA_log: torch.Tensor,
+    ddt_bias: torch.Tensor,
     launch: Callable = _direct,
     residuals: dict[str, torch.Tensor] | None = None,
     config: LaunchConfig | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> None:
     """Runs the chunked KDA backward into preallocated outputs (those of chunk_kda_bwd_meta).
 
     dq, dk, dv, dg, dbeta have their inputs' dtypes and shapes (or are token-flat, [B*T, ...], as
     the op passes them), are contiguous and are written in full; dh0 is [N, H, K, V] fp32 when
-    there is an initial state, else an empty [0] tensor (not written).
+    there is an initial state, else an empty [0] tensor (not written). With A_log [H] and dt_bias
+    [H*K] (the in-op gate; g is the pre-activation z) dg receives dz and dA_log, ddt_bias their
+    gradients; without, dA_log and ddt_bias are empty [0] tensors (not written).
     dht (None = zero) is the gradient of the final state. residuals: gc, aqk, tkk, rqk as
     chunk_kda_fwd_triton wrote them for the same inputs (read, never written); None reruns the
     forward's per-chunk kernels instead. Inputs follow meta/chunk_kda.py's contract (validated by the
@@ -798,6 +831,8 @@ def chunk_kda_bwd_triton(
     (bench/tune_chunk_kda_bwd.py sweeps it).
     """
     q, k, v, g, beta, do = (x.contiguous() for x in (q, k, v, g, beta, do))
+    use_gate = A_log is not None
+    gate = dict(A_log=A_log.contiguous(), dt_bias=dt_bias.contiguous()) if use_gate else {}
     B, T, H, K = q.shape
     V = v.shape[-1]
     fwd_cfg = fwd_launch_config(K, V, q.dtype)
@@ -815,7 +850,9 @@ def chunk_kda_bwd_triton(
     # per-chunk kernels, which store the same residuals in buffers of the backward's own.
     if residuals is None:
         residuals = dict(zip(RESIDUAL_NAMES, chunk_kda_residuals_meta(q, use_qk_l2norm, save=True)))
-        x = run_chunk_kernels(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, fwd_cfg, launch, residuals)
+        x = run_chunk_kernels(
+            q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, fwd_cfg, launch, residuals, **gate
+        )
         mqk, mkk = residuals["aqk"], residuals["tkk"]  # the wy kernel's M over A_qk and T (read first)
     else:
         x = scan_buffers(q, v, slots)
@@ -884,8 +921,14 @@ def chunk_kda_bwd_triton(
     )
     NC = BT // BC
     dglp = torch.empty((slots, NC, H, K), dtype=f32, device=dev)  # the sub-chunks' parts of G_last's gradient
+    # with the in-op gate dG and dg stay fp32 in a buffer of their own and dg's buffer takes dz;
+    # per-chunk parts of the parameter gradients (zeros: unused varlen slots write none)
+    dG = torch.empty((B * T, H, K), dtype=f32, device=dev) if use_gate else dg
+    part = torch.zeros if is_varlen else torch.empty
+    dAp = part((slots, H), dtype=f32, device=dev) if use_gate else None
+    dbp = part((slots, H, K), dtype=f32, device=dev) if use_gate else None
     launch(chunk_kda_bwd_intra_kernel)[(NK * NC, rows, B * H)](
-        q, k, beta, do, gc, mqk, mkk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dg, dglp, db, ds,
+        q, k, beta, do, gc, mqk, mkk, gl, rqk, h, dh, v_new, dv_new, dqn, dkn, dG, dglp, db, ds,
         *index, NTH, scale,
         H=H, K=K, V=V, BT=BT, BC=BC, BK=cfg.intra_bk, BV=cfg.intra_bv, **common,
         DIAG_PRECISION=fwd_cfg.diag_precision,
@@ -893,7 +936,11 @@ def chunk_kda_bwd_triton(
         num_stages=cfg.intra_stages,
     )
     launch(chunk_kda_bwd_finish_kernel)[grid_chunks](
-        q, k, rqk, dqn, dkn, dg, dglp, db, ds, dq, dk, dbeta,
+        q, k, rqk, dqn, dkn, dG, dglp, db, ds, dq, dk, dbeta,
+        g, gate.get("A_log"), gate.get("dt_bias"), dg if use_gate else None, dAp, dbp,
         *index, NTH,
-        H=H, K=K, BT=BT, BC=BC, BK=cfg.finish_bk, NK=NK, **common,
+        H=H, K=K, BT=BT, BC=BC, BK=cfg.finish_bk, NK=NK, USE_GATE_IN_KERNEL=use_gate, **common,
     )
+    if use_gate:
+        dA_log.copy_(dAp.sum(0))
+        ddt_bias.copy_(dbp.sum(0).view(H * K))

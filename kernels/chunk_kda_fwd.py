@@ -112,10 +112,25 @@ def _level_factors(p_G, b_G, b_gl, t_a, o_r, eos, o_k, m_k, b: tl.constexpr, STR
 
 
 @triton.jit
+def softplus(x):
+    """torch's softplus: the identity above 20 (log(1 + e^x) rounds to x there; e^x overflows past 88)."""
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+
+
+@triton.jit
+def kimi_gate(b_z, A_log, dt_bias, i_h, o_k, m_k, K: tl.constexpr):
+    """The Kimi gate −e^(A_log[h])·softplus(z + dt_bias[h·K + k]) of a [R, BK] block of z (fp32)."""
+    b_bias = tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+    return -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * softplus(b_z + b_bias[None, :])
+
+
+@triton.jit
 def chunk_kda_fwd_gate_kernel(
     q,
     k,
     g,
+    A_log,
+    dt_bias,
     gc,
     qg,
     kg,
@@ -134,9 +149,11 @@ def chunk_kda_fwd_gate_kernel(
     BK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
+    USE_GATE_IN_KERNEL: tl.constexpr,
 ):
     """Per (chunk, head), memory-bound: the q/k norms (to rqk, with the L2 norm), G = the
-    chunk-local cumsum of g (to gc), G_last (to gl), qg = scale·q̂⊙e^G and kg = k̂⊙e^(G_last − G)."""
+    chunk-local cumsum of g (to gc), G_last (to gl), qg = scale·q̂⊙e^G and kg = k̂⊙e^(G_last − G).
+    USE_GATE_IN_KERNEL: g holds the pre-activation z and g = −e^(A_log)·softplus(z + dt_bias)."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -174,7 +191,10 @@ def chunk_kda_fwd_gate_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_G = tl.cumsum(_load_rows(p_g, o_t, m_t, o_k, m_k, H * K), axis=0)  # [BT, BK]
+        b_g = _load_rows(p_g, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
+        if USE_GATE_IN_KERNEL:  # padded rows keep g = 0
+            b_g = tl.where(m_t[:, None], kimi_gate(b_g, A_log, dt_bias, i_h, o_k, m_k, K), 0.0)
+        b_G = tl.cumsum(b_g, axis=0)  # [BT, BK]
         _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
         # padded rows add g = 0, so the last row is G at the last real row
         b_gl = _row(b_G, o_i, BT - 1)  # [BK]
@@ -702,12 +722,15 @@ def run_chunk_kernels(
     cfg: LaunchConfig,
     launch: Callable,
     residuals: dict[str, torch.Tensor] | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Allocates what the per-chunk kernels write for the scans and launches gate, intra and
     solve (q, k, v, g, beta contiguous; index, rows, slots from chunk_index): returns w, u, qg,
     kg, aqk (A_qk) and gl (G_last). With residuals (gc, aqk, tkk, rqk preallocated as
     chunk_kda_residuals_meta makes them) G, A_qk and the q/k norms go there and the solve runs
-    with STORE_RESIDUALS, writing T to tkk; without, G, the norms and A_kk are scratch.
+    with STORE_RESIDUALS, writing T to tkk; without, G, the norms and A_kk are scratch. With
+    A_log and dt_bias (contiguous), g is the gate's pre-activation z.
 
     A_qk and A_kk in fp32 (see scan_buffers for why).
     """
@@ -722,8 +745,8 @@ def run_chunk_kernels(
     akk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
     common = dict(IS_VARLEN=index[0] is not None, USE_QK_L2NORM=use_qk_l2norm)
     launch(chunk_kda_fwd_gate_kernel)[(rows, B * H)](
-        q, k, g, gc, x["qg"], x["kg"], x["gl"], rqk, *index, scale,
-        H=H, K=K, BT=BT, BK=cfg.gate_bk, **common, num_warps=cfg.gate_warps,
+        q, k, g, A_log, dt_bias, gc, x["qg"], x["kg"], x["gl"], rqk, *index, scale,
+        H=H, K=K, BT=BT, BK=cfg.gate_bk, USE_GATE_IN_KERNEL=A_log is not None, **common, num_warps=cfg.gate_warps,
     )
     launch(chunk_kda_fwd_intra_kernel)[(BT // BC, rows, B * H)](
         q, k, gc, x["gl"], rqk, x["aqk"], akk, *index, scale,
@@ -753,6 +776,8 @@ def chunk_kda_fwd_triton(
     launch: Callable = _direct,
     config: LaunchConfig | None = None,
     residuals: dict[str, torch.Tensor] | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> None:
     """Runs the chunked KDA forward into preallocated outputs.
 
@@ -762,15 +787,17 @@ def chunk_kda_fwd_triton(
     allocates them, written in full for chunk_kda_bwd_triton (None: nothing kept). Inputs follow
     meta/chunk_kda.py's contract (validated by the caller). `launch` wraps each kernel before its
     launch: torch.library.wrap_triton inside the op, the identity when tests call directly.
-    `config` overrides launch_config (bench/tune_chunk_kda_fwd.py sweeps it).
+    `config` overrides launch_config (bench/tune_chunk_kda_fwd.py sweeps it). With A_log [H] and
+    dt_bias [H*K], g is the gate's pre-activation z and the gate kernel computes the decay.
     """
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    gate = {} if A_log is None else dict(A_log=A_log.contiguous(), dt_bias=dt_bias.contiguous())
     B, T, H, K = q.shape
     V = v.shape[-1]
     cfg = config or launch_config(K, V, q.dtype)
     index, rows, slots = chunk_index(cu_seqlens, B, T, launch)
     _, _, chunk_offsets, _, N, NT = index
-    x = run_chunk_kernels(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, cfg, launch, residuals)
+    x = run_chunk_kernels(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, cfg, launch, residuals, **gate)
     w, u, qg, kg, aqk, gl = (x[name] for name in ("w", "u", "qg", "kg", "aqk", "gl"))
     store_final = final_state.dim() == 4
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)

@@ -4,6 +4,12 @@ chunked pure-PyTorch forward reference (the CPU implementation). Math: docs/kda_
 Dtypes: q, k, v share one dtype (bf16, fp16, fp32 or fp64); g, initial_state and the final state
 use the accumulation dtype (fp64 for fp64 inputs, fp32 otherwise); beta is q's dtype or the
 accumulation dtype.
+
+The gate. g is the log-decay, or, when A_log [H] and dt_bias [H*K] (fp32, or the accumulation
+dtype) are given, the gate's pre-activation z (q's dtype or the accumulation dtype), from which the
+op computes g = -exp(A_log[h]) * softplus(z + dt_bias) in the accumulation dtype
+(docs/kda_math.md §2; kda_recurrent.kda_gate). The backward then returns dz as g's gradient and
+the gradients of A_log and dt_bias.
 """
 
 from collections.abc import Sequence
@@ -11,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from ._contract import check_shape, check_tensor, fail
-from .kda_recurrent import accumulation_dtype, l2norm
+from .kda_recurrent import accumulation_dtype, kda_gate, l2norm
 
 CHUNK_SIZE = 64
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -48,6 +54,22 @@ def check_kda_token_inputs(
     check_shape(op, "beta", beta, (B, T, H), "([B, T, H] of q)")
 
 
+def check_gate_parameters(op: str, q: torch.Tensor, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None) -> None:
+    """A_log [H] and dt_bias [H*K] of the in-op gate: both or neither, fp32 or the accumulation dtype."""
+    if (A_log is None) != (dt_bias is None):
+        given, missing = ("A_log", "dt_bias") if dt_bias is None else ("dt_bias", "A_log")
+        fail(op, missing, f"a tensor when {given} is given (the in-op gate needs both)", "None")
+    if A_log is None:
+        return
+    acc = accumulation_dtype(q.dtype)
+    H, K = q.shape[2:]
+    params = (torch.float32, acc) if acc != torch.float32 else (acc,)
+    check_tensor(op, "A_log", A_log, ndim=1, dtypes=params, device=q.device)
+    check_shape(op, "A_log", A_log, (H,), "([H], H of q)")
+    check_tensor(op, "dt_bias", dt_bias, ndim=1, dtypes=params, device=q.device)
+    check_shape(op, "dt_bias", dt_bias, (H * K,), "([H*K], H, K of q)")
+
+
 def check_chunk_kda_inputs(
     op: str,
     q: torch.Tensor,
@@ -57,9 +79,13 @@ def check_chunk_kda_inputs(
     beta: torch.Tensor,
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
 ) -> int:
     """Validates the inputs shared by forward and backward; returns N, the number of sequences."""
-    check_kda_token_inputs(op, q, k, v, g, beta)
+    check_tensor(op, "q", q, ndim=4, dtypes=INPUT_DTYPES)
+    check_gate_parameters(op, q, A_log, dt_bias)  # before g: they decide which dtypes g may have
+    check_kda_token_inputs(op, q, k, v, g, beta, raw_gate=A_log is not None)
     device, acc = q.device, accumulation_dtype(q.dtype)
     B, H, K = q.shape[0], q.shape[2], q.shape[3]
     if cu_seqlens is None:
@@ -88,12 +114,14 @@ def chunk_kda_fwd_meta(
     scale: float,
     output_final_state: bool,
     use_qk_l2norm: bool,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
     token_flat: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validates and allocates (o [B, T, H, V] in v's dtype, final_state [N, H, K, V] in the
     accumulation dtype, or an empty [0] tensor when output_final_state is False). token_flat: o as
     [B*T, H, V] (see empty_tokens)."""
-    n = check_chunk_kda_inputs("chunk_kda_fwd", q, k, v, g, beta, initial_state, cu_seqlens)
+    n = check_chunk_kda_inputs("chunk_kda_fwd", q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias)
     acc = accumulation_dtype(q.dtype)
     o = empty_tokens(v.shape, v.dtype, v.device, token_flat)
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
@@ -144,13 +172,16 @@ def chunk_kda_bwd_meta(
     scale: float,
     use_qk_l2norm: bool,
     residuals: Sequence = (None, None, None, None),
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
     token_flat: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Validates and allocates (dq, dk, dv, dg, dbeta, dh0); each gradient has its input's shape
-    and dtype (token_flat: [B*T, ...], see empty_tokens); dh0 is an empty [0] tensor when there is
-    no initial state. residuals: the forward's (gc, aqk, tkk, rqk) or four Nones."""
+    """Validates and allocates (dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias); each gradient has
+    its input's shape and dtype (token_flat: [B*T, ...], see empty_tokens); dh0 is an empty [0]
+    tensor when there is no initial state, dA_log and ddt_bias when there is no in-op gate (then
+    fp32). residuals: the forward's (gc, aqk, tkk, rqk) or four Nones."""
     op = "chunk_kda_bwd"
-    n = check_chunk_kda_inputs(op, q, k, v, g, beta, initial_state, cu_seqlens)
+    n = check_chunk_kda_inputs(op, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias)
     check_chunk_kda_residuals(op, q, residuals, use_qk_l2norm)
     check_tensor(op, "do", do, dtypes=(v.dtype,), device=v.device)
     check_shape(op, "do", do, v.shape, "(the shape of v)")
@@ -163,7 +194,11 @@ def chunk_kda_bwd_meta(
         dh0 = torch.empty((0,), dtype=g.dtype, device=g.device)
     else:
         dh0 = torch.empty(initial_state.shape, dtype=initial_state.dtype, device=initial_state.device)
-    return (*grads, dh0)
+    if A_log is None:
+        gate_grads = tuple(torch.empty((0,), dtype=torch.float32, device=q.device) for _ in range(2))
+    else:
+        gate_grads = (torch.empty_like(A_log), torch.empty_like(dt_bias))
+    return (*grads, dh0, *gate_grads)
 
 
 def pack_to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -206,13 +241,17 @@ def chunk_kda_fwd_reference(
     scale: float,
     output_final_state: bool,
     use_qk_l2norm: bool,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked KDA forward (C = 64) in the accumulation dtype; same contract and outputs as
     chunk_kda_fwd_meta. Exact for any gate: only exp(G_i - G_j) with i >= j is formed."""
     o_out, final_out = chunk_kda_fwd_meta(
-        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm
+        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm, A_log, dt_bias
     )
     acc = accumulation_dtype(q.dtype)
+    if A_log is not None:
+        g = kda_gate(g, A_log, dt_bias)
     q, k, v, g, beta = (x.to(acc) for x in (q, k, v, g, beta))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)

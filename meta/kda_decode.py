@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ._contract import check_shape, check_tensor, fail
-from .chunk_kda import INDEX_DTYPES, INPUT_DTYPES, check_kda_token_inputs, empty_tokens
-from .kda_recurrent import accumulation_dtype, l2norm
+from .chunk_kda import INDEX_DTYPES, INPUT_DTYPES, check_gate_parameters, check_kda_token_inputs, empty_tokens
+from .kda_recurrent import accumulation_dtype, kda_gate, l2norm
 
 MAX_DECODE_TOKENS = 8
 MIN_CONV_WIDTH = 2
@@ -58,21 +58,6 @@ def _check_state_indices(
     check_shape(op, "state_indices", state_indices, (B,), "([B], one slot per batch row)")
 
 
-def _check_gate_parameters(op: str, q: torch.Tensor, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None) -> None:
-    if (A_log is None) != (dt_bias is None):
-        given, missing = ("A_log", "dt_bias") if dt_bias is None else ("dt_bias", "A_log")
-        fail(op, missing, f"a tensor when {given} is given (the in-op gate needs both)", "None")
-    if A_log is None:
-        return
-    acc = accumulation_dtype(q.dtype)
-    H, K = q.shape[2:]
-    params = (torch.float32, acc) if acc != torch.float32 else (acc,)
-    check_tensor(op, "A_log", A_log, ndim=1, dtypes=params, device=q.device)
-    check_shape(op, "A_log", A_log, (H,), "([H], H of q)")
-    check_tensor(op, "dt_bias", dt_bias, ndim=1, dtypes=params, device=q.device)
-    check_shape(op, "dt_bias", dt_bias, (H * K,), "([H*K], H, K of q)")
-
-
 def check_kda_decode_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -87,7 +72,7 @@ def check_kda_decode_inputs(
     op = "kda_decode"
     check_tensor(op, "q", q, ndim=4, dtypes=INPUT_DTYPES)
     _check_decode_tokens(op, "q", q)  # before k, v, ... are compared with q: q's length is the error
-    _check_gate_parameters(op, q, A_log, dt_bias)  # before g: they decide which dtypes g may have
+    check_gate_parameters(op, q, A_log, dt_bias)  # before g: they decide which dtypes g may have
     check_kda_token_inputs(op, q, k, v, g, beta, raw_gate=A_log is not None)
     device, acc = q.device, accumulation_dtype(q.dtype)
     B, T, H, K = q.shape
@@ -114,15 +99,6 @@ def kda_decode_meta(
     see empty_tokens)."""
     check_kda_decode_inputs(q, k, v, g, beta, state, state_indices, A_log, dt_bias)
     return empty_tokens(v.shape, v.dtype, v.device, token_flat)
-
-
-def kda_gate(z: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
-    """g = -exp(A_log[h]) * softplus(z + dt_bias) [B, T, H, K] in the accumulation dtype, from the
-    pre-activation z [B, T, H, K], A_log [H] and dt_bias [H*K] (the operations of the model's gate,
-    in its order, so the values match it bit for bit)."""
-    acc = accumulation_dtype(z.dtype)
-    H, K = z.shape[2:]
-    return -A_log.to(acc).exp()[:, None] * F.softplus(z.to(acc) + dt_bias.to(acc).view(H, K))
 
 
 def slots_and_validity(

@@ -1,10 +1,12 @@
 """Naive recurrent KDA: the ground truth every other KDA path is compared against.
 
 One token at a time, exactly the recurrence of docs/kda_math.md §1, computed in the accumulation
-dtype (fp64 for fp64 inputs, fp32 otherwise). Slow by design; use it on short sequences.
+dtype (fp64 for fp64 inputs, fp32 otherwise). Slow by design; use it on short sequences. Also
+the Kimi gate (docs/kda_math.md §2) and its backward, which the ops can apply themselves.
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -14,6 +16,32 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def l2norm(x: torch.Tensor) -> torch.Tensor:
     """x / sqrt(sum(x^2) + 1e-6) over the last dim (eps inside the sqrt, as the checkpoint uses)."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def kda_gate(z: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """g = -exp(A_log[h]) * softplus(z + dt_bias) [B, T, H, K] in the accumulation dtype, from the
+    pre-activation z [B, T, H, K], A_log [H] and dt_bias [H*K] (the operations of the model's gate,
+    in its order, so the values match it bit for bit)."""
+    acc = accumulation_dtype(z.dtype)
+    H, K = z.shape[2:]
+    return -A_log.to(acc).exp()[:, None] * F.softplus(z.to(acc) + dt_bias.to(acc).view(H, K))
+
+
+def kda_gate_bwd(
+    z: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, dg: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of kda_gate for the cotangent dg [B, T, H, K]: (dz [B, T, H, K], dA_log [H],
+    ddt_bias [H*K]) in the accumulation dtype. With s = z + dt_bias and g = -e^A·softplus(s):
+    dz = -e^A·softplus'(s)·dg (softplus' = sigmoid, 1 above torch's threshold 20, as autograd
+    takes it), ddt_bias = Σ_{b,t} dz and dA_log = Σ_{b,t,k} g·dg (∂g/∂A_log = g)."""
+    acc = accumulation_dtype(z.dtype)
+    H, K = z.shape[2:]
+    s = z.to(acc) + dt_bias.to(acc).view(H, K)
+    e = A_log.to(acc).exp()[:, None]  # [H, 1]
+    dg = dg.to(acc)
+    dz = -e * torch.where(s > 20, 1.0, torch.sigmoid(s)) * dg
+    dA_log = (-e * F.softplus(s) * dg).sum((0, 1, 3))
+    return dz, dA_log, dz.sum((0, 1)).view(H * K)
 
 
 def sequence_bounds(cu_seqlens: torch.Tensor | None, total: int) -> list[tuple[int, int]]:

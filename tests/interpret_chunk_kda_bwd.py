@@ -8,7 +8,8 @@ non-power-of-two K and V, initial state on/off, dht on/off, in-kernel L2 norm on
 -1000, varlen with tiny and empty sequences (and an unused chunk slot), the forward's residuals
 read back or recomputed (the backward must not write them), half-precision storage
 of the intermediates with fp32 beta (fp16: the interpreter's bf16 tl.dot is wrong in triton
-3.7.1; bf16 is covered by the GPU tests). Every gradient is written into a NaN-prefilled buffer,
+3.7.1; bf16 is covered by the GPU tests), the in-op Kimi gate (g is z; dz, dA_log and ddt_bias
+too; kda_inputs.kimi_gate_inputs). Every gradient is written into a NaN-prefilled buffer,
 so unwritten elements show, and the launchers' scratch starts as NaN (kda_inputs.poisoned_scratch).
 
 The oracle is meta's chunked backward in fp64. fp32 kernels must be as accurate as the same
@@ -31,30 +32,37 @@ from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton
 from kda_ops.meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_bwd_meta, chunk_kda_fwd_meta, chunk_kda_residuals_meta
 from kda_ops.meta.chunk_kda_bwd import chunk_kda_bwd_reference
 from kda_ops.meta.kda_recurrent import l2norm
-from kda_inputs import poisoned_scratch
+from kda_inputs import kimi_gate_inputs, poisoned_scratch
 
-NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0", "dA_log", "ddt_bias")
 FP16_BAR = 1e-3
 
 # (id, B, T, H, K, V, cu_seqlens, initial state, dht, l2norm, -1000 gates, dtype, beta dtype,
-#  residuals: the forward kernels keep them and the backward reads them, else it recomputes them)
+#  residuals: the forward kernels keep them and the backward reads them, else it recomputes them;
+#  in-op gate: -1000 gates then mean a head at exp(A_log) = e^7)
 CASES = [
-    ("T1-K32-h0-dht-l2", 1, 1, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32, False),
-    ("T20-K20V12-l2-gate1000", 1, 20, 1, 20, 12, None, False, False, True, True, torch.float32, torch.float32, False),
-    ("T64-K32-h0-gate1000", 1, 64, 1, 32, 32, None, True, False, False, True, torch.float32, torch.float32, False),
-    ("B2-T70-K32-h0-dht-l2", 2, 70, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32, False),
-    ("T130-H2-K40V48-dht-gate1000", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32, torch.float32, False),
+    ("T1-K32-h0-dht-l2", 1, 1, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32, False, False),
+    ("T20-K20V12-l2-gate1000", 1, 20, 1, 20, 12, None, False, False, True, True, torch.float32, torch.float32, False, False),
+    ("T64-K32-h0-gate1000", 1, 64, 1, 32, 32, None, True, False, False, True, torch.float32, torch.float32, False, False),
+    ("B2-T70-K32-h0-dht-l2", 2, 70, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32, False, False),
+    ("T130-H2-K40V48-dht-gate1000", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32, torch.float32, False, False),
     ("varlen-1-15-100-h0-dht-l2-gate1000", 1, 100, 1, 32, 32, [0, 1, 15, 100], True, True, True, True,
-     torch.float32, torch.float32, False),
+     torch.float32, torch.float32, False, False),
     ("varlen-0-3-67-K20V24-h0-dht-l2", 1, 70, 1, 20, 24, [0, 0, 3, 70], True, True, True, False,
-     torch.float32, torch.float32, False),
-    ("fp16-T70-K32-h0-dht-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16, torch.float32, False),
+     torch.float32, torch.float32, False, False),
+    ("fp16-T70-K32-h0-dht-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16, torch.float32, False, False),
     ("residuals-T130-H2-K40V48-dht-gate1000", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32,
-     torch.float32, True),
+     torch.float32, True, False),
     ("residuals-varlen-0-3-67-K20V24-h0-dht-l2", 1, 70, 1, 20, 24, [0, 0, 3, 70], True, True, True, False,
-     torch.float32, torch.float32, True),
+     torch.float32, torch.float32, True, False),
     ("residuals-fp16-T70-K32-h0-dht-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16,
-     torch.float32, True),
+     torch.float32, True, False),
+    ("in-op-gate-T130-H2-K40V48-dht-strong", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32,
+     torch.float32, False, True),
+    ("in-op-gate-residuals-varlen-0-3-67-K20V24-h0-dht-l2", 1, 70, 1, 20, 24, [0, 0, 3, 70], True, True, True, False,
+     torch.float32, torch.float32, True, True),
+    ("in-op-gate-residuals-fp16-T70-K32-l2-beta32", 1, 70, 1, 32, 32, None, False, True, True, False, torch.float16,
+     torch.float32, True, True),
 ]
 
 
@@ -81,32 +89,40 @@ def rel_err(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def forward_residuals(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2) -> dict[str, torch.Tensor]:
+def forward_residuals(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, gate) -> dict[str, torch.Tensor]:
     """The residuals as the forward kernels write them (NaN-prefilled, so unwritten rows show)."""
     residuals = dict(zip(RESIDUAL_NAMES, chunk_kda_residuals_meta(q, l2, save=True)))
     for r in residuals.values():
         r.fill_(float("nan"))
-    o, final_state = chunk_kda_fwd_meta(q, k, v, g, beta, initial_state, cu_seqlens, scale, False, l2)
+    o, final_state = chunk_kda_fwd_meta(q, k, v, g, beta, initial_state, cu_seqlens, scale, False, l2, **gate)
     with poisoned_scratch():
-        chunk_kda_fwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state, residuals=residuals)
+        chunk_kda_fwd_triton(
+            q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state, residuals=residuals, **gate
+        )
     return residuals
 
 
 def run_case(case, gen) -> list[str]:
-    name, B, T, H, K, V, cu, h0, with_dht, l2, gate1000, dtype, beta_dtype, from_residuals = case
-    q, k, v, g, beta, do = make_inputs(B, T, H, K, V, gate1000, l2, dtype, beta_dtype, gen)
+    name, B, T, H, K, V, cu, h0, with_dht, l2, gate1000, dtype, beta_dtype, from_residuals, in_op_gate = case
+    q, k, v, g, beta, do = make_inputs(B, T, H, K, V, gate1000 and not in_op_gate, l2, dtype, beta_dtype, gen)
+    gate = {}
+    if in_op_gate:
+        g, A_log, dt_bias = kimi_gate_inputs(B, T, H, K, z_dtype=dtype, strong_head=gate1000, generator=gen)
+        gate = dict(A_log=A_log, dt_bias=dt_bias)
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     N = B if cu is None else len(cu) - 1
     initial_state = torch.randn(N, H, K, V, generator=gen) if h0 else None
     dht = torch.randn(N, H, K, V, generator=gen) if with_dht else None
     scale = K**-0.5
-    residuals = forward_residuals(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2) if from_residuals else None
+    residuals = forward_residuals(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, gate) if from_residuals else None
     kept = None if residuals is None else {n: r.clone() for n, r in residuals.items()}
-    outs = chunk_kda_bwd_meta(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2)
+    outs = chunk_kda_bwd_meta(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2, **gate)
     for out in outs:
         out.fill_(float("nan"))
     with poisoned_scratch():
-        chunk_kda_bwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2, *outs, residuals=residuals)
+        chunk_kda_bwd_triton(
+            q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, l2, *outs, residuals=residuals, **gate
+        )
     failures = []
     if residuals is not None:
         failures += [f"{name}: the backward wrote the residual {n}" for n, r in residuals.items()
@@ -115,15 +131,16 @@ def run_case(case, gen) -> list[str]:
                      if not torch.isfinite(r).all()]
     args = (q, k, v, g, beta, initial_state)
     ref64 = chunk_kda_bwd_reference(
-        *(_to(x, torch.float64) for x in args), cu_seqlens, do.double(), _to(dht, torch.float64), scale, l2
+        *(_to(x, torch.float64) for x in args), cu_seqlens, do.double(), _to(dht, torch.float64), scale, l2,
+        **{n: p.double() for n, p in gate.items()},
     )
     ref32 = chunk_kda_bwd_reference(
-        *(_to(x, torch.float32) for x in args), cu_seqlens, do.float(), dht, scale, l2
+        *(_to(x, torch.float32) for x in args), cu_seqlens, do.float(), dht, scale, l2, **gate
     )
     for what, x, r64, r32 in zip(NAMES, outs, ref64, ref32):
-        if what == "dh0" and not h0:
+        if (what == "dh0" and not h0) or (what in ("dA_log", "ddt_bias") and not in_op_gate):
             if x.numel() != 0:
-                failures.append(f"{name}: dh0 must be empty without an initial state")
+                failures.append(f"{name}: {what} must be empty without its input")
             continue
         if not torch.isfinite(x).all():
             failures.append(f"{name}: {what} has NaN/Inf (unwritten or overflowed elements)")

@@ -100,3 +100,19 @@ def poisoned_scratch():
     with mock.patch.object(torch, "empty", empty):
         yield
 
+
+
+def kimi_gate_inputs(
+    B: int, T: int, H: int, K: int, *, z_dtype: torch.dtype, strong_head: bool, device: str = "cpu", generator=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z [B, T, H, K] in z_dtype, A_log [H], dt_bias [H*K] fp32) for the in-op Kimi gate
+    g = -exp(A_log)·softplus(z + dt_bias): decays mostly in (-1, 0), channel 1 past softplus's
+    threshold (z + dt_bias > 20, the identity branch) and, with strong_head, head 0 at
+    exp(A_log) = e^7 ≈ 1100, where most of its channels forget within a token (g down to ~ -2e4)."""
+    kw = dict(device=device, generator=generator)
+    z = torch.randn(B, T, H, K, **kw) * 2 - 2
+    z[..., 1] = 25.0
+    A_log = torch.randn(H, **kw) * 0.5 - 1
+    if strong_head:
+        A_log[0] = 7.0
+    return z.to(z_dtype), A_log, torch.randn(H * K, **kw) * 0.5

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kda_ops.meta.chunk_kda_bwd import chunk_kda_bwd_reference
-from kda_ops.meta.kda_recurrent import recurrent_kda
+from kda_ops.meta.kda_recurrent import kda_gate, recurrent_kda
 from kda_inputs import rel_rms
 
 NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
@@ -123,3 +123,41 @@ def test_fp32_matches_fp64_ground_truth():
     for name, x, r in zip(NAMES, got, ref):
         assert x.dtype == torch.float32 and torch.isfinite(x).all(), name
         assert rel_rms(x, r) < 1e-4, f"{name}: relative RMS error {rel_rms(x, r):.3e}"
+
+
+GATE_CASES = [
+    # id: B, T or varlen lengths, h0, dht, l2norm
+    pytest.param(2, 130, False, False, False, id="B2-T130-plain"),
+    pytest.param(1, [1, 15, 200], True, True, True, id="varlen-1-15-200-h0-dht-l2norm"),
+]
+
+
+@pytest.mark.parametrize("B, lengths, h0, dht, l2norm", GATE_CASES)
+def test_in_op_gate_matches_autograd_fp64(request, B, lengths, h0, dht, l2norm):
+    """With A_log and dt_bias, g is the pre-activation z: dz, dA_log and ddt_bias against autograd
+    through meta's kda_gate and the naive recurrence; z reaches past softplus's threshold (20)."""
+    seed = zlib.crc32(request.node.callspec.id.encode())
+    H, K, V = 2, 20, 12
+    inp = make_inputs(seed, B, lengths, H, K, V, h0=h0, dht=dht, l2norm=l2norm, gate="mild", dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed + 1)
+    z = torch.randn(inp["g"].shape, generator=gen, dtype=torch.float64) * 4
+    z[..., 1] = 25.0  # the identity branch of softplus
+    A_log = torch.randn(H, generator=gen, dtype=torch.float64) * 0.5 - 1
+    dt_bias = torch.randn(H * K, generator=gen, dtype=torch.float64)
+    scale = K**-0.5
+    got = chunk_kda_bwd_reference(
+        inp["q"], inp["k"], inp["v"], z, inp["beta"], inp["initial_state"], inp["cu_seqlens"],
+        inp["do"], inp["dht"], scale, l2norm, A_log, dt_bias,
+    )
+    leaves = [x.clone().requires_grad_() for x in (z, A_log, dt_bias)]
+    g = kda_gate(*leaves)
+    ref_inp = dict(inp, g=g.detach())
+    dg = autograd_reference(ref_inp, scale, l2norm)[3]
+    ref = torch.autograd.grad(g, leaves, dg)
+    for name, x, r in zip(("dz", "dA_log", "ddt_bias"), (got[3], got[6], got[7]), ref):
+        assert x.shape == r.shape and x.dtype == torch.float64, name
+        assert rel_rms(x, r) < 1e-9, f"{name}: relative error {rel_rms(x, r):.3e}"
+    plain = run_chunked(ref_inp, scale, l2norm)
+    for name, x, r in zip(NAMES, got, plain):
+        if name != "dg":
+            assert torch.equal(x, r), name

@@ -19,7 +19,8 @@ from kda_inputs import rel_rms
 
 import kda_ops
 from kda_ops.kernels.kda_decode import causal_conv1d_update_fwd, kda_decode_fwd
-from kda_ops.meta.kda_decode import causal_conv1d_update_reference, kda_gate
+from kda_ops.meta.kda_decode import causal_conv1d_update_reference
+from kda_ops.meta.kda_recurrent import kda_gate
 from kda_ops.meta.kda_recurrent import recurrent_kda
 
 INTERPRET_SCRIPT = Path(__file__).with_name("interpret_kda_decode.py")
