@@ -155,7 +155,7 @@ def chunk_kda_bwd(
             q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, A_log, dt_bias
         )
     dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias = chunk_kda_bwd_meta(
-        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, residuals, A_log, dt_bias,
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, A_log, dt_bias, residuals,
         token_flat=True,
     )
     chunk_kda_bwd_triton(

@@ -171,9 +171,9 @@ def chunk_kda_bwd_meta(
     dht: torch.Tensor | None,
     scale: float,
     use_qk_l2norm: bool,
-    residuals: Sequence = (None, None, None, None),
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    residuals: Sequence = (None, None, None, None),
     token_flat: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Validates and allocates (dq, dk, dv, dg, dbeta, dh0, dA_log, ddt_bias); each gradient has

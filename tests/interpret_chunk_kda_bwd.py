@@ -39,7 +39,7 @@ FP16_BAR = 1e-3
 
 # (id, B, T, H, K, V, cu_seqlens, initial state, dht, l2norm, -1000 gates, dtype, beta dtype,
 #  residuals: the forward kernels keep them and the backward reads them, else it recomputes them;
-#  in-op gate: -1000 gates then mean a head at exp(A_log) = e^7)
+#  in-op gate: -1000 gates then mean a head at exp(A_log) = 16)
 CASES = [
     ("T1-K32-h0-dht-l2", 1, 1, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32, False, False),
     ("T20-K20V12-l2-gate1000", 1, 20, 1, 20, 12, None, False, False, True, True, torch.float32, torch.float32, False, False),

@@ -34,7 +34,7 @@ from kda_ops.meta.kda_recurrent import l2norm
 from kda_inputs import kimi_gate_inputs, poisoned_scratch, rel_rms
 
 # (id, B, T, H, K, V, cu_seqlens, initial state, final state, l2norm, -1000 gates, dtype, beta dtype,
-#  in-op gate: -1000 gates then mean a head at exp(A_log) = e^7)
+#  in-op gate: -1000 gates then mean a head at exp(A_log) = 16)
 CASES = [
     ("T1-K32-h0", 1, 1, 1, 32, 32, None, True, True, False, False, torch.float32, torch.float32, False),
     ("T20-K20V12-l2", 1, 20, 1, 20, 12, None, False, True, True, True, torch.float32, torch.float32, False),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kda_inputs import kernel_check_inputs, rel_rms
+from kda_inputs import kernel_check_inputs, kimi_gate_inputs, rel_rms
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -26,7 +26,7 @@ from kda_ops.kernels import chunk_kda_bwd, chunk_kda_fwd
 from kda_ops.kernels.chunk_kda_bwd import chunk_kda_bwd_triton
 from kda_ops.meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_bwd_meta
 from kda_ops.meta.chunk_kda_bwd import chunk_kda_bwd_reference
-from kda_ops.meta.kda_recurrent import recurrent_kda
+from kda_ops.meta.kda_recurrent import kda_gate, recurrent_kda
 
 NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 BARS = dict(dq=0.008, dk=0.008, dv=0.008, dh0=0.008, dg=0.02, dbeta=0.02)  # DESIGN.md
@@ -288,6 +288,62 @@ def test_compile_fullgraph_training_step_emits_the_kernels(varlen):
         assert kernel in code, f"{kernel} not in the generated code"
     for name, a, b in zip(names, grads, step(loss_fn)):
         assert torch.equal(a, b), f"d{name} differs between compiled and eager"
+
+
+# (B, T, H, K, cu_seqlens, initial state, dht, in-op L2 norm, z's dtype: bf16 as q, or fp32)
+IN_OP_GATE_CASES = [
+    pytest.param(2, 1000, 4, 128, None, True, True, True, torch.bfloat16, id="T1000-K128-h0-dht-l2"),
+    pytest.param(1, 2000, 4, 128, [0, 15, 100, 300, 1200, 2000], True, True, True, torch.bfloat16,
+                 id="varlen-K128-h0-dht-l2"),
+    pytest.param(2, 65, 4, 100, None, False, False, False, torch.float32, id="T65-K100-z-fp32"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, T, H, K, cu, initial_state, dht, l2, z_dtype", IN_OP_GATE_CASES)
+def test_in_op_gate_bf16_within_bars(B, T, H, K, cu, initial_state, dht, l2, z_dtype):
+    """chunk_kda with A_log and dt_bias (g is z; kda_inputs.kimi_gate_inputs, with a strong head)
+    against autograd through meta's kda_gate and the fp32 recurrence: o, the final state
+    and every gradient within DESIGN.md's bars (dz, dA_log, ddt_bias at dg's), by the op's
+    autograd (from the residuals) and by kda::chunk_kda_bwd recomputing them."""
+    cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
+    n = B if cu is None else len(cu) - 1
+    x = _inputs(B, T, H, K, K, n_seqs=n, initial_state=initial_state, dht=dht, l2norm_in_op=l2, gate_floor=False)
+    x["z"], x["A_log"], x["dt_bias"] = kimi_gate_inputs(B, T, H, K, z_dtype=z_dtype, strong_head=True, device="cuda")
+    # leaf name -> bar of its gradient, in the op's output order
+    bars = dict(q=BARS["dq"], k=BARS["dk"], v=BARS["dv"], z=BARS["dg"], beta=BARS["dbeta"], initial_state=BARS["dh0"],
+                A_log=BARS["dg"], dt_bias=BARS["dg"])
+    names = [n for n in bars if x[n] is not None]
+    cotangents = (x["do"], x["dht"]) if dht else (x["do"],)
+
+    def run(fn, dtype):
+        leaves = {n: x[n].detach().to(dtype or x[n].dtype).requires_grad_() for n in names}
+        o, s = fn(leaves)
+        return o, s, dict(zip(names, torch.autograd.grad((o, s)[: len(cotangents)], list(leaves.values()), cotangents)))
+
+    def recurrence(t):
+        g = kda_gate(t["z"], t["A_log"], t["dt_bias"])
+        return recurrent_kda(t["q"], t["k"], t["v"], g, t["beta"], initial_state=t.get("initial_state"),
+                             output_final_state=True, use_qk_l2norm=l2, cu_seqlens=cu_seqlens)
+
+    def op(t):
+        return chunk_kda(t["q"], t["k"], t["v"], t["z"], t["beta"], initial_state=t.get("initial_state"),
+                         output_final_state=True, use_qk_l2norm=l2, cu_seqlens=cu_seqlens,
+                         A_log=t["A_log"], dt_bias=t["dt_bias"])
+
+    o_ref, s_ref, ref = run(recurrence, torch.float32)
+    o, s, grads = run(op, None)
+    for name, a, r in (("o", o, o_ref), ("final_state", s, s_ref)):
+        assert torch.isfinite(a).all() and rel_rms(a, r) <= 0.005, f"{name}: {rel_rms(a, r):.2e}"
+    args = (x["q"], x["k"], x["v"], x["z"], x["beta"], x["initial_state"], cu_seqlens, x["do"], x["dht"], K**-0.5, l2)
+    recomputed = torch.ops.kda.chunk_kda_bwd(*args, None, None, None, None, x["A_log"], x["dt_bias"])
+    recomputed = dict(zip(bars, recomputed))
+    for path, got in (("autograd", grads), ("recomputed", recomputed)):
+        for name in names:
+            a = got[name]
+            assert a.dtype == x[name].dtype and torch.isfinite(a).all(), f"{path}: d{name}"
+            err = rel_rms(a, ref[name])
+            assert err <= bars[name], f"{path}: d{name} relative RMS error {err:.2e} > {bars[name]}"
 
 
 _FIRST_CALL = textwrap.dedent(

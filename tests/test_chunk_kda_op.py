@@ -4,13 +4,13 @@ errors, torch.compile and torch.export (CPU reference path)."""
 import pytest
 import torch
 import torch._dynamo
-from kda_inputs import kda_inputs
+from kda_inputs import kda_inputs, kimi_gate_inputs
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kda_ops
 from kda_ops.meta._contract import ContractError
-from kda_ops.meta.kda_recurrent import recurrent_kda
+from kda_ops.meta.kda_recurrent import kda_gate, recurrent_kda
 
 OPCHECK_CASES = [
     pytest.param(dict(initial_state=False, varlen=False, final=False, l2norm=False), id="plain"),
@@ -49,6 +49,47 @@ def test_opcheck_chunk_kda_bwd(case, with_dht):
     args = (q, k, v, g, beta, h0, cu_seqlens, do, dht, scale, l2norm)
     torch.library.opcheck(torch.ops.kda.chunk_kda_bwd.default, args)
     torch.library.opcheck(torch.ops.kda.chunk_kda_bwd_reference.default, args)
+
+
+def _in_op_gate_args(varlen, dtype=torch.float32):
+    """_op_args with g replaced by the gate's pre-activation z, then A_log and dt_bias."""
+    q, k, v, g, beta, h0, cu_seqlens, scale, final, l2norm = _op_args(
+        dict(initial_state=varlen, varlen=varlen, final=varlen, l2norm=varlen), dtype, requires_grad=False
+    )
+    z, A_log, dt_bias = kimi_gate_inputs(*g.shape, z_dtype=dtype, strong_head=True)
+    return (q, k, v, z, beta, h0, cu_seqlens, scale, final, l2norm), A_log.to(dtype), dt_bias.to(dtype)
+
+
+IN_OP_GATE_CASES = [pytest.param(False, id="dense"), pytest.param(True, id="varlen-h0-final-l2norm")]
+
+
+@pytest.mark.parametrize("varlen", IN_OP_GATE_CASES)
+def test_opcheck_in_op_gate(varlen):
+    args, A_log, dt_bias = _in_op_gate_args(varlen)
+    torch.library.opcheck(torch.ops.kda.chunk_kda_fwd.default, (*args, False, A_log, dt_bias))
+    q, k, v, z, beta, h0, cu_seqlens, scale, _, l2norm = args
+    dht = torch.randn(3, 2, 16, 8) if varlen else None
+    bwd_args = (q, k, v, z, beta, h0, cu_seqlens, torch.randn_like(v), dht, scale, l2norm)
+    torch.library.opcheck(torch.ops.kda.chunk_kda_bwd.default, (*bwd_args, None, None, None, None, A_log, dt_bias))
+
+
+@pytest.mark.parametrize("varlen", IN_OP_GATE_CASES)
+def test_in_op_gate_matches_gate_before_the_op(varlen):
+    """chunk_kda(z, A_log, dt_bias) against chunk_kda(kda_gate(z, A_log, dt_bias)) with autograd
+    through meta's gate (fp64): outputs and every gradient, dz, dA_log and ddt_bias included."""
+    args, A_log, dt_bias = _in_op_gate_args(varlen, torch.float64)
+    q, k, v, z, beta, h0, cu_seqlens, scale, _, l2norm = args
+    leaves = [t.requires_grad_() for t in (q, k, v, z, beta, A_log, dt_bias)]
+    kw = dict(scale=scale, initial_state=h0, output_final_state=True, use_qk_l2norm=l2norm, cu_seqlens=cu_seqlens)
+    o, s = kda_ops.chunk_kda(q, k, v, z, beta, A_log=A_log, dt_bias=dt_bias, **kw)
+    o_ref, s_ref = kda_ops.chunk_kda(q, k, v, kda_gate(z, A_log, dt_bias), beta, **kw)
+    do, ds = torch.randn_like(o), torch.randn_like(s)
+    grads = torch.autograd.grad((o, s), leaves, (do, ds))
+    grads_ref = torch.autograd.grad((o_ref, s_ref), leaves, (do, ds))
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("q", "k", "v", "z", "beta", "A_log", "dt_bias"), grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"d{name}: {m}")
 
 
 GRADCHECK_CASES = [
@@ -137,6 +178,28 @@ def test_contract_errors_name_the_argument(name, corrupt, expected, fake):
         kda_ops.chunk_kda(**x, output_final_state=True)
 
 
+GATE_CONTRACT_CASES = [
+    pytest.param("dt_bias", dict(dt_bias=None), "a tensor when A_log is given", id="dt_bias-missing"),
+    pytest.param("A_log", dict(A_log=None), "a tensor when dt_bias is given", id="A_log-missing"),
+    pytest.param("A_log", dict(A_log=torch.zeros(2, dtype=torch.float16)), "dtype", id="A_log-dtype"),
+    pytest.param("dt_bias", dict(dt_bias=torch.zeros(4)), "shape", id="dt_bias-shape"),
+    pytest.param("g", dict(g=torch.zeros(1, 8, 2, 4, dtype=torch.float16)), "dtype", id="z-dtype"),
+]
+
+
+@pytest.mark.parametrize("name, change, expected", GATE_CONTRACT_CASES)
+@pytest.mark.parametrize("fake", [pytest.param(False, id="eager"), pytest.param(True, id="fake")])
+def test_in_op_gate_contract_errors(name, change, expected, fake):
+    """With the in-op gate g may be z in q's dtype or fp32; A_log [H] and dt_bias [H*K] come together."""
+    x = dict(_valid_inputs(), A_log=torch.zeros(2), dt_bias=torch.zeros(8))
+    x.update(change)
+    if fake:
+        mode = FakeTensorMode()
+        x = {n: None if t is None else mode.from_tensor(t) for n, t in x.items()}
+    with pytest.raises(ContractError, match=rf"'{name}' expected .*{expected}"):
+        kda_ops.chunk_kda(**x, output_final_state=True)
+
+
 def _residuals(B, T, H, K, l2norm):
     """Correctly shaped residuals of kda::chunk_kda_fwd (save_for_backward on the Triton path)."""
     gc, aqk, tkk = torch.zeros(B * T, H, K), torch.zeros(B * T, H, 64), torch.zeros(B * T, H, 64)
@@ -205,6 +268,26 @@ def test_compile_fullgraph_one_frame_for_three_lengths(backend):
         torch.testing.assert_close(loss, loss_ref)
         for a, b in zip(grads, grads_ref):
             torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
+
+
+def test_compile_fullgraph_in_op_gate():
+    """A training step through the in-op gate compiles to one frame; gradients of z, A_log and
+    dt_bias match eager."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(q, k, v, z, beta, A_log, dt_bias):
+        o, _ = kda_ops.chunk_kda(q, k, v, z, beta, use_qk_l2norm=True, A_log=A_log, dt_bias=dt_bias)
+        return o.square().mean()
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    args, A_log, dt_bias = _in_op_gate_args(False)
+    leaves = [t.requires_grad_() for t in (*args[:5], A_log, dt_bias)]
+    grads = torch.autograd.grad(compiled(*leaves), leaves)
+    grads_ref = torch.autograd.grad(step(*leaves), leaves)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
     assert counter.frame_count == 1
 
 
