@@ -111,14 +111,15 @@ class KimiDeltaAttention(nn.Module):
         for pool in (self.recurrent_state, self.q_conv_state, self.k_conv_state, self.v_conv_state):
             pool.index_fill_(0, slots, 0)
 
-    def _gate_and_beta(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias) [B, T, H, K] and beta = sigmoid(b_proj x)
-        [B, T, H], both in the accumulation dtype."""
+    def _gate(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The gate as chunk_kda and kda_decode take it: the pre-activation z = f_b(f_a(x))
+        [B, T, H, K] and A_log, dt_bias, from which the ops compute g = -exp(A_log) *
+        softplus(z + dt_bias) in their kernels (faster than the same operations in torch before
+        them, even fused by Inductor: bench/NOTES.md, bench_kda_decode_gate.py)."""
         B, T, _ = x.shape
         acc = accumulation_dtype(x.dtype)
-        f = self.f_b_proj(self.f_a_proj(x)).to(acc) + self.dt_bias.to(acc)
-        g = -self.A_log.to(acc).exp() * F.softplus(f.view(B, T, self.num_heads, self.head_dim))
-        return g, self._beta(x)
+        z = self.f_b_proj(self.f_a_proj(x)).view(B, T, self.num_heads, self.head_dim)
+        return z, dict(A_log=self.A_log.to(acc).view(-1), dt_bias=self.dt_bias.to(acc))
 
     def _beta(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.b_proj(x).to(accumulation_dtype(x.dtype)))
@@ -147,17 +148,18 @@ class KimiDeltaAttention(nn.Module):
             if pool is not None:
                 pool.index_copy_(0, batch.slots, final)
             qkv.append(y.view(shape))
-        g, beta = self._gate_and_beta(x)
+        g, gate = self._gate(x)
         initial_state = None if batch is None else self.recurrent_state.index_select(0, batch.slots)
         o, final_state = chunk_kda(
             *qkv,
             g,
-            beta,
+            self._beta(x),
             scale=self.scale,
             initial_state=initial_state,
             output_final_state=batch is not None,
             use_qk_l2norm=True,
             cu_seqlens=cu_seqlens,
+            **gate,
         )
         if batch is not None:
             self.recurrent_state.index_copy_(0, batch.slots, final_state)
@@ -169,12 +171,10 @@ class KimiDeltaAttention(nn.Module):
         q = self.q_conv1d.step(self.q_proj(x), self.q_conv_state, batch.slots).view(shape)
         k = self.k_conv1d.step(self.k_proj(x), self.k_conv_state, batch.slots).view(shape)
         v = self.v_conv1d.step(self.v_proj(x), self.v_conv_state, batch.slots).view(shape)
-        # the gate's pre-activation: kda_decode computes the gate in its kernel (bench_kda_decode_gate.py)
-        z = self.f_b_proj(self.f_a_proj(x)).view(shape)
-        acc = accumulation_dtype(x.dtype)
+        g, gate = self._gate(x)
         o = kda_decode(
-            q, k, v, z, self._beta(x), self.recurrent_state, state_indices=batch.slots, scale=self.scale,
-            use_qk_l2norm=True, A_log=self.A_log.to(acc).view(-1), dt_bias=self.dt_bias.to(acc),
+            q, k, v, g, self._beta(x), self.recurrent_state, state_indices=batch.slots, scale=self.scale,
+            use_qk_l2norm=True, **gate,
         )
         return self._output(x, o)
 

@@ -63,13 +63,13 @@ class ScalarGateDeltaAttention(KimiDeltaAttention):
         self.f_b_proj = nn.Linear(K, H, bias=False, dtype=dtype)
         self.dt_bias = nn.Parameter(torch.zeros(H, dtype=torch.float32))
 
-    def _gate_and_beta(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _gate(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The log-decay g itself (the ops' in-kernel gate is per channel), and no gate parameters."""
         B, T, _ = x.shape
         acc = accumulation_dtype(x.dtype)
         f = self.f_b_proj(self.f_a_proj(x)).to(acc) + self.dt_bias.to(acc)
         g = -self.A_log.to(acc).exp() * F.softplus(f.view(B, T, self.num_heads, 1))
-        beta = torch.sigmoid(self.b_proj(x).to(acc))
-        return g.expand(B, T, self.num_heads, self.head_dim), beta
+        return g.expand(B, T, self.num_heads, self.head_dim), {}
 
 
 def synthetic_model(config: KimiLinearConfig, gate: str = "channel", seed: int = 0) -> KimiLinearForCausalLM:
