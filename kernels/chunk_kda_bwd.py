@@ -34,7 +34,8 @@ backward recomputes the rest. Chunk length BT = 64 in sub-chunks of BC = 16 rows
        every K tile or every sub-chunk: each program writes its part.
    (c) `chunk_kda_bwd_finish_kernel`, per (chunk, head): dg = the reverse chunk-local cumsum of
        dG plus G_last's gradient (the sum of the sub-chunks' parts), dβ from its parts and,
-       with the in-kernel L2 norm, the norm's backward dx = r·(dy − y·(y·dy)).
+       with the in-kernel L2 norm, the norm's backward dx = r·(dy − y·(y·dy)); with the in-op
+       gate, dz from dg and per-chunk parts of dA_log and d dt_bias (summed by the launcher).
    The intra kernel first owned every row of a chunk per K tile ([64, BK] tiles on 4 warps,
    the diagonal gathered row by row across the four sub-chunks): 12.9 ms at B8 T4096 H32,
    8.5 ms in fla-core's sub-chunk layout (bench/NOTES.md, "Sub-chunk intra kernel").

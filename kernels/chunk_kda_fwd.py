@@ -6,7 +6,8 @@ where the work is arithmetic, wide memory-bound ones elsewhere; then one scan.
 
 1. `chunk_kda_fwd_gate_kernel`, per (chunk, head), memory-bound: the q/k L2 norms (to rqk), the
    chunk-local cumulative gate G (fp32, to gc), G_last (to gl), qg = scale·q̂⊙e^G and
-   kg = k̂⊙e^(G_last − G).
+   kg = k̂⊙e^(G_last − G). With the in-op gate (A_log, dt_bias given) it first computes
+   g = −e^(A_log)·softplus(z + dt_bias) from the pre-activation z the op received as g.
 2. `chunk_kda_fwd_intra_kernel`, per (sub-chunk, chunk, head) on one warp: the sub-chunk's rows
    of A_qk (scale, with its diagonal) and A_kk (strictly lower, without β), fp32, as whole rows
    of the chunk with zeros above: the earlier sub-chunks' columns on tensor cores anchored at
