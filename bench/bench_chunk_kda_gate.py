@@ -4,7 +4,8 @@ initial or final state.
 
     pytest bench/bench_chunk_kda_gate.py --benchmark-json=bench/results/<gpu>/chunk_kda_gate.json
 
-The gate is g = -exp(A_log)·softplus(z + dt_bias) (docs/kda_math.md §2). Every provider starts
+The gate is g = -exp(A_log)·softplus(z + dt_bias), or its bounded form g = L·sigmoid(exp(A_log)·(z +
+dt_bias)) with L = BOUND (docs/kda_math.md §2; providers named *_bounded). Every provider starts
 from the same tensors, as the model holds them: q, k, v, beta and the gate's pre-activation z
 [B, T, H, K] in bf16, A_log [H] and dt_bias [H·K] fp32. Providers, each one
 torch.compile(fullgraph=True) function (Inductor; its backward compiled by AOTAutograd):
@@ -13,8 +14,9 @@ torch.compile(fullgraph=True) function (Inductor; its backward compiled by AOTAu
   chunk_kda(g).
 - kernel_gate: chunk_kda(z, A_log=, dt_bias=): the op's gate kernel computes g before its
   chunk-local cumsum and its finish kernel turns dg into dz and the parameters' gradients.
+- inductor_gate_bounded, kernel_gate_bounded: the same two with the bounded form (gate_lower_bound=).
 - chunk_only: chunk_kda(g) on a g computed beforehand (its gradient is g's): no gate at all, the
-  floor the other two approach.
+  floor the others approach.
 The forward runs under no_grad; forward + backward takes the gradients of q, k, v, beta and of
 z, A_log, dt_bias (of g for chunk_only). Each provider first passes a correctness check against
 the fp32 chunked references (relative RMS error of o <= 0.005; dq, dk, dv <= 0.008; dz (dg),
@@ -41,7 +43,11 @@ SHAPES = [
     pytest.param(8, 4096, 32, id="B8-T4096-H32"),
     pytest.param(1, 32768, 32, id="B1-T32768-H32"),
 ]
-PROVIDERS = [pytest.param(p, id=p) for p in ("inductor_gate", "kernel_gate", "chunk_only")]
+PROVIDERS = [
+    pytest.param(p, id=p)
+    for p in ("inductor_gate", "kernel_gate", "inductor_gate_bounded", "kernel_gate_bounded", "chunk_only")
+]
+BOUND = -5.0  # the bounded form's L: the bottom of docs/kda_math.md §2's range
 # gradient name -> (input it belongs to, bar)
 GRADS = dict(dq=("q", GRAD_BARS["dq"]), dk=("k", GRAD_BARS["dk"]), dv=("v", GRAD_BARS["dv"]),
              dz=("z", GRAD_BARS["dg"]), dbeta=("beta", GRAD_BARS["dbeta"]),
@@ -74,11 +80,30 @@ def _kernel_gate(q, k, v, z, beta, A_log, dt_bias):
     return chunk_kda(q, k, v, z, beta, scale=K**-0.5, A_log=A_log, dt_bias=dt_bias)[0]
 
 
+def _inductor_gate_bounded(q, k, v, z, beta, A_log, dt_bias):
+    return chunk_kda(q, k, v, kda_gate(z, A_log, dt_bias, BOUND), beta, scale=K**-0.5)[0]
+
+
+def _kernel_gate_bounded(q, k, v, z, beta, A_log, dt_bias):
+    return chunk_kda(q, k, v, z, beta, scale=K**-0.5, A_log=A_log, dt_bias=dt_bias, gate_lower_bound=BOUND)[0]
+
+
 def _chunk_only(q, k, v, g, beta):
     return chunk_kda(q, k, v, g, beta, scale=K**-0.5)[0]
 
 
-FUNCTIONS = dict(inductor_gate=_inductor_gate, kernel_gate=_kernel_gate, chunk_only=_chunk_only)
+FUNCTIONS = dict(
+    inductor_gate=_inductor_gate,
+    kernel_gate=_kernel_gate,
+    inductor_gate_bounded=_inductor_gate_bounded,
+    kernel_gate_bounded=_kernel_gate_bounded,
+    chunk_only=_chunk_only,
+)
+
+
+def _bound(provider):
+    """The provider's gate_lower_bound: BOUND for the bounded form, None for softplus."""
+    return BOUND if provider.endswith("_bounded") else None
 _compiled = {}
 
 
@@ -110,7 +135,9 @@ def test_chunk_kda_gate_fwd(benchmark, provider, B, T, H):
     def fwd():
         return fn(*args.values())
 
-    ref, _ = chunk_kda_fwd_reference(*_reference_args(x), K**-0.5, False, False, x["A_log"], x["dt_bias"])
+    ref, _ = chunk_kda_fwd_reference(
+        *_reference_args(x), K**-0.5, False, False, x["A_log"], x["dt_bias"], _bound(provider)
+    )
     err = rel_rms(fwd(), ref)
     del ref
     assert err <= O_BAR, f"{provider}: relative RMS error {err:.2e} > {O_BAR}"
@@ -139,7 +166,7 @@ def test_chunk_kda_gate_fwdbwd(benchmark, provider, B, T, H):
         return dict(zip(leaves, torch.autograd.grad(fn(*leaves.values()), list(leaves.values()), x["do"])))
 
     ref = chunk_kda_bwd_reference(
-        *_reference_args(x), x["do"].float(), None, K**-0.5, False, x["A_log"], x["dt_bias"]
+        *_reference_args(x), x["do"].float(), None, K**-0.5, False, x["A_log"], x["dt_bias"], _bound(provider)
     )
     ref = dict(zip(("dq", "dk", "dv", "dz", "dbeta", "dh0", "dA_log", "ddt_bias"), ref))
     grads = run()

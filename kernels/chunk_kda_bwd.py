@@ -627,6 +627,7 @@ def chunk_kda_bwd_finish_kernel(
     z,
     A_log,
     dt_bias,
+    lower_bound,
     dz,
     dAp,
     dbp,
@@ -646,16 +647,18 @@ def chunk_kda_bwd_finish_kernel(
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
     USE_GATE_IN_KERNEL: tl.constexpr,
+    BOUNDED_GATE: tl.constexpr,
 ):
     """Per (chunk, head): dg = the reverse cumulative sum of the intra kernel's dG over the chunk
     (G_i = Σ_{s <= i} g_s) plus G_last's gradient, the sum of the sub-chunks' parts (G_last is
     the last row's G, so its gradient reaches every g of the chunk); dβ, the sum of the wy
     kernel's and every K tile's part; with the L2 norm, its backward dx = r·(dy − y·(y·dy))
     over the dy the intra kernel parked in dqn, dkn.
-    USE_GATE_IN_KERNEL (g = −e^A·softplus(z + dt_bias), A = A_log[h]): dg stays in its fp32
-    buffer and dz = −e^A·softplus'(z + dt_bias)·dg goes to dz; the chunk's parts of the parameter
+    USE_GATE_IN_KERNEL (g = −e^A·softplus(s), s = z + dt_bias, A = A_log[h]): dg stays in its
+    fp32 buffer and dz = −e^A·softplus'(s)·dg goes to dz; the chunk's parts of the parameter
     gradients, Σ_rows dz to dbp [slots, H, K] (d dt_bias) and Σ_rows,k g·dg to dAp [slots, H]
-    (dA_log), are summed over chunks by the launcher."""
+    (dA_log), are summed over chunks by the launcher. BOUNDED_GATE (g = L·σ(e^A·s), L =
+    lower_bound): dz = L·e^A·σ(e^A·s)·σ(−e^A·s)·dg and dA_log's part Σ_rows,k s·dz."""
     NC: tl.constexpr = BT // BC
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -685,11 +688,16 @@ def chunk_kda_bwd_finish_kernel(
             b_bias = tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
             b_s = _load_rows(z + i_h * K, o_t, m_t, o_k, m_k, H * K) + b_bias[None, :]  # [BT, BK]
             b_dg = tl.where(m_t[:, None], b_dg, 0.0)  # padded rows add nothing to the sums
-            # softplus' = sigmoid, 1 where softplus is the identity (as torch's autograd takes it)
-            b_dz = -b_a * tl.where(b_s > 20.0, 1.0, tl.sigmoid(b_s)) * b_dg
+            if BOUNDED_GATE:
+                b_e = tl.exp(-tl.abs(b_a * b_s))  # [BT, BK]; σ'(u) = σ(u)·σ(−u) = e/(1 + e)², e = e^(−|u|) <= 1
+                b_dz = tl.cast(lower_bound, tl.float32) * b_a * (b_e / ((1.0 + b_e) * (1.0 + b_e))) * b_dg
+                b_dA += tl.sum(b_s * b_dz, axis=0)  # ∂g/∂A_log = s·∂g/∂z
+            else:
+                # softplus' = sigmoid, 1 where softplus is the identity (as torch's autograd takes it)
+                b_dz = -b_a * tl.where(b_s > 20.0, 1.0, tl.sigmoid(b_s)) * b_dg
+                b_dA += tl.sum(-b_a * softplus(b_s) * b_dg, axis=0)  # ∂g/∂A_log = g
             _store_rows(dz + i_h * K, b_dz, o_t, m_t, o_k, m_k, H * K)
             tl.store(dbp + (i_s * H + i_h).to(tl.int64) * K + o_k, tl.sum(b_dz, axis=0), mask=m_k)
-            b_dA += tl.sum(-b_a * softplus(b_s) * b_dg, axis=0)
         else:
             _store_rows(dg + i_h * K, b_dg, o_t, m_t, o_k, m_k, H * K)
     if USE_GATE_IN_KERNEL:
@@ -822,14 +830,16 @@ def chunk_kda_bwd_triton(
     config: LaunchConfig | None = None,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    gate_lower_bound: float | None = None,
 ) -> None:
     """Runs the chunked KDA backward into preallocated outputs (those of chunk_kda_bwd_meta).
 
     dq, dk, dv, dg, dbeta have their inputs' dtypes and shapes (or are token-flat, [B*T, ...], as
     the op passes them), are contiguous and are written in full; dh0 is [N, H, K, V] fp32 when
     there is an initial state, else an empty [0] tensor (not written). With A_log [H] and dt_bias
-    [H*K] (the in-op gate; g is the pre-activation z) dg receives dz and dA_log, ddt_bias their
-    gradients; without, dA_log and ddt_bias are empty [0] tensors (not written).
+    [H*K] (the in-op gate; g is the pre-activation z; the bounded form with gate_lower_bound) dg
+    receives dz and dA_log, ddt_bias their gradients; without, dA_log and ddt_bias are empty [0]
+    tensors (not written).
     dht (None = zero) is the gradient of the final state. residuals: gc, aqk, tkk, rqk as
     chunk_kda_fwd_triton wrote them for the same inputs (read, never written); None reruns the
     forward's per-chunk kernels instead. Inputs follow meta/chunk_kda.py's contract (validated by the
@@ -839,7 +849,9 @@ def chunk_kda_bwd_triton(
     """
     q, k, v, g, beta, do = (x.contiguous() for x in (q, k, v, g, beta, do))
     use_gate = A_log is not None
-    gate = dict(A_log=A_log.contiguous(), dt_bias=dt_bias.contiguous()) if use_gate else {}
+    gate = dict(
+        A_log=A_log.contiguous(), dt_bias=dt_bias.contiguous(), gate_lower_bound=gate_lower_bound
+    ) if use_gate else {}
     B, T, H, K = q.shape
     V = v.shape[-1]
     fwd_cfg = fwd_launch_config(K, V, q.dtype)
@@ -944,10 +956,10 @@ def chunk_kda_bwd_triton(
     )
     launch(chunk_kda_bwd_finish_kernel)[grid_chunks](
         q, k, rqk, dqn, dkn, dG, dglp, db, ds, dq, dk, dbeta,
-        g, gate.get("A_log"), gate.get("dt_bias"), dg if use_gate else None, dAp, dbp,
+        g, gate.get("A_log"), gate.get("dt_bias"), gate_lower_bound, dg if use_gate else None, dAp, dbp,
         *index, NTH,
         H=H, K=K, BT=BT, BC=BC, BK=cfg.finish_gate_bk if use_gate else cfg.finish_bk, NK=NK,
-        USE_GATE_IN_KERNEL=use_gate, **common,
+        USE_GATE_IN_KERNEL=use_gate, BOUNDED_GATE=gate_lower_bound is not None, **common,
     )
     if use_gate:
         dA_log.copy_(dAp.sum(0))

@@ -7,7 +7,8 @@ where the work is arithmetic, wide memory-bound ones elsewhere; then one scan.
 1. `chunk_kda_fwd_gate_kernel`, per (chunk, head), memory-bound: the q/k L2 norms (to rqk), the
    chunk-local cumulative gate G (fp32, to gc), G_last (to gl), qg = scale·q̂⊙e^G and
    kg = k̂⊙e^(G_last − G). With the in-op gate (A_log, dt_bias given) it first computes
-   g = −e^(A_log)·softplus(z + dt_bias) from the pre-activation z the op received as g.
+   g = −e^(A_log)·softplus(z + dt_bias), or with a gate_lower_bound L the bounded
+   g = L·σ(e^(A_log)·(z + dt_bias)), from the pre-activation z the op received as g.
 2. `chunk_kda_fwd_intra_kernel`, per (sub-chunk, chunk, head) on one warp: the sub-chunk's rows
    of A_qk (scale, with its diagonal) and A_kk (strictly lower, without β), fp32, as whole rows
    of the chunk with zeros above: the earlier sub-chunks' columns on tensor cores anchored at
@@ -119,10 +120,23 @@ def softplus(x):
 
 
 @triton.jit
-def kimi_gate(b_z, A_log, dt_bias, i_h, o_k, m_k, K: tl.constexpr):
-    """The Kimi gate −e^(A_log[h])·softplus(z + dt_bias[h·K + k]) of a [R, BK] block of z (fp32)."""
-    b_bias = tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
-    return -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * softplus(b_z + b_bias[None, :])
+def sigmoid(x):
+    """σ(x) from e^(−|x|) <= 1: no exponential overflows in either tail (tl.sigmoid's e^(−x) does)."""
+    b_e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0, b_e) / (1.0 + b_e)
+
+
+@triton.jit
+def kimi_gate(b_z, A_log, dt_bias, lower_bound, i_h, o_k, m_k, K: tl.constexpr, BOUNDED_GATE: tl.constexpr):
+    """The Kimi gate of a [R, BK] block of z (fp32), s = z + dt_bias[h·K + k]: −e^(A_log[h])·softplus(s),
+    or with BOUNDED_GATE lower_bound·σ(e^(A_log[h])·s)."""
+    b_s = b_z + tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]  # [R, BK]
+    b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+    if BOUNDED_GATE:
+        b_g = tl.cast(lower_bound, tl.float32) * sigmoid(b_a * b_s)
+    else:
+        b_g = -b_a * softplus(b_s)
+    return b_g
 
 
 @triton.jit
@@ -132,6 +146,7 @@ def chunk_kda_fwd_gate_kernel(
     g,
     A_log,
     dt_bias,
+    lower_bound,
     gc,
     qg,
     kg,
@@ -151,10 +166,12 @@ def chunk_kda_fwd_gate_kernel(
     IS_VARLEN: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
     USE_GATE_IN_KERNEL: tl.constexpr,
+    BOUNDED_GATE: tl.constexpr,
 ):
     """Per (chunk, head), memory-bound: the q/k norms (to rqk, with the L2 norm), G = the
     chunk-local cumsum of g (to gc), G_last (to gl), qg = scale·q̂⊙e^G and kg = k̂⊙e^(G_last − G).
-    USE_GATE_IN_KERNEL: g holds the pre-activation z and g = −e^(A_log)·softplus(z + dt_bias)."""
+    USE_GATE_IN_KERNEL: g holds the pre-activation z and g = −e^(A_log)·softplus(z + dt_bias), or
+    with BOUNDED_GATE g = lower_bound·σ(e^(A_log)·(z + dt_bias))."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -194,7 +211,7 @@ def chunk_kda_fwd_gate_kernel(
         m_k = o_k < K
         b_g = _load_rows(p_g, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
         if USE_GATE_IN_KERNEL:  # padded rows keep g = 0
-            b_g = tl.where(m_t[:, None], kimi_gate(b_g, A_log, dt_bias, i_h, o_k, m_k, K), 0.0)
+            b_g = tl.where(m_t[:, None], kimi_gate(b_g, A_log, dt_bias, lower_bound, i_h, o_k, m_k, K, BOUNDED_GATE), 0.0)
         b_G = tl.cumsum(b_g, axis=0)  # [BT, BK]
         _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
         # padded rows add g = 0, so the last row is G at the last real row
@@ -725,13 +742,15 @@ def run_chunk_kernels(
     residuals: dict[str, torch.Tensor] | None = None,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    gate_lower_bound: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Allocates what the per-chunk kernels write for the scans and launches gate, intra and
     solve (q, k, v, g, beta contiguous; index, rows, slots from chunk_index): returns w, u, qg,
     kg, aqk (A_qk) and gl (G_last). With residuals (gc, aqk, tkk, rqk preallocated as
     chunk_kda_residuals_meta makes them) G, A_qk and the q/k norms go there and the solve runs
     with STORE_RESIDUALS, writing T to tkk; without, G, the norms and A_kk are scratch. With
-    A_log and dt_bias (contiguous), g is the gate's pre-activation z.
+    A_log and dt_bias (contiguous), g is the gate's pre-activation z (the bounded form with
+    gate_lower_bound).
 
     A_qk and A_kk in fp32 (see scan_buffers for why).
     """
@@ -746,8 +765,9 @@ def run_chunk_kernels(
     akk = torch.empty((B * T, H, BT), dtype=f32, device=dev)
     common = dict(IS_VARLEN=index[0] is not None, USE_QK_L2NORM=use_qk_l2norm)
     launch(chunk_kda_fwd_gate_kernel)[(rows, B * H)](
-        q, k, g, A_log, dt_bias, gc, x["qg"], x["kg"], x["gl"], rqk, *index, scale,
-        H=H, K=K, BT=BT, BK=cfg.gate_bk, USE_GATE_IN_KERNEL=A_log is not None, **common, num_warps=cfg.gate_warps,
+        q, k, g, A_log, dt_bias, gate_lower_bound, gc, x["qg"], x["kg"], x["gl"], rqk, *index, scale,
+        H=H, K=K, BT=BT, BK=cfg.gate_bk, USE_GATE_IN_KERNEL=A_log is not None,
+        BOUNDED_GATE=gate_lower_bound is not None, **common, num_warps=cfg.gate_warps,
     )
     launch(chunk_kda_fwd_intra_kernel)[(BT // BC, rows, B * H)](
         q, k, gc, x["gl"], rqk, x["aqk"], akk, *index, scale,
@@ -779,6 +799,7 @@ def chunk_kda_fwd_triton(
     residuals: dict[str, torch.Tensor] | None = None,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    gate_lower_bound: float | None = None,
 ) -> None:
     """Runs the chunked KDA forward into preallocated outputs.
 
@@ -789,10 +810,13 @@ def chunk_kda_fwd_triton(
     meta/chunk_kda.py's contract (validated by the caller). `launch` wraps each kernel before its
     launch: torch.library.wrap_triton inside the op, the identity when tests call directly.
     `config` overrides launch_config (bench/tune_chunk_kda_fwd.py sweeps it). With A_log [H] and
-    dt_bias [H*K], g is the gate's pre-activation z and the gate kernel computes the decay.
+    dt_bias [H*K], g is the gate's pre-activation z and the gate kernel computes the decay (the
+    bounded form with gate_lower_bound).
     """
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    gate = {} if A_log is None else dict(A_log=A_log.contiguous(), dt_bias=dt_bias.contiguous())
+    gate = {} if A_log is None else dict(
+        A_log=A_log.contiguous(), dt_bias=dt_bias.contiguous(), gate_lower_bound=gate_lower_bound
+    )
     B, T, H, K = q.shape
     V = v.shape[-1]
     cfg = config or launch_config(K, V, q.dtype)

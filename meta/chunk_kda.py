@@ -7,11 +7,13 @@ accumulation dtype.
 
 The gate. g is the log-decay, or, when A_log [H] and dt_bias [H*K] (fp32, or the accumulation
 dtype) are given, the gate's pre-activation z (q's dtype or the accumulation dtype), from which the
-op computes g = -exp(A_log[h]) * softplus(z + dt_bias) in the accumulation dtype
-(docs/kda_math.md §2; kda_recurrent.kda_gate). The backward then returns dz as g's gradient and
-the gradients of A_log and dt_bias.
+op computes g = -exp(A_log[h]) * softplus(z + dt_bias) in the accumulation dtype, or with a
+gate_lower_bound L (a finite float < 0) the bounded form g = L * sigmoid(exp(A_log[h]) * (z +
+dt_bias)) (docs/kda_math.md §2; kda_recurrent.kda_gate). The backward then returns dz as g's
+gradient and the gradients of A_log and dt_bias.
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -54,11 +56,23 @@ def check_kda_token_inputs(
     check_shape(op, "beta", beta, (B, T, H), "([B, T, H] of q)")
 
 
-def check_gate_parameters(op: str, q: torch.Tensor, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None) -> None:
-    """A_log [H] and dt_bias [H*K] of the in-op gate: both or neither, fp32 or the accumulation dtype."""
+def check_gate_parameters(
+    op: str,
+    q: torch.Tensor,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    gate_lower_bound: float | None = None,
+) -> None:
+    """A_log [H] and dt_bias [H*K] of the in-op gate: both or neither, fp32 or the accumulation
+    dtype; gate_lower_bound (the bounded form) only with them, a finite float < 0."""
     if (A_log is None) != (dt_bias is None):
         given, missing = ("A_log", "dt_bias") if dt_bias is None else ("dt_bias", "A_log")
         fail(op, missing, f"a tensor when {given} is given (the in-op gate needs both)", "None")
+    if gate_lower_bound is not None:
+        if A_log is None:
+            fail(op, "gate_lower_bound", "None without A_log and dt_bias (it bounds the in-op gate)", repr(gate_lower_bound))
+        if not (math.isfinite(gate_lower_bound) and gate_lower_bound < 0):
+            fail(op, "gate_lower_bound", "a finite float < 0", repr(gate_lower_bound))
     if A_log is None:
         return
     acc = accumulation_dtype(q.dtype)
@@ -81,10 +95,11 @@ def check_chunk_kda_inputs(
     cu_seqlens: torch.Tensor | None,
     A_log: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
+    gate_lower_bound: float | None,
 ) -> int:
     """Validates the inputs shared by forward and backward; returns N, the number of sequences."""
     check_tensor(op, "q", q, ndim=4, dtypes=INPUT_DTYPES)
-    check_gate_parameters(op, q, A_log, dt_bias)  # before g: they decide which dtypes g may have
+    check_gate_parameters(op, q, A_log, dt_bias, gate_lower_bound)  # before g: they decide which dtypes g may have
     check_kda_token_inputs(op, q, k, v, g, beta, raw_gate=A_log is not None)
     device, acc = q.device, accumulation_dtype(q.dtype)
     B, H, K = q.shape[0], q.shape[2], q.shape[3]
@@ -116,12 +131,15 @@ def chunk_kda_fwd_meta(
     use_qk_l2norm: bool,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    gate_lower_bound: float | None = None,
     token_flat: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validates and allocates (o [B, T, H, V] in v's dtype, final_state [N, H, K, V] in the
     accumulation dtype, or an empty [0] tensor when output_final_state is False). token_flat: o as
     [B*T, H, V] (see empty_tokens)."""
-    n = check_chunk_kda_inputs("chunk_kda_fwd", q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias)
+    n = check_chunk_kda_inputs(
+        "chunk_kda_fwd", q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, gate_lower_bound
+    )
     acc = accumulation_dtype(q.dtype)
     o = empty_tokens(v.shape, v.dtype, v.device, token_flat)
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
@@ -173,6 +191,7 @@ def chunk_kda_bwd_meta(
     use_qk_l2norm: bool,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    gate_lower_bound: float | None = None,
     residuals: Sequence = (None, None, None, None),
     token_flat: bool = False,
 ) -> tuple[torch.Tensor, ...]:
@@ -181,7 +200,7 @@ def chunk_kda_bwd_meta(
     tensor when there is no initial state, dA_log and ddt_bias when there is no in-op gate (then
     fp32). residuals: the forward's (gc, aqk, tkk, rqk) or four Nones."""
     op = "chunk_kda_bwd"
-    n = check_chunk_kda_inputs(op, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias)
+    n = check_chunk_kda_inputs(op, q, k, v, g, beta, initial_state, cu_seqlens, A_log, dt_bias, gate_lower_bound)
     check_chunk_kda_residuals(op, q, residuals, use_qk_l2norm)
     check_tensor(op, "do", do, dtypes=(v.dtype,), device=v.device)
     check_shape(op, "do", do, v.shape, "(the shape of v)")
@@ -243,15 +262,17 @@ def chunk_kda_fwd_reference(
     use_qk_l2norm: bool,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    gate_lower_bound: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked KDA forward (C = 64) in the accumulation dtype; same contract and outputs as
     chunk_kda_fwd_meta. Exact for any gate: only exp(G_i - G_j) with i >= j is formed."""
     o_out, final_out = chunk_kda_fwd_meta(
-        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm, A_log, dt_bias
+        q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state, use_qk_l2norm, A_log, dt_bias,
+        gate_lower_bound,
     )
     acc = accumulation_dtype(q.dtype)
     if A_log is not None:
-        g = kda_gate(g, A_log, dt_bias)
+        g = kda_gate(g, A_log, dt_bias, gate_lower_bound)
     q, k, v, g, beta = (x.to(acc) for x in (q, k, v, g, beta))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)

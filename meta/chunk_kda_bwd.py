@@ -24,8 +24,8 @@ Every other gate term is x⊙dx for each factor x = y⊙e^{±G}: +for e^G, −fo
 sum over rows goes to G_L, together with e^{G_L}⊙Σ_v(dS₁⊙S₀) from the state decay). Finally
 dg = the reverse chunk-local cumsum of dG (G_i = Σ_{s≤i} g_s), and with use_qk_l2norm the norm's
 backward dx = r(dy − y(y·dy)), y = x·r, r = (Σx² + 1e-6)^-1/2. With the in-op gate
-(g = −e^{A_log}·softplus(z + dt_bias)), dg goes through kda_recurrent.kda_gate_bwd to dz, dA_log
-and ddt_bias.
+(g = −e^{A_log}·softplus(z + dt_bias), or L·σ(e^{A_log}·(z + dt_bias)) with gate_lower_bound L),
+dg goes through kda_recurrent.kda_gate_bwd to dz, dA_log and ddt_bias.
 
 Every exponent formed is G_i − G_j with i ≥ j, G_L − G_i or G_i (all ≤ 0): exact for any gate.
 Zero padding (T to a multiple of C, varlen sequences to [N, T]) is exact, and padded_to_pack is
@@ -61,18 +61,20 @@ def chunk_kda_bwd_reference(
     use_qk_l2norm: bool,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    gate_lower_bound: float | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Chunked KDA backward (C = 64) in the accumulation dtype: gradients (dq, dk, dv, dg, dbeta,
     dh0, dA_log, ddt_bias) of chunk_kda_fwd_reference's (o, final_state) for the cotangents do
     and dht (None = 0). Same contract and outputs as chunk_kda_bwd_meta (dh0 is empty [0] without
     an initial state, dA_log and ddt_bias without the in-op gate, where dg is the gradient of z)."""
     outs = chunk_kda_bwd_meta(
-        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm, A_log=A_log, dt_bias=dt_bias
+        q, k, v, g, beta, initial_state, cu_seqlens, do, dht, scale, use_qk_l2norm,
+        A_log=A_log, dt_bias=dt_bias, gate_lower_bound=gate_lower_bound,
     )
     acc = accumulation_dtype(q.dtype)
     z = g
     if A_log is not None:
-        g = kda_gate(z, A_log, dt_bias)
+        g = kda_gate(z, A_log, dt_bias, gate_lower_bound)
     q_in, k_in, v, g, beta, do = (x.to(acc) for x in (q, k, v, g, beta, do))
     q, k = (l2norm(q_in), l2norm(k_in)) if use_qk_l2norm else (q_in, k_in)
     if cu_seqlens is not None:
@@ -83,7 +85,7 @@ def chunk_kda_bwd_reference(
     if use_qk_l2norm:
         grads[0], grads[1] = l2norm_bwd(q_in, grads[0]), l2norm_bwd(k_in, grads[1])
     if A_log is not None:
-        grads[3], dA_log, ddt_bias = kda_gate_bwd(z, A_log, dt_bias, grads[3])
+        grads[3], dA_log, ddt_bias = kda_gate_bwd(z, A_log, dt_bias, grads[3], gate_lower_bound)
         outs[6].copy_(dA_log)
         outs[7].copy_(ddt_bias)
     for out, grad in zip(outs, grads):

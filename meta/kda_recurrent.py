@@ -18,29 +18,45 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
 
 
-def kda_gate(z: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
-    """g = -exp(A_log[h]) * softplus(z + dt_bias) [B, T, H, K] in the accumulation dtype, from the
-    pre-activation z [B, T, H, K], A_log [H] and dt_bias [H*K] (the operations of the model's gate,
-    in its order, so the values match it bit for bit)."""
-    acc = accumulation_dtype(z.dtype)
-    H, K = z.shape[2:]
-    return -A_log.to(acc).exp()[:, None] * F.softplus(z.to(acc) + dt_bias.to(acc).view(H, K))
-
-
-def kda_gate_bwd(
-    z: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, dg: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of kda_gate for the cotangent dg [B, T, H, K]: (dz [B, T, H, K], dA_log [H],
-    ddt_bias [H*K]) in the accumulation dtype. With s = z + dt_bias and g = -e^A·softplus(s):
-    dz = -e^A·softplus'(s)·dg (softplus' = sigmoid, 1 above torch's threshold 20, as autograd
-    takes it), ddt_bias = Σ_{b,t} dz and dA_log = Σ_{b,t,k} g·dg (∂g/∂A_log = g)."""
+def kda_gate(
+    z: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, lower_bound: float | None = None
+) -> torch.Tensor:
+    """The Kimi gate [B, T, H, K] in the accumulation dtype, from the pre-activation z [B, T, H, K],
+    A_log [H] and dt_bias [H*K] (docs/kda_math.md §2), with the operations of the model's gate in
+    its order, so the values match it bit for bit:
+    g = -exp(A_log[h]) * softplus(z + dt_bias), unbounded below (lower_bound None), or the bounded
+    form g = lower_bound * sigmoid(exp(A_log[h]) * (z + dt_bias)), in (lower_bound, 0)."""
     acc = accumulation_dtype(z.dtype)
     H, K = z.shape[2:]
     s = z.to(acc) + dt_bias.to(acc).view(H, K)
-    e = A_log.to(acc).exp()[:, None]  # [H, 1]
+    if lower_bound is None:
+        return -A_log.to(acc).exp()[:, None] * F.softplus(s)
+    return lower_bound * torch.sigmoid(A_log.to(acc).exp()[:, None] * s)
+
+
+def kda_gate_bwd(
+    z: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, dg: torch.Tensor, lower_bound: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of kda_gate for the cotangent dg [B, T, H, K]: (dz [B, T, H, K], dA_log [H],
+    ddt_bias [H*K]) in the accumulation dtype. With s = z + dt_bias and a = e^A:
+    - g = -a·softplus(s): dz = -a·softplus'(s)·dg (softplus' = sigmoid, 1 above torch's
+      threshold 20, as autograd takes it) and dA_log = Σ_{b,t,k} g·dg (∂g/∂A_log = g);
+    - g = L·σ(a·s): dz = L·σ'(a·s)·a·dg with σ' = (1 − σ)·σ, in autograd's order, so dz equals
+      autograd's through kda_gate bit for bit (the kernels take σ(u)·σ(−u), exact in the upper
+      tail too), and dA_log = Σ_{b,t,k} s·dz (∂g/∂A_log = s·∂g/∂z);
+    ddt_bias = Σ_{b,t} dz either way."""
+    acc = accumulation_dtype(z.dtype)
+    H, K = z.shape[2:]
+    s = z.to(acc) + dt_bias.to(acc).view(H, K)
+    a = A_log.to(acc).exp()[:, None]  # [H, 1]
     dg = dg.to(acc)
-    dz = -e * torch.where(s > 20, 1.0, torch.sigmoid(s)) * dg
-    dA_log = (-e * F.softplus(s) * dg).sum((0, 1, 3))
+    if lower_bound is None:
+        dz = -a * torch.where(s > 20, 1.0, torch.sigmoid(s)) * dg
+        dA_log = (-a * F.softplus(s) * dg).sum((0, 1, 3))
+    else:
+        y = torch.sigmoid(a * s)
+        dz = (dg * lower_bound) * (1 - y) * y * a
+        dA_log = (s * dz).sum((0, 1, 3))
     return dz, dA_log, dz.sum((0, 1)).view(H * K)
 
 

@@ -8,8 +8,8 @@ non-power-of-two K and V, initial state on/off, dht on/off, in-kernel L2 norm on
 -1000, varlen with tiny and empty sequences (and an unused chunk slot), the forward's residuals
 read back or recomputed (the backward must not write them), half-precision storage
 of the intermediates with fp32 beta (fp16: the interpreter's bf16 tl.dot is wrong in triton
-3.7.1; bf16 is covered by the GPU tests), the in-op Kimi gate (g is z; dz, dA_log and ddt_bias
-too; kda_inputs.kimi_gate_inputs). Every gradient is written into a NaN-prefilled buffer,
+3.7.1; bf16 is covered by the GPU tests), the in-op Kimi gate in both forms, softplus and bounded
+(g is z; dz, dA_log and ddt_bias too; kda_inputs.kimi_gate_inputs). Every gradient is written into a NaN-prefilled buffer,
 so unwritten elements show, and the launchers' scratch starts as NaN (kda_inputs.poisoned_scratch).
 
 The oracle is meta's chunked backward in fp64. fp32 kernels must be as accurate as the same
@@ -32,16 +32,17 @@ from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton
 from kda_ops.meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_bwd_meta, chunk_kda_fwd_meta, chunk_kda_residuals_meta
 from kda_ops.meta.chunk_kda_bwd import chunk_kda_bwd_reference
 from kda_ops.meta.kda_recurrent import l2norm
-from kda_inputs import kimi_gate_inputs, poisoned_scratch
+from kda_inputs import GATE_LOWER_BOUND, kimi_gate_inputs, poisoned_scratch
 
 NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0", "dA_log", "ddt_bias")
 FP16_BAR = 1e-3
 
 # (id, B, T, H, K, V, cu_seqlens, initial state, dht, l2norm, -1000 gates, dtype, beta dtype,
 #  residuals: the forward kernels keep them and the backward reads them, else it recomputes them;
-#  in-op gate: -1000 gates then mean a head at exp(A_log) = 16)
+#  in-op gate: None, "softplus" or "bounded" (GATE_LOWER_BOUND); -1000 gates then mean a head at
+#  exp(A_log) = 16)
 CASES = [
-    ("T1-K32-h0-dht-l2", 1, 1, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32, False, False),
+    ("T1-K32-h0-dht-l2", 1, 1, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32, False, None),
     ("T20-K20V12-l2-gate1000", 1, 20, 1, 20, 12, None, False, False, True, True, torch.float32, torch.float32, False,
      False),
     ("T64-K32-h0-gate1000", 1, 64, 1, 32, 32, None, True, False, False, True, torch.float32, torch.float32, False,
@@ -49,25 +50,29 @@ CASES = [
     ("B2-T70-K32-h0-dht-l2", 2, 70, 1, 32, 32, None, True, True, True, False, torch.float32, torch.float32, False,
      False),
     ("T130-H2-K40V48-dht-gate1000", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32, torch.float32,
-     False, False),
+     False, None),
     ("varlen-1-15-100-h0-dht-l2-gate1000", 1, 100, 1, 32, 32, [0, 1, 15, 100], True, True, True, True,
-     torch.float32, torch.float32, False, False),
+     torch.float32, torch.float32, False, None),
     ("varlen-0-3-67-K20V24-h0-dht-l2", 1, 70, 1, 20, 24, [0, 0, 3, 70], True, True, True, False,
-     torch.float32, torch.float32, False, False),
+     torch.float32, torch.float32, False, None),
     ("fp16-T70-K32-h0-dht-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16, torch.float32,
-     False, False),
+     False, None),
     ("residuals-T130-H2-K40V48-dht-gate1000", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32,
-     torch.float32, True, False),
+     torch.float32, True, None),
     ("residuals-varlen-0-3-67-K20V24-h0-dht-l2", 1, 70, 1, 20, 24, [0, 0, 3, 70], True, True, True, False,
-     torch.float32, torch.float32, True, False),
+     torch.float32, torch.float32, True, None),
     ("residuals-fp16-T70-K32-h0-dht-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16,
-     torch.float32, True, False),
+     torch.float32, True, None),
     ("in-op-gate-T130-H2-K40V48-dht-strong", 1, 130, 2, 40, 48, None, False, True, False, True, torch.float32,
-     torch.float32, False, True),
+     torch.float32, False, "softplus"),
     ("in-op-gate-residuals-varlen-0-3-67-K20V24-h0-dht-l2", 1, 70, 1, 20, 24, [0, 0, 3, 70], True, True, True, False,
-     torch.float32, torch.float32, True, True),
+     torch.float32, torch.float32, True, "softplus"),
     ("in-op-gate-residuals-fp16-T70-K32-l2-beta32", 1, 70, 1, 32, 32, None, False, True, True, False, torch.float16,
-     torch.float32, True, True),
+     torch.float32, True, "softplus"),
+    ("bounded-gate-T130-H2-K40V48-h0-dht-strong", 1, 130, 2, 40, 48, None, True, True, False, True, torch.float32,
+     torch.float32, False, "bounded"),
+    ("bounded-gate-residuals-varlen-0-3-67-K20V24-dht-l2", 1, 70, 1, 20, 24, [0, 0, 3, 70], False, True, True, False,
+     torch.float32, torch.float32, True, "bounded"),
 ]
 
 
@@ -114,6 +119,8 @@ def run_case(case, gen) -> list[str]:
     if in_op_gate:
         g, A_log, dt_bias = kimi_gate_inputs(B, T, H, K, z_dtype=dtype, strong_head=gate1000, generator=gen)
         gate = dict(A_log=A_log, dt_bias=dt_bias)
+        if in_op_gate == "bounded":
+            gate["gate_lower_bound"] = GATE_LOWER_BOUND
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     N = B if cu is None else len(cu) - 1
     initial_state = torch.randn(N, H, K, V, generator=gen) if h0 else None
@@ -139,7 +146,7 @@ def run_case(case, gen) -> list[str]:
     args = (q, k, v, g, beta, initial_state)
     ref64 = chunk_kda_bwd_reference(
         *(_to(x, torch.float64) for x in args), cu_seqlens, do.double(), _to(dht, torch.float64), scale, l2,
-        **{n: p.double() for n, p in gate.items()},
+        **{n: p.double() if torch.is_tensor(p) else p for n, p in gate.items()},
     )
     ref32 = chunk_kda_bwd_reference(
         *(_to(x, torch.float32) for x in args), cu_seqlens, do.float(), dht, scale, l2, **gate

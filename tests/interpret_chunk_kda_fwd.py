@@ -7,7 +7,7 @@ T < 64, T = 64, T not a multiple of 64, several chunks, non-power-of-two K and V
 on/off, final state on/off, in-kernel L2 norm, gates of -1000, varlen with tiny sequences,
 half-precision storage of the intermediates with fp32 beta (fp16: the interpreter's bf16
 tl.dot is wrong in triton 3.7.1; bf16 is covered by the GPU tests), the in-op Kimi gate (g is
-z, with A_log and dt_bias; kda_inputs.kimi_gate_inputs). The launcher's scratch
+z, with A_log and dt_bias; kda_inputs.kimi_gate_inputs) in both forms, softplus and bounded. The launcher's scratch
 starts as NaN (kda_inputs.poisoned_scratch), so a kernel that reads scratch it never wrote fails.
 
 The oracle is meta's chunked reference in fp64. fp32 kernels must be as accurate as the same
@@ -31,25 +31,30 @@ import torch
 from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton, chunk_table
 from kda_ops.meta.chunk_kda import chunk_kda_fwd_reference
 from kda_ops.meta.kda_recurrent import l2norm
-from kda_inputs import kimi_gate_inputs, poisoned_scratch, rel_rms
+from kda_inputs import GATE_LOWER_BOUND, kimi_gate_inputs, poisoned_scratch, rel_rms
 
 # (id, B, T, H, K, V, cu_seqlens, initial state, final state, l2norm, -1000 gates, dtype, beta dtype,
-#  in-op gate: -1000 gates then mean a head at exp(A_log) = 16)
+#  in-op gate: None, "softplus" or "bounded" (GATE_LOWER_BOUND); -1000 gates then mean a head at
+#  exp(A_log) = 16)
 CASES = [
-    ("T1-K32-h0", 1, 1, 1, 32, 32, None, True, True, False, False, torch.float32, torch.float32, False),
-    ("T20-K20V12-l2", 1, 20, 1, 20, 12, None, False, True, True, True, torch.float32, torch.float32, False),
-    ("T64-K32-h0-gate1000", 1, 64, 1, 32, 32, None, True, True, False, True, torch.float32, torch.float32, False),
-    ("B2-T70-K32-h0-l2-nofinal", 2, 70, 1, 32, 32, None, True, False, True, False, torch.float32, torch.float32, False),
-    ("T130-H2-K32V16-gate1000", 1, 130, 2, 32, 16, None, False, True, False, True, torch.float32, torch.float32, False),
+    ("T1-K32-h0", 1, 1, 1, 32, 32, None, True, True, False, False, torch.float32, torch.float32, None),
+    ("T20-K20V12-l2", 1, 20, 1, 20, 12, None, False, True, True, True, torch.float32, torch.float32, None),
+    ("T64-K32-h0-gate1000", 1, 64, 1, 32, 32, None, True, True, False, True, torch.float32, torch.float32, None),
+    ("B2-T70-K32-h0-l2-nofinal", 2, 70, 1, 32, 32, None, True, False, True, False, torch.float32, torch.float32, None),
+    ("T130-H2-K32V16-gate1000", 1, 130, 2, 32, 16, None, False, True, False, True, torch.float32, torch.float32, None),
     ("varlen-1-15-100-h0-l2-gate1000", 1, 100, 1, 32, 32, [0, 1, 15, 100], True, True, True, True, torch.float32,
-     torch.float32, False),
-    ("fp16-T70-K32-h0-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16, torch.float32, False),
+     torch.float32, None),
+    ("fp16-T70-K32-h0-l2-beta32", 1, 70, 1, 32, 32, None, True, True, True, False, torch.float16, torch.float32, None),
     ("in-op-gate-T130-H2-K40V16-strong", 1, 130, 2, 40, 16, None, False, True, False, True, torch.float32,
-     torch.float32, True),
+     torch.float32, "softplus"),
     ("in-op-gate-varlen-0-3-67-h0-l2", 1, 70, 1, 32, 32, [0, 0, 3, 70], True, True, True, False, torch.float32,
-     torch.float32, True),
+     torch.float32, "softplus"),
     ("in-op-gate-fp16-T70-K32-l2-beta32", 1, 70, 1, 32, 32, None, False, True, True, False, torch.float16,
-     torch.float32, True),
+     torch.float32, "softplus"),
+    ("bounded-gate-T130-H2-K40V16-strong", 1, 130, 2, 40, 16, None, True, True, False, True, torch.float32,
+     torch.float32, "bounded"),
+    ("bounded-gate-varlen-0-3-67-l2", 1, 70, 1, 32, 32, [0, 0, 3, 70], False, True, True, False, torch.float32,
+     torch.float32, "bounded"),
 ]
 
 
@@ -74,10 +79,11 @@ def _to(x, dtype):
 def run_case(case, gen) -> list[str]:
     name, B, T, H, K, V, cu, h0, final, l2, gate1000, dtype, beta_dtype, in_op_gate = case
     q, k, v, g, beta = make_inputs(B, T, H, K, V, gate1000 and not in_op_gate, l2, dtype, beta_dtype, gen)
-    gate = {}
+    gate, bound = {}, {}
     if in_op_gate:
         g, A_log, dt_bias = kimi_gate_inputs(B, T, H, K, z_dtype=dtype, strong_head=gate1000, generator=gen)
         gate = dict(A_log=A_log, dt_bias=dt_bias)
+        bound = dict(gate_lower_bound=GATE_LOWER_BOUND) if in_op_gate == "bounded" else {}
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     N = B if cu is None else len(cu) - 1
     initial_state = torch.randn(N, H, K, V, generator=gen) if h0 else None
@@ -85,12 +91,13 @@ def run_case(case, gen) -> list[str]:
     o = torch.full((B, T, H, V), float("nan"), dtype=dtype)
     final_state = torch.full((N, H, K, V) if final else (0,), float("nan"))
     with poisoned_scratch():
-        chunk_kda_fwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state, **gate)
+        chunk_kda_fwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state, **gate, **bound)
     args = (q, k, v, g, beta, initial_state)
     ref64 = chunk_kda_fwd_reference(
-        *(_to(x, torch.float64) for x in args), cu_seqlens, scale, True, l2, **{n: p.double() for n, p in gate.items()}
+        *(_to(x, torch.float64) for x in args), cu_seqlens, scale, True, l2, **{n: p.double() for n, p in gate.items()},
+        **bound,
     )
-    ref32 = chunk_kda_fwd_reference(*(_to(x, torch.float32) for x in args), cu_seqlens, scale, True, l2, **gate)
+    ref32 = chunk_kda_fwd_reference(*(_to(x, torch.float32) for x in args), cu_seqlens, scale, True, l2, **gate, **bound)
     failures = []
     checks = [("o", o, 0)] + ([("final_state", final_state, 1)] if final else [])
     for what, x, i in checks:

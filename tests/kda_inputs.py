@@ -103,6 +103,9 @@ def poisoned_scratch():
 
 
 
+GATE_LOWER_BOUND = -5.0  # the bounded gate's L in tests: the bottom of docs/kda_math.md §2's range
+
+
 def kimi_gate_inputs(
     B: int, T: int, H: int, K: int, *, z_dtype: torch.dtype, strong_head: bool, device: str = "cpu", generator=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kda_inputs import kernel_check_inputs, kimi_gate_inputs, rel_rms
+from kda_inputs import GATE_LOWER_BOUND, kernel_check_inputs, kimi_gate_inputs, rel_rms
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -259,6 +259,22 @@ def test_opcheck_cuda(cu, initial_state, dht, l2):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bound", [pytest.param(None, id="softplus"), pytest.param(GATE_LOWER_BOUND, id="bounded")])
+def test_opcheck_cuda_in_op_gate(bound):
+    """Both ops with the in-op gate (g is z) on CUDA: forward with its residuals, backward from
+    them and recomputing them."""
+    cu_seqlens = torch.tensor([0, 5, 70, 75], dtype=torch.int32, device="cuda")
+    x = _inputs(1, 75, 2, 64, 64, n_seqs=3, initial_state=True, dht=True, l2norm_in_op=True, gate_floor=False)
+    x["g"], A_log, dt_bias = kimi_gate_inputs(1, 75, 2, 64, z_dtype=x["q"].dtype, strong_head=True, device="cuda")
+    args = _op_args(x, cu_seqlens, 0.125, True)
+    gate = (A_log, dt_bias, bound)
+    torch.library.opcheck(torch.ops.kda.chunk_kda_fwd.default, (*args[:7], 0.125, True, True, True, *gate))
+    residuals = torch.ops.kda.chunk_kda_fwd(*args[:7], 0.125, False, True, True, *gate)[2:]
+    torch.library.opcheck(torch.ops.kda.chunk_kda_bwd.default, (*args, *residuals, *gate))
+    torch.library.opcheck(torch.ops.kda.chunk_kda_bwd.default, (*args, None, None, None, None, *gate))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("varlen", [pytest.param(False, id="dense"), pytest.param(True, id="varlen")])
 def test_compile_fullgraph_training_step_emits_the_kernels(varlen):
     """A fullgraph-compiled forward whose backward Inductor compiles too: the generated code
@@ -290,21 +306,27 @@ def test_compile_fullgraph_training_step_emits_the_kernels(varlen):
         assert torch.equal(a, b), f"d{name} differs between compiled and eager"
 
 
-# (B, T, H, K, cu_seqlens, initial state, dht, in-op L2 norm, z's dtype: bf16 as q, or fp32, strong head)
+# (B, T, H, K, cu_seqlens, initial state, dht, in-op L2 norm, z's dtype: bf16 as q, or fp32, strong head,
+#  the bounded form's lower bound or None for softplus)
 IN_OP_GATE_CASES = [
-    pytest.param(2, 1000, 4, 128, None, True, True, True, torch.bfloat16, False, id="T1000-K128-h0-dht-l2"),
-    pytest.param(2, 1000, 4, 128, None, True, True, True, torch.bfloat16, True, id="T1000-K128-h0-dht-l2-strong"),
-    pytest.param(1, 2000, 4, 128, [0, 15, 100, 300, 1200, 2000], True, True, True, torch.bfloat16, True,
+    pytest.param(2, 1000, 4, 128, None, True, True, True, torch.bfloat16, False, None, id="T1000-K128-h0-dht-l2"),
+    pytest.param(2, 1000, 4, 128, None, True, True, True, torch.bfloat16, True, None,
+                 id="T1000-K128-h0-dht-l2-strong"),
+    pytest.param(1, 2000, 4, 128, [0, 15, 100, 300, 1200, 2000], True, True, True, torch.bfloat16, True, None,
                  id="varlen-K128-h0-dht-l2-strong"),
-    pytest.param(2, 65, 4, 100, None, False, False, False, torch.float32, False, id="T65-K100-z-fp32"),
+    pytest.param(2, 65, 4, 100, None, False, False, False, torch.float32, False, None, id="T65-K100-z-fp32"),
+    pytest.param(2, 1000, 4, 128, None, True, True, True, torch.bfloat16, True, GATE_LOWER_BOUND,
+                 id="bounded-T1000-K128-h0-dht-l2-strong"),
+    pytest.param(1, 2000, 4, 128, [0, 15, 100, 300, 1200, 2000], False, True, True, torch.float32, False,
+                 GATE_LOWER_BOUND, id="bounded-varlen-K128-dht-l2-z-fp32"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B, T, H, K, cu, initial_state, dht, l2, z_dtype, strong", IN_OP_GATE_CASES)
-def test_in_op_gate_bf16_within_bars(B, T, H, K, cu, initial_state, dht, l2, z_dtype, strong):
-    """chunk_kda with A_log and dt_bias (g is z; kda_inputs.kimi_gate_inputs) against autograd
-    through meta's kda_gate and the fp32 recurrence: o, the final state and every gradient within
+@pytest.mark.parametrize("B, T, H, K, cu, initial_state, dht, l2, z_dtype, strong, bound", IN_OP_GATE_CASES)
+def test_in_op_gate_bf16_within_bars(B, T, H, K, cu, initial_state, dht, l2, z_dtype, strong, bound):
+    """chunk_kda with A_log and dt_bias (g is z; kda_inputs.kimi_gate_inputs; softplus or bounded)
+    against autograd through meta's kda_gate and the fp32 recurrence: o, the final state and every gradient within
     DESIGN.md's bars (dz, dA_log, ddt_bias at dg's), by the op's autograd (from the residuals) and
     by kda::chunk_kda_bwd recomputing them.
 
@@ -333,18 +355,18 @@ def test_in_op_gate_bf16_within_bars(B, T, H, K, cu, initial_state, dht, l2, z_d
                          output_final_state=True, use_qk_l2norm=l2, cu_seqlens=cu_seqlens, **gate)
 
     def recurrence(t):
-        g = kda_gate(t["z"], t["A_log"], t["dt_bias"])
+        g = kda_gate(t["z"], t["A_log"], t["dt_bias"], bound)
         return recurrent_kda(t["q"], t["k"], t["v"], g, t["beta"], initial_state=t.get("initial_state"),
                              output_final_state=True, use_qk_l2norm=l2, cu_seqlens=cu_seqlens)
 
     o_ref, s_ref, ref = run(recurrence, torch.float32)
-    o, s, grads = run(lambda t: call(t, t["z"], A_log=t["A_log"], dt_bias=t["dt_bias"]))
+    o, s, grads = run(lambda t: call(t, t["z"], A_log=t["A_log"], dt_bias=t["dt_bias"], gate_lower_bound=bound))
     for name, a, r in (("o", o, o_ref), ("final_state", s, s_ref)):
         assert torch.isfinite(a).all() and rel_rms(a, r) <= 0.005, f"{name}: {rel_rms(a, r):.2e}"
     args = (x["q"], x["k"], x["v"], x["z"], x["beta"], x["initial_state"], cu_seqlens, x["do"], x["dht"], K**-0.5, l2)
-    recomputed = torch.ops.kda.chunk_kda_bwd(*args, None, None, None, None, x["A_log"], x["dt_bias"])
+    recomputed = torch.ops.kda.chunk_kda_bwd(*args, None, None, None, None, x["A_log"], x["dt_bias"], bound)
     recomputed = dict(zip(bars, recomputed))
-    model_way = run(lambda t: call(t, kda_gate(t["z"], t["A_log"], t["dt_bias"])))[2] if strong else ref
+    model_way = run(lambda t: call(t, kda_gate(t["z"], t["A_log"], t["dt_bias"], bound)))[2] if strong else ref
     for path, got in (("autograd", grads), ("recomputed", recomputed)):
         for name in names:
             a = got[name]

@@ -133,9 +133,11 @@ GATE_CASES = [
 
 
 @pytest.mark.parametrize("B, lengths, h0, dht, l2norm", GATE_CASES)
-def test_in_op_gate_matches_autograd_fp64(request, B, lengths, h0, dht, l2norm):
+@pytest.mark.parametrize("bound", [pytest.param(None, id="softplus"), pytest.param(-5.0, id="bounded")])
+def test_in_op_gate_matches_autograd_fp64(request, B, lengths, h0, dht, l2norm, bound):
     """With A_log and dt_bias, g is the pre-activation z: dz, dA_log and ddt_bias against autograd
-    through meta's kda_gate and the naive recurrence; z reaches past softplus's threshold (20)."""
+    through meta's kda_gate (softplus or bounded) and the naive recurrence; z reaches past
+    softplus's threshold (20) and, bounded, saturates the sigmoid at both ends."""
     seed = zlib.crc32(request.node.callspec.id.encode())
     H, K, V = 2, 20, 12
     inp = make_inputs(seed, B, lengths, H, K, V, h0=h0, dht=dht, l2norm=l2norm, gate="mild", dtype=torch.float64)
@@ -147,10 +149,10 @@ def test_in_op_gate_matches_autograd_fp64(request, B, lengths, h0, dht, l2norm):
     scale = K**-0.5
     got = chunk_kda_bwd_reference(
         inp["q"], inp["k"], inp["v"], z, inp["beta"], inp["initial_state"], inp["cu_seqlens"],
-        inp["do"], inp["dht"], scale, l2norm, A_log, dt_bias,
+        inp["do"], inp["dht"], scale, l2norm, A_log, dt_bias, bound,
     )
     leaves = [x.clone().requires_grad_() for x in (z, A_log, dt_bias)]
-    g = kda_gate(*leaves)
+    g = kda_gate(*leaves, bound)
     ref_inp = dict(inp, g=g.detach())
     dg = autograd_reference(ref_inp, scale, l2norm)[3]
     ref = torch.autograd.grad(g, leaves, dg)

@@ -4,7 +4,7 @@ errors, torch.compile and torch.export (CPU reference path)."""
 import pytest
 import torch
 import torch._dynamo
-from kda_inputs import kda_inputs, kimi_gate_inputs
+from kda_inputs import GATE_LOWER_BOUND, kda_inputs, kimi_gate_inputs
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -60,29 +60,37 @@ def _in_op_gate_args(varlen, dtype=torch.float32):
     return (q, k, v, z, beta, h0, cu_seqlens, scale, final, l2norm), A_log.to(dtype), dt_bias.to(dtype)
 
 
-IN_OP_GATE_CASES = [pytest.param(False, id="dense"), pytest.param(True, id="varlen-h0-final-l2norm")]
+# (varlen with h0, final state and the L2 norm; the bounded form's lower bound, None for softplus)
+IN_OP_GATE_CASES = [
+    pytest.param(False, None, id="dense"),
+    pytest.param(True, None, id="varlen-h0-final-l2norm"),
+    pytest.param(False, GATE_LOWER_BOUND, id="bounded-dense"),
+    pytest.param(True, GATE_LOWER_BOUND, id="bounded-varlen-h0-final-l2norm"),
+]
 
 
-@pytest.mark.parametrize("varlen", IN_OP_GATE_CASES)
-def test_opcheck_in_op_gate(varlen):
+@pytest.mark.parametrize("varlen, bound", IN_OP_GATE_CASES)
+def test_opcheck_in_op_gate(varlen, bound):
     args, A_log, dt_bias = _in_op_gate_args(varlen)
-    torch.library.opcheck(torch.ops.kda.chunk_kda_fwd.default, (*args, False, A_log, dt_bias))
+    torch.library.opcheck(torch.ops.kda.chunk_kda_fwd.default, (*args, False, A_log, dt_bias, bound))
     q, k, v, z, beta, h0, cu_seqlens, scale, _, l2norm = args
     dht = torch.randn(3, 2, 16, 8) if varlen else None
     bwd_args = (q, k, v, z, beta, h0, cu_seqlens, torch.randn_like(v), dht, scale, l2norm)
-    torch.library.opcheck(torch.ops.kda.chunk_kda_bwd.default, (*bwd_args, None, None, None, None, A_log, dt_bias))
+    torch.library.opcheck(
+        torch.ops.kda.chunk_kda_bwd.default, (*bwd_args, None, None, None, None, A_log, dt_bias, bound)
+    )
 
 
-@pytest.mark.parametrize("varlen", IN_OP_GATE_CASES)
-def test_in_op_gate_matches_gate_before_the_op(varlen):
+@pytest.mark.parametrize("varlen, bound", IN_OP_GATE_CASES)
+def test_in_op_gate_matches_gate_before_the_op(varlen, bound):
     """chunk_kda(z, A_log, dt_bias) against chunk_kda(kda_gate(z, A_log, dt_bias)) with autograd
     through meta's gate (fp64): outputs and every gradient, dz, dA_log and ddt_bias included."""
     args, A_log, dt_bias = _in_op_gate_args(varlen, torch.float64)
     q, k, v, z, beta, h0, cu_seqlens, scale, _, l2norm = args
     leaves = [t.requires_grad_() for t in (q, k, v, z, beta, A_log, dt_bias)]
     kw = dict(scale=scale, initial_state=h0, output_final_state=True, use_qk_l2norm=l2norm, cu_seqlens=cu_seqlens)
-    o, s = kda_ops.chunk_kda(q, k, v, z, beta, A_log=A_log, dt_bias=dt_bias, **kw)
-    o_ref, s_ref = kda_ops.chunk_kda(q, k, v, kda_gate(z, A_log, dt_bias), beta, **kw)
+    o, s = kda_ops.chunk_kda(q, k, v, z, beta, A_log=A_log, dt_bias=dt_bias, gate_lower_bound=bound, **kw)
+    o_ref, s_ref = kda_ops.chunk_kda(q, k, v, kda_gate(z, A_log, dt_bias, bound), beta, **kw)
     do, ds = torch.randn_like(o), torch.randn_like(s)
     grads = torch.autograd.grad((o, s), leaves, (do, ds))
     grads_ref = torch.autograd.grad((o_ref, s_ref), leaves, (do, ds))
@@ -184,6 +192,10 @@ GATE_CONTRACT_CASES = [
     pytest.param("A_log", dict(A_log=torch.zeros(2, dtype=torch.float16)), "dtype", id="A_log-dtype"),
     pytest.param("dt_bias", dict(dt_bias=torch.zeros(4)), "shape", id="dt_bias-shape"),
     pytest.param("g", dict(g=torch.zeros(1, 8, 2, 4, dtype=torch.float16)), "dtype", id="z-dtype"),
+    pytest.param("gate_lower_bound", dict(gate_lower_bound=0.0), "a finite float < 0", id="bound-zero"),
+    pytest.param("gate_lower_bound", dict(gate_lower_bound=float("-inf")), "a finite float < 0", id="bound-inf"),
+    pytest.param("gate_lower_bound", dict(gate_lower_bound=-5.0, A_log=None, dt_bias=None), "None without A_log",
+                 id="bound-without-gate"),
 ]
 
 
@@ -195,7 +207,7 @@ def test_in_op_gate_contract_errors(name, change, expected, fake):
     x.update(change)
     if fake:
         mode = FakeTensorMode()
-        x = {n: None if t is None else mode.from_tensor(t) for n, t in x.items()}
+        x = {n: t if t is None or isinstance(t, float) else mode.from_tensor(t) for n, t in x.items()}
     with pytest.raises(ContractError, match=rf"'{name}' expected .*{expected}"):
         kda_ops.chunk_kda(**x, output_final_state=True)
 
@@ -271,14 +283,17 @@ def test_compile_fullgraph_one_frame_for_three_lengths(backend):
     assert counter.frame_count == 1
 
 
-def test_compile_fullgraph_in_op_gate():
+@pytest.mark.parametrize("bound", [pytest.param(None, id="softplus"), pytest.param(GATE_LOWER_BOUND, id="bounded")])
+def test_compile_fullgraph_in_op_gate(bound):
     """A training step through the in-op gate compiles to one frame; gradients of z, A_log and
     dt_bias match eager."""
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
 
     def step(q, k, v, z, beta, A_log, dt_bias):
-        o, _ = kda_ops.chunk_kda(q, k, v, z, beta, use_qk_l2norm=True, A_log=A_log, dt_bias=dt_bias)
+        o, _ = kda_ops.chunk_kda(
+            q, k, v, z, beta, use_qk_l2norm=True, A_log=A_log, dt_bias=dt_bias, gate_lower_bound=bound
+        )
         return o.square().mean()
 
     compiled = torch.compile(step, backend=counter, fullgraph=True)
