@@ -50,8 +50,11 @@ def _kda_decode_reference(
     use_qk_l2norm: bool,
     A_log: Optional[Tensor] = None,
     dt_bias: Optional[Tensor] = None,
+    gate_lower_bound: Optional[float] = None,
 ) -> Tensor:
-    return kda_decode_reference(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias)
+    return kda_decode_reference(
+        q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias, gate_lower_bound
+    )
 
 
 _kda_decode_reference.register_fake(kda_decode_meta)
@@ -70,14 +73,18 @@ def kda_decode_op(
     use_qk_l2norm: bool,
     A_log: Optional[Tensor] = None,
     dt_bias: Optional[Tensor] = None,
+    gate_lower_bound: Optional[float] = None,
 ) -> Tensor:
     """T recurrent KDA steps per row against the state pool (updated in place); returns o. With
-    A_log and dt_bias, g is the gate's pre-activation and the kernel computes the decay."""
+    A_log and dt_bias, g is the gate's pre-activation and the kernel computes the decay (the
+    bounded form when gate_lower_bound is given)."""
     if not _runs_triton(q):
         return torch.ops.kda.kda_decode_reference(
-            q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias
+            q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias, gate_lower_bound
         )
-    o = kda_decode_meta(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias, token_flat=True)
+    o = kda_decode_meta(
+        q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias, gate_lower_bound, token_flat=True
+    )
     kda_decode_fwd(
         q.contiguous(),
         k.contiguous(),
@@ -91,6 +98,7 @@ def kda_decode_op(
         use_qk_l2norm,
         None if A_log is None else A_log.contiguous(),
         None if dt_bias is None else dt_bias.contiguous(),
+        gate_lower_bound,
     )
     return o.view(v.shape)
 
@@ -135,6 +143,7 @@ def kda_decode(
     use_qk_l2norm: bool = False,
     A_log: Optional[Tensor] = None,
     dt_bias: Optional[Tensor] = None,
+    gate_lower_bound: Optional[float] = None,
 ) -> Tensor:
     """Recurrent KDA decode: T = 1..8 new tokens per sequence against a state pool, in place.
 
@@ -157,13 +166,18 @@ def kda_decode(
         use_qk_l2norm: L2-normalise q and k per head inside the op (x / sqrt(sum x^2 + 1e-6)).
         A_log: [H] fp32 log of the per-head decay rate (the checkpoint's [1, 1, H, 1] viewed as [H]).
         dt_bias: [H*K] fp32 per-channel gate bias. Both or neither.
+        gate_lower_bound: a finite float L < 0, only with A_log and dt_bias: the bounded gate
+            g = L * sigmoid(exp(A_log[h]) * (z + dt_bias)), in (L, 0), in place of the softplus
+            form. Keep it constant per model: a new value recompiles.
 
     Returns:
         o [B, T, H, V] in v's dtype.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return kda_decode_op(q, k, v, g, beta, state, state_indices, float(scale), use_qk_l2norm, A_log, dt_bias)
+    return kda_decode_op(
+        q, k, v, g, beta, state, state_indices, float(scale), use_qk_l2norm, A_log, dt_bias, gate_lower_bound
+    )
 
 
 def causal_conv1d_update(

@@ -6,7 +6,8 @@ reduces over all of K, while V columns are independent), so every state byte is 
 written once — the op is memory-bound (docs/kda_math.md §5). The slot index is loaded on the device;
 a padding row (index < 0, or >= S) stores zeros to o and neither reads nor writes the pool. With
 USE_GATE_IN_KERNEL, g holds the gate's pre-activation z and the kernel computes the log-decay
--exp(A_log[h]) * softplus(z + dt_bias) itself, saving the separate elementwise gate launch.
+-exp(A_log[h]) * softplus(z + dt_bias) itself, saving the separate elementwise gate launch; with
+BOUNDED_GATE as well, the bounded form gate_lower_bound * sigmoid(exp(A_log[h]) * (z + dt_bias)).
 
 causal_conv1d_update_kernel: one program per (batch row b, D-tile of BD channels). The last W-1
 inputs of each channel are held in registers, shifted once per new token, and written back to the
@@ -23,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+from .chunk_kda_fwd import sigmoid
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -45,6 +48,7 @@ def kda_decode_kernel(
     o,
     A_log,
     dt_bias,
+    gate_lower_bound,
     scale,
     T,
     S,
@@ -55,8 +59,11 @@ def kda_decode_kernel(
     BV: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
     USE_GATE_IN_KERNEL: tl.constexpr,
+    BOUNDED_GATE: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
+    if BOUNDED_GATE:
+        gate_lower_bound = tl.cast(gate_lower_bound, tl.float32)  # a Python float, as scale
     i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_s = tl.load(state_indices + i_b).to(tl.int64)
@@ -83,8 +90,12 @@ def kda_decode_kernel(
         b_g = tl.load(g + i_tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         if USE_GATE_IN_KERNEL:
             b_g = b_g + b_bias
-            # torch's softplus: the identity above 20 (log(1 + e^z) rounds to z there; e^z overflows past 88)
-            b_g = -b_A * tl.where(b_g > 20.0, b_g, tl.log(1.0 + tl.exp(b_g)))
+            if BOUNDED_GATE:
+                # in (gate_lower_bound, 0): a token scales the state by at least e^gate_lower_bound
+                b_g = gate_lower_bound * sigmoid(b_A * b_g)
+            else:
+                # torch's softplus: the identity above 20 (log(1 + e^z) rounds to z there; e^z overflows past 88)
+                b_g = -b_A * tl.where(b_g > 20.0, b_g, tl.log(1.0 + tl.exp(b_g)))
         # [BV]
         b_v = tl.load(v + i_tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + i_tok).to(tl.float32)
@@ -138,14 +149,16 @@ def kda_decode_fwd(
     use_qk_l2norm: bool,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    gate_lower_bound: float | None = None,
     config: DecodeConfig | None = None,
 ) -> None:
     """Writes o [B, T, H, V] (or token-flat [B*T, H, V]) and advances state [S, H, K, V] (fp32)
     in place at state_indices [B].
 
     q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K] fp32 log-decay, or with A_log [H] and
-    dt_bias [H*K] (fp32) the gate's pre-activation (q's dtype or fp32); beta [B, T, H]; all
-    contiguous. config overrides kda_decode_config (bench/tune_kda_decode.py sweeps it).
+    dt_bias [H*K] (fp32) the gate's pre-activation (q's dtype or fp32); gate_lower_bound L < 0
+    (with A_log) selects the bounded gate L * sigmoid(exp(A_log[h]) * (z + dt_bias)); beta [B, T, H];
+    all contiguous. config overrides kda_decode_config (bench/tune_kda_decode.py sweeps it).
     """
     B, T, H, K = q.shape
     V = v.shape[3]
@@ -162,6 +175,7 @@ def kda_decode_fwd(
         o,
         A_log,
         dt_bias,
+        gate_lower_bound,
         scale,
         T,
         state.shape[0],
@@ -172,6 +186,7 @@ def kda_decode_fwd(
         BV=cfg.BV,
         USE_QK_L2NORM=use_qk_l2norm,
         USE_GATE_IN_KERNEL=A_log is not None,
+        BOUNDED_GATE=gate_lower_bound is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

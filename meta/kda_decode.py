@@ -20,7 +20,9 @@ causal_conv1d).
 
 The gate. kda_decode takes g either as the log-decay (accumulation dtype) or, when A_log [H] and
 dt_bias [H*K] are given, as the gate's pre-activation z (q's dtype or the accumulation dtype), from
-which the op computes g = -exp(A_log[h]) * softplus(z + dt_bias) (docs/kda_math.md §2; `kda_gate`).
+which the op computes g = -exp(A_log[h]) * softplus(z + dt_bias) (docs/kda_math.md §2; `kda_gate`),
+or, with a finite gate_lower_bound L < 0 as well, the bounded form
+g = L * sigmoid(exp(A_log[h]) * (z + dt_bias)), in (L, 0).
 """
 
 import torch
@@ -68,11 +70,12 @@ def check_kda_decode_inputs(
     state_indices: torch.Tensor | None,
     A_log: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
+    gate_lower_bound: float | None = None,
 ) -> None:
     op = "kda_decode"
     check_tensor(op, "q", q, ndim=4, dtypes=INPUT_DTYPES)
     _check_decode_tokens(op, "q", q)  # before k, v, ... are compared with q: q's length is the error
-    check_gate_parameters(op, q, A_log, dt_bias)  # before g: they decide which dtypes g may have
+    check_gate_parameters(op, q, A_log, dt_bias, gate_lower_bound)  # before g: they decide which dtypes g may have
     check_kda_token_inputs(op, q, k, v, g, beta, raw_gate=A_log is not None)
     device, acc = q.device, accumulation_dtype(q.dtype)
     B, T, H, K = q.shape
@@ -93,11 +96,12 @@ def kda_decode_meta(
     use_qk_l2norm: bool,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    gate_lower_bound: float | None = None,
     token_flat: bool = False,
 ) -> torch.Tensor:
     """Validates and allocates o [B, T, H, V] (contiguous, v's dtype; token_flat: [B*T, H, V],
     see empty_tokens)."""
-    check_kda_decode_inputs(q, k, v, g, beta, state, state_indices, A_log, dt_bias)
+    check_kda_decode_inputs(q, k, v, g, beta, state, state_indices, A_log, dt_bias, gate_lower_bound)
     return empty_tokens(v.shape, v.dtype, v.device, token_flat)
 
 
@@ -168,15 +172,16 @@ def kda_decode_reference(
     use_qk_l2norm: bool,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    gate_lower_bound: float | None = None,
 ) -> torch.Tensor:
     """The exact recurrence, token by token, in the accumulation dtype; same contract and output as
     kda_decode_meta, and `state` updated in place at the valid slots. No host synchronisation."""
-    o = kda_decode_meta(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias)
+    o = kda_decode_meta(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, A_log, dt_bias, gate_lower_bound)
     acc = accumulation_dtype(q.dtype)
     B, T = q.shape[:2]
     slots, valid = slots_and_validity(state_indices, B, q.device)
     if A_log is not None:
-        g = kda_gate(g, A_log, dt_bias)
+        g = kda_gate(g, A_log, dt_bias, gate_lower_bound)
     q, k, v, g, beta = (x.to(acc) for x in (q, k, v, g, beta))
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)

@@ -4,7 +4,8 @@ against meta's references; exits non-zero on any mismatch.
 Run as a script (test_kda_decode_kernel.py starts it in a subprocess, because TRITON_INTERPRET must
 be set before triton is first imported). Tiny shapes: non-power-of-two K, V and D, several V and D
 tiles, T = 1..8, in-kernel L2 norm on/off, bf16/fp16/fp32 inputs, fp32 beta with bf16 inputs, the
-gate computed in the kernel from z, A_log, dt_bias (both softplus branches), conv widths 2..4,
+gate computed in the kernel from z, A_log, dt_bias (both softplus branches; the bounded form, both
+sigmoid tails, its output checked to differ from the softplus form's), conv widths 2..4,
 padding rows with NaN inputs, an index past the pool (treated as padding), outputs pre-filled with
 NaN, unused slots NaN-poisoned and compared bit-exactly.
 """
@@ -22,17 +23,21 @@ from kda_ops.meta.kda_decode import causal_conv1d_update_reference, kda_decode_r
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
-# (id, B, T, H, K, V, S, state_indices (None: slot b), l2norm, dtype, beta dtype, gate in kernel)
+# (id, B, T, H, K, V, S, state_indices (None: slot b), l2norm, dtype, beta dtype, gate in kernel,
+#  gate lower bound (None: the softplus form))
 DECODE_CASES = [
-    ("fp32-T1-K12V20-l2", 3, 1, 2, 12, 20, 6, [4, -1, 0], True, FP32, FP32, False),
-    ("fp32-T3-K16V8", 2, 3, 2, 16, 8, 4, [1, 3], False, FP32, FP32, False),
-    ("bf16-T2-K20V12-l2-beta32", 3, 2, 1, 20, 12, 5, [-1, 2, 0], True, BF16, FP32, False),
-    ("fp16-T8-K8V16-slot-b", 2, 8, 1, 8, 16, 3, None, True, FP16, FP16, False),
-    ("fp32-index-past-pool", 2, 2, 1, 8, 8, 3, [3, 1], True, FP32, FP32, False),
-    ("bf16-all-padding", 2, 2, 2, 8, 8, 3, [-1, -1], True, BF16, BF16, False),
-    ("gate-fp32-T3-K12V20", 3, 3, 2, 12, 20, 5, [2, -1, 4], False, FP32, FP32, True),
-    ("gate-bf16-T1-K20V12-l2", 2, 1, 3, 20, 12, 4, [3, 0], True, BF16, BF16, True),
-    ("gate-fp16-T8-K8V16-slot-b", 2, 8, 1, 8, 16, 2, None, True, FP16, FP32, True),
+    ("fp32-T1-K12V20-l2", 3, 1, 2, 12, 20, 6, [4, -1, 0], True, FP32, FP32, False, None),
+    ("fp32-T3-K16V8", 2, 3, 2, 16, 8, 4, [1, 3], False, FP32, FP32, False, None),
+    ("bf16-T2-K20V12-l2-beta32", 3, 2, 1, 20, 12, 5, [-1, 2, 0], True, BF16, FP32, False, None),
+    ("fp16-T8-K8V16-slot-b", 2, 8, 1, 8, 16, 3, None, True, FP16, FP16, False, None),
+    ("fp32-index-past-pool", 2, 2, 1, 8, 8, 3, [3, 1], True, FP32, FP32, False, None),
+    ("bf16-all-padding", 2, 2, 2, 8, 8, 3, [-1, -1], True, BF16, BF16, False, None),
+    ("gate-fp32-T3-K12V20", 3, 3, 2, 12, 20, 5, [2, -1, 4], False, FP32, FP32, True, None),
+    ("gate-bf16-T1-K20V12-l2", 2, 1, 3, 20, 12, 4, [3, 0], True, BF16, BF16, True, None),
+    ("gate-fp16-T8-K8V16-slot-b", 2, 8, 1, 8, 16, 2, None, True, FP16, FP32, True, None),
+    ("bounded-gate-fp32-T3-K12V20", 3, 3, 2, 12, 20, 5, [2, -1, 4], False, FP32, FP32, True, -5.0),
+    ("bounded-gate-bf16-T2-K20V12-l2", 2, 2, 3, 20, 12, 4, [3, 0], True, BF16, BF16, True, -0.7),
+    ("bounded-gate-fp16-T8-K8V16-slot-b", 2, 8, 1, 8, 16, 2, None, True, FP16, FP32, True, -5.0),
 ]
 
 # (id, B, T, D, W, S, state_indices (None: slot b), dtype, weight dtype)
@@ -84,25 +89,27 @@ def check_pool_and_padding(name, out, pool, before, valid, unused) -> list[str]:
     return failures
 
 
-def gate_inputs(B, T, H, K, dtype, in_kernel: bool):
+def gate_inputs(B, T, H, K, dtype, in_kernel: bool, bounded: bool):
     """(g, A_log, dt_bias): the log-decay in (-0.5, 0] and None, None; or, for the in-kernel gate,
     its pre-activation z in dtype (channel 0 where exp(z) overflows fp32, so softplus must take its
-    identity branch; channel 1 far below 0), A_log [H] and dt_bias [H*K] in fp32."""
+    identity branch; channel 1 far below 0), A_log [H] and dt_bias [H*K] in fp32. Bounded: A_log
+    near 0, so exp(A_log) * (z + dt_bias) puts channel 0 and 1 in the sigmoid's tails (g = the
+    bound, g = 0) and spreads the other channels over its slope."""
     if not in_kernel:
         return -torch.rand(B, T, H, K) * 0.5, None, None
     z = torch.randn(B, T, H, K) * 4
     z[..., 0] = 100.0
     z[..., 1] = -30.0
-    return z.to(dtype), torch.randn(H) * 0.5 - 3, torch.randn(H * K)
+    return z.to(dtype), torch.randn(H) * 0.5 - (0 if bounded else 3), torch.randn(H * K)
 
 
 def run_decode_case(case) -> list[str]:
-    name, B, T, H, K, V, S, indices, l2, dtype, beta_dtype, in_kernel = case
+    name, B, T, H, K, V, S, indices, l2, dtype, beta_dtype, in_kernel, lower_bound = case
     q = torch.randn(B, T, H, K).to(dtype)
     k = torch.randn(B, T, H, K)
     k = (k if l2 else k / k.norm(dim=-1, keepdim=True)).to(dtype)
     v = torch.randn(B, T, H, V).to(dtype)
-    g, A_log, dt_bias = gate_inputs(B, T, H, K, dtype, in_kernel)
+    g, A_log, dt_bias = gate_inputs(B, T, H, K, dtype, in_kernel, lower_bound is not None)
     beta = torch.rand(B, T, H).to(beta_dtype)
     state_indices, valid, slots = pool_rows(indices, B, S)
     padding = [b for b in range(B) if b not in valid]
@@ -112,17 +119,25 @@ def run_decode_case(case) -> list[str]:
     unused = poison_unused(pool, slots)
     before = pool.clone()
     o = torch.full((B, T, H, V), float("nan"), dtype=dtype)
-    kda_decode_fwd(q, k, v, g, beta, pool, state_indices, o, K**-0.5, l2, A_log, dt_bias)
+    kda_decode_fwd(q, k, v, g, beta, pool, state_indices, o, K**-0.5, l2, A_log, dt_bias, lower_bound)
 
     failures = check_pool_and_padding(name, o, pool, before, valid, unused)
     if valid:
-        ref_pool = before.clone()
-        ref_o = kda_decode_reference(
-            q[valid], k[valid], v[valid], g[valid], beta[valid], ref_pool, state_indices[valid], K**-0.5, l2,
-            A_log, dt_bias,
-        )
+
+        def reference(bound):
+            ref_pool = before.clone()
+            ref_o = kda_decode_reference(
+                q[valid], k[valid], v[valid], g[valid], beta[valid], ref_pool, state_indices[valid], K**-0.5, l2,
+                A_log, dt_bias, bound,
+            )
+            return ref_o, ref_pool
+
+        ref_o, ref_pool = reference(lower_bound)
         failures += compare(name, "o", o[valid], ref_o)
         failures += compare(name, "state", pool[slots], ref_pool[slots])
+        # the bounded case must tell the two forms apart: its o is not the softplus form's
+        if lower_bound is not None and not compare(name, "o", o[valid], reference(None)[0]):
+            failures.append(f"{name}: o equals the softplus gate's (the bound is not exercised)")
     return failures
 
 

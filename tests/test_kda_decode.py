@@ -201,18 +201,31 @@ def gate_inputs(B, T, H, K, *, dtype=F64):
     return z.to(dtype), torch.randn(H, dtype=acc) * 0.5 - 2, torch.randn(H * K, dtype=acc)
 
 
-def naive_gate(z, A_log, dt_bias):
-    """-exp(A_log[h]) * softplus(z + dt_bias), softplus written out (docs/kda_math.md §2)."""
+def naive_gate(z, A_log, dt_bias, lower_bound=None):
+    """-exp(A_log[h]) * softplus(z + dt_bias), softplus written out (docs/kda_math.md §2); with
+    lower_bound L, L * sigmoid(exp(A_log[h]) * (z + dt_bias)), sigmoid written out."""
     H, K = z.shape[2:]
     x = z.double() + dt_bias.double().view(H, K)
+    a = A_log.double().exp()[:, None]  # [H, 1]
+    if lower_bound is not None:
+        return lower_bound / (1 + torch.exp(-a * x))
     softplus = torch.where(x > 20, x, torch.log1p(torch.exp(x)))
-    return -A_log.double().exp()[:, None] * softplus
+    return -a * softplus
 
 
-@pytest.mark.parametrize("T, l2", [pytest.param(1, True, id="T1-l2norm"), pytest.param(5, False, id="T5")])
-def test_decode_in_op_gate_matches_recurrence_fp64(T, l2):
-    """g as the gate's pre-activation with A_log and dt_bias: equal to the recurrence over the gate
-    computed by the written-out formula."""
+IN_OP_GATE_CASES = [
+    pytest.param(1, True, None, id="T1-l2norm"),
+    pytest.param(5, False, None, id="T5"),
+    pytest.param(1, True, -5.0, id="bounded-T1-l2norm"),
+    pytest.param(5, False, -0.7, id="bounded-T5"),
+]
+
+
+@pytest.mark.parametrize("T, l2, lower_bound", IN_OP_GATE_CASES)
+def test_decode_in_op_gate_matches_recurrence_fp64(T, l2, lower_bound):
+    """g as the gate's pre-activation with A_log and dt_bias (and gate_lower_bound): equal to the
+    recurrence over the gate computed by the written-out formula. A bounded case also checks that
+    the op's output is not the softplus form's."""
     B, H, K, V, S = 3, 2, 10, 6, 5
     x = decode_inputs(B, T, H, K, V, use_qk_l2norm=l2)
     z, A_log, dt_bias = gate_inputs(B, T, H, K)
@@ -220,11 +233,22 @@ def test_decode_in_op_gate_matches_recurrence_fp64(T, l2):
     slots = torch.tensor([4, -1, 1])
     before = pool.clone()
     o = kda_ops.kda_decode(
-        **dict(x, g=z), state=pool, state_indices=slots, use_qk_l2norm=l2, A_log=A_log, dt_bias=dt_bias
+        **dict(x, g=z),
+        state=pool,
+        state_indices=slots,
+        use_qk_l2norm=l2,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        gate_lower_bound=lower_bound,
     )
     valid, used = [0, 2], [4, 1]
+    if lower_bound is not None:
+        o_softplus = recurrent_kda(
+            **rows_of(dict(x, g=naive_gate(z, A_log, dt_bias)), valid), initial_state=before[used], use_qk_l2norm=l2
+        )[0]
+        assert not torch.allclose(o[valid], o_softplus), "the bounded gate gave the softplus form's output"
     o_ref, s_ref = recurrent_kda(
-        **rows_of(dict(x, g=naive_gate(z, A_log, dt_bias)), valid),
+        **rows_of(dict(x, g=naive_gate(z, A_log, dt_bias, lower_bound)), valid),
         initial_state=before[used],
         output_final_state=True,
         use_qk_l2norm=l2,
@@ -236,17 +260,31 @@ def test_decode_in_op_gate_matches_recurrence_fp64(T, l2):
     assert_bits_equal(pool[unused], before[unused], "unused slots")
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16-z"), pytest.param(torch.float32, id="fp32-z")])
-def test_decode_in_op_gate_is_bitwise_the_models_gate(dtype):
+MODEL_GATE_CASES = [
+    pytest.param(torch.bfloat16, None, id="bf16-z"),
+    pytest.param(torch.float32, None, id="fp32-z"),
+    pytest.param(torch.bfloat16, -5.0, id="bounded-bf16-z"),
+]
+
+
+@pytest.mark.parametrize("dtype, lower_bound", MODEL_GATE_CASES)
+def test_decode_in_op_gate_is_bitwise_the_models_gate(dtype, lower_bound):
     """The reference path gives the same bits as precomputing g the way the model does (z cast to
-    fp32, + dt_bias, softplus, times -exp(A_log) of shape [1, 1, H, 1]) and passing it as g."""
+    fp32, + dt_bias, softplus, times -exp(A_log) of shape [1, 1, H, 1]; bounded: lower_bound times
+    the sigmoid of exp(A_log) times z + dt_bias) and passing it as g."""
     B, T, H, K, V, S = 2, 2, 3, 16, 8, 2
     x = decode_inputs(B, T, H, K, V, dtype=dtype)
     z, A_log, dt_bias = gate_inputs(B, T, H, K, dtype=dtype)
     pool = random_pool(S, H, K, V)
     pool_model = pool.clone()
-    g = -A_log.view(1, 1, H, 1).exp() * F.softplus((z.float().view(B, T, -1) + dt_bias).view(B, T, H, K))
-    o = kda_ops.kda_decode(**dict(x, g=z), state=pool, use_qk_l2norm=True, A_log=A_log, dt_bias=dt_bias)
+    s = (z.float().view(B, T, -1) + dt_bias).view(B, T, H, K)
+    if lower_bound is None:
+        g = -A_log.view(1, 1, H, 1).exp() * F.softplus(s)
+    else:
+        g = lower_bound * torch.sigmoid(A_log.view(1, 1, H, 1).exp() * s)
+    o = kda_ops.kda_decode(
+        **dict(x, g=z), state=pool, use_qk_l2norm=True, A_log=A_log, dt_bias=dt_bias, gate_lower_bound=lower_bound
+    )
     o_model = kda_ops.kda_decode(**dict(x, g=g), state=pool_model, use_qk_l2norm=True)
     assert_bits_equal(o, o_model, "o")
     assert_bits_equal(pool, pool_model, "state")
@@ -406,11 +444,18 @@ def _gated_decode_op_args(with_indices: bool, l2: bool):
     return (*args, A_log, dt_bias)
 
 
+def _bounded_gate_decode_op_args(with_indices: bool, l2: bool):
+    """_gated_decode_op_args, then gate_lower_bound."""
+    return (*_gated_decode_op_args(with_indices, l2), -5.0)
+
+
 OPCHECK_CASES = [
     pytest.param(_decode_op_args, True, True, id="indices-l2norm"),
     pytest.param(_decode_op_args, False, False, id="no-indices"),
     pytest.param(_gated_decode_op_args, True, True, id="in-op-gate-indices-l2norm"),
     pytest.param(_gated_decode_op_args, False, False, id="in-op-gate-no-indices"),
+    pytest.param(_bounded_gate_decode_op_args, True, True, id="bounded-gate-indices-l2norm"),
+    pytest.param(_bounded_gate_decode_op_args, False, False, id="bounded-gate-no-indices"),
 ]
 
 
@@ -472,6 +517,28 @@ DECODE_CONTRACT_CASES = [
         "g", lambda a: dict(g=a["g"].to(torch.float16), A_log=torch.zeros(2), dt_bias=torch.zeros(8)), "dtype",
         id="in-op-gate-g-not-q-dtype",
     ),
+    pytest.param(
+        "gate_lower_bound", lambda a: dict(gate_lower_bound=-5.0), "None without A_log and dt_bias",
+        id="gate_lower_bound-without-gate",
+    ),
+    pytest.param(
+        "gate_lower_bound", lambda a: dict(A_log=torch.zeros(2), dt_bias=torch.zeros(8), gate_lower_bound=0.0),
+        "a finite float < 0", id="gate_lower_bound-zero",
+    ),
+    pytest.param(
+        "gate_lower_bound", lambda a: dict(A_log=torch.zeros(2), dt_bias=torch.zeros(8), gate_lower_bound=2.0),
+        "a finite float < 0", id="gate_lower_bound-positive",
+    ),
+    pytest.param(
+        "gate_lower_bound",
+        lambda a: dict(A_log=torch.zeros(2), dt_bias=torch.zeros(8), gate_lower_bound=float("-inf")),
+        "a finite float < 0", id="gate_lower_bound-minus-inf",
+    ),
+    pytest.param(
+        "gate_lower_bound",
+        lambda a: dict(A_log=torch.zeros(2), dt_bias=torch.zeros(8), gate_lower_bound=float("nan")),
+        "a finite float < 0", id="gate_lower_bound-nan",
+    ),
 ]
 
 
@@ -483,7 +550,7 @@ def test_decode_contract_errors_name_the_argument(name, corrupt, expected, fake)
     pattern = rf"kda_decode: argument '{name}' expected .*{expected}"
     if fake:
         mode = FakeTensorMode()
-        a = {n: (mode.from_tensor(t) if t is not None else None) for n, t in a.items()}
+        a = {n: (mode.from_tensor(t) if isinstance(t, torch.Tensor) else t) for n, t in a.items()}
         with pytest.raises(ContractError, match=pattern):
             kda_ops.kda_decode(**a)
         return

@@ -60,7 +60,8 @@ def _decode_inputs(B, T, H, K, V, dtype, gate_floor=False):
 
 def _gate_inputs(B, T, H, K, dtype):
     """The in-kernel gate's pre-activation z in dtype (channel 0 where exp(z) overflows fp32, so
-    the gate there is about -1000 at the largest A_log), A_log [H] and dt_bias [H*K] in fp32."""
+    the gate there is about -1000 at the largest A_log; the bounded form's sigmoid saturates there:
+    g = the bound), A_log [H] and dt_bias [H*K] in fp32."""
     z = torch.randn(B, T, H, K, device="cuda") * 4
     z[..., 0] = 100.0
     A_log = torch.linspace(-4.0, 2.3, H, device="cuda")
@@ -68,29 +69,32 @@ def _gate_inputs(B, T, H, K, dtype):
 
 
 GPU_DECODE_CASES = [
-    pytest.param(BF16, 128, 128, 1, False, False, id="bf16-K128-T1"),
-    pytest.param(BF16, 128, 128, 4, True, False, id="bf16-K128-T4-gate1000"),
-    pytest.param(BF16, 128, 128, 8, False, False, id="bf16-K128-T8"),
-    pytest.param(FP32, 128, 128, 1, False, False, id="fp32-K128-T1"),
-    pytest.param(FP32, 128, 128, 8, True, False, id="fp32-K128-T8-gate1000"),
-    pytest.param(BF16, 64, 64, 2, False, False, id="bf16-K64-T2"),
-    pytest.param(FP32, 64, 64, 7, False, False, id="fp32-K64-T7"),
-    pytest.param(BF16, 100, 100, 3, True, False, id="bf16-K100-T3-gate1000"),
-    pytest.param(FP32, 100, 100, 5, False, False, id="fp32-K100-T5"),
-    pytest.param(BF16, 256, 256, 6, False, False, id="bf16-K256-T6"),
-    pytest.param(FP32, 256, 256, 1, False, False, id="fp32-K256-T1"),
-    pytest.param(BF16, 128, 128, 1, False, True, id="bf16-K128-T1-gate-in-kernel"),
-    pytest.param(BF16, 128, 128, 4, False, True, id="bf16-K128-T4-gate-in-kernel"),
-    pytest.param(FP32, 100, 100, 3, False, True, id="fp32-K100-T3-gate-in-kernel"),
+    pytest.param(BF16, 128, 128, 1, False, False, None, id="bf16-K128-T1"),
+    pytest.param(BF16, 128, 128, 4, True, False, None, id="bf16-K128-T4-gate1000"),
+    pytest.param(BF16, 128, 128, 8, False, False, None, id="bf16-K128-T8"),
+    pytest.param(FP32, 128, 128, 1, False, False, None, id="fp32-K128-T1"),
+    pytest.param(FP32, 128, 128, 8, True, False, None, id="fp32-K128-T8-gate1000"),
+    pytest.param(BF16, 64, 64, 2, False, False, None, id="bf16-K64-T2"),
+    pytest.param(FP32, 64, 64, 7, False, False, None, id="fp32-K64-T7"),
+    pytest.param(BF16, 100, 100, 3, True, False, None, id="bf16-K100-T3-gate1000"),
+    pytest.param(FP32, 100, 100, 5, False, False, None, id="fp32-K100-T5"),
+    pytest.param(BF16, 256, 256, 6, False, False, None, id="bf16-K256-T6"),
+    pytest.param(FP32, 256, 256, 1, False, False, None, id="fp32-K256-T1"),
+    pytest.param(BF16, 128, 128, 1, False, True, None, id="bf16-K128-T1-gate-in-kernel"),
+    pytest.param(BF16, 128, 128, 4, False, True, None, id="bf16-K128-T4-gate-in-kernel"),
+    pytest.param(FP32, 100, 100, 3, False, True, None, id="fp32-K100-T3-gate-in-kernel"),
+    pytest.param(BF16, 128, 128, 4, False, True, -5.0, id="bf16-K128-T4-bounded-gate-in-kernel"),
+    pytest.param(FP32, 100, 100, 3, False, True, -0.7, id="fp32-K100-T3-bounded-gate-in-kernel"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, K, V, T, gate_floor, gate_in_kernel", GPU_DECODE_CASES)
-def test_gpu_decode_matches_fp32_recurrence(dtype, K, V, T, gate_floor, gate_in_kernel):
+@pytest.mark.parametrize("dtype, K, V, T, gate_floor, gate_in_kernel, gate_lower_bound", GPU_DECODE_CASES)
+def test_gpu_decode_matches_fp32_recurrence(dtype, K, V, T, gate_floor, gate_in_kernel, gate_lower_bound):
     """o (pre-filled with NaN) and the state within 0.005 of the fp32 recurrence; padding rows
     zeros; unused slots (half NaN) bit-exact. With the gate in the kernel, the recurrence runs on
-    meta's kda_gate of the same z, A_log, dt_bias."""
+    meta's kda_gate of the same z, A_log, dt_bias (and gate_lower_bound: then o must also be
+    further than 0.05 from the softplus form's)."""
     B, H, S = 6, 4, 11
     q, k, v, g, beta = _decode_inputs(B, T, H, K, V, dtype, gate_floor)
     A_log = dt_bias = None
@@ -106,17 +110,21 @@ def test_gpu_decode_matches_fp32_recurrence(dtype, K, V, T, gate_floor, gate_in_
         x[[1, 5]] = float("nan")
     before = pool.clone()
     o = torch.full((B, T, H, V), float("nan"), dtype=dtype, device="cuda")
-    kda_decode_fwd(q, k, v, g, beta, pool, state_indices, o, K**-0.5, True, A_log, dt_bias)
+    kda_decode_fwd(q, k, v, g, beta, pool, state_indices, o, K**-0.5, True, A_log, dt_bias, gate_lower_bound)
 
-    g_ref = kda_gate(g, A_log, dt_bias) if gate_in_kernel else g
-    o_ref, s_ref = recurrent_kda(
-        *(x[valid].float() for x in (q, k, v, g_ref, beta)),
-        initial_state=before[slots],
-        output_final_state=True,
-        use_qk_l2norm=True,
-    )
+    def recurrence(g_ref):
+        return recurrent_kda(
+            *(x[valid].float() for x in (q, k, v, g_ref, beta)),
+            initial_state=before[slots],
+            output_final_state=True,
+            use_qk_l2norm=True,
+        )
+
+    o_ref, s_ref = recurrence(kda_gate(g, A_log, dt_bias, gate_lower_bound) if gate_in_kernel else g)
     assert rel_rms(o[valid], o_ref) <= 0.005
     assert rel_rms(pool[slots], s_ref) <= 0.005
+    if gate_lower_bound is not None:
+        assert rel_rms(o[valid], recurrence(kda_gate(g, A_log, dt_bias))[0]) > 0.05
     assert torch.equal(o[[1, 5]], torch.zeros_like(o[[1, 5]]))
     assert torch.equal(_bits(pool[unused]), _bits(before[unused]))
 
@@ -189,6 +197,7 @@ def test_gpu_opcheck(with_indices):
     z, A_log, dt_bias = _gate_inputs(B, T, H, K, BF16)
     gated = (q, k, v, z, beta, pool, indices, K**-0.5, True, A_log, dt_bias)
     torch.library.opcheck(torch.ops.kda.kda_decode.default, gated)
+    torch.library.opcheck(torch.ops.kda.kda_decode.default, (*gated, -5.0))
     x = torch.randn(B, T, D, device="cuda", dtype=BF16)
     conv_args = (x, torch.randn(S, D, W - 1, device="cuda", dtype=BF16), torch.randn(D, W, device="cuda", dtype=BF16), indices)
     torch.library.opcheck(torch.ops.kda.causal_conv1d_update.default, conv_args)
