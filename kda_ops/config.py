@@ -4,9 +4,14 @@ checkpoint's config.json (docs/kimi_linear_model.md), plus named presets.
 Layer indices are 0-based inside this class. The released file gives them 1-based inside
 `linear_attn_config` (`kda_layers`, `full_attn_layers`); a `layer_types` list, when present, takes
 precedence. Keys this class does not model are kept in `extra` and written back unchanged.
+
+The KDA gate is the released checkpoint's softplus form unless `linear_attn_config` holds a
+`gate_lower_bound` L (kda_gate_lower_bound here), which selects the bounded form
+L·sigmoid(exp(A_log)·(z + dt_bias)) of docs/kda_math.md §2.
 """
 
 import copy
+import math
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -34,6 +39,7 @@ class KimiLinearConfig:
     kda_num_heads: int = 32
     kda_head_dim: int = 128
     short_conv_kernel_size: int = 4
+    kda_gate_lower_bound: float | None = None  # None: the softplus gate; L < 0: the bounded gate
     # MLA.
     num_attention_heads: int = 32
     q_lora_rank: int | None = None
@@ -75,6 +81,9 @@ class KimiLinearConfig:
                 f"KimiLinearConfig: kda_layers and full_attn_layers must cover layers 0..{self.num_hidden_layers - 1} "
                 f"exactly; missing {sorted(every - kda - mla)}, out of range {sorted((kda | mla) - every)}"
             )
+        bound = self.kda_gate_lower_bound
+        if bound is not None and not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound < 0):
+            raise ValueError(f"KimiLinearConfig: kda_gate_lower_bound must be null or a finite number < 0, got {bound!r}")
         if self.q_lora_rank is not None:
             raise ValueError("KimiLinearConfig: q_lora_rank must be null (Kimi Linear projects q directly)")
         if not self.mla_use_nope:
@@ -146,7 +155,12 @@ class KimiLinearConfig:
             kwargs["full_attn_layers"] = [i - 1 for i in linear["full_attn_layers"]]
             if "kda_layers" in linear:
                 kwargs["kda_layers"] = [i - 1 for i in linear["kda_layers"]]
-        linear_fields = {"num_heads": "kda_num_heads", "head_dim": "kda_head_dim", "short_conv_kernel_size": "short_conv_kernel_size"}
+        linear_fields = {
+            "num_heads": "kda_num_heads",
+            "head_dim": "kda_head_dim",
+            "short_conv_kernel_size": "short_conv_kernel_size",
+            "gate_lower_bound": "kda_gate_lower_bound",
+        }
         for key, name in linear_fields.items():
             if key in linear:
                 kwargs[name] = linear.pop(key)
@@ -166,7 +180,12 @@ class KimiLinearConfig:
             kda_layers=[i + 1 for i in sorted(self.kda_layers)],
             full_attn_layers=[i + 1 for i in sorted(self.full_attn_layers)],
         )
-        skip = {"extra", "kda_layers", "full_attn_layers", "kda_num_heads", "kda_head_dim", "short_conv_kernel_size"}
+        if self.kda_gate_lower_bound is not None:  # absent from the released file: the softplus gate
+            linear["gate_lower_bound"] = self.kda_gate_lower_bound
+        skip = {
+            "extra", "kda_layers", "full_attn_layers", "kda_num_heads", "kda_head_dim", "short_conv_kernel_size",
+            "kda_gate_lower_bound",
+        }
         for f in fields(self):
             if f.name not in skip:
                 out[f.name] = copy.deepcopy(getattr(self, f.name))

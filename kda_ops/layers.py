@@ -87,6 +87,7 @@ class KimiDeltaAttention(nn.Module):
         P, W = H * K, config.short_conv_kernel_size
         self.num_heads, self.head_dim, self.eps = H, K, config.rms_norm_eps
         self.scale = K**-0.5
+        self.gate_lower_bound = config.kda_gate_lower_bound
         self.q_proj, self.k_proj, self.v_proj = (_linear(D, P, dtype) for _ in range(3))
         self.q_conv1d, self.k_conv1d, self.v_conv1d = (ShortConvolution(P, W, dtype) for _ in range(3))
         self.f_a_proj, self.f_b_proj = _linear(D, K, dtype), _linear(K, P, dtype)
@@ -111,15 +112,18 @@ class KimiDeltaAttention(nn.Module):
         for pool in (self.recurrent_state, self.q_conv_state, self.k_conv_state, self.v_conv_state):
             pool.index_fill_(0, slots, 0)
 
-    def _gate(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _gate(self, x: Tensor) -> tuple[Tensor, dict]:
         """The gate as chunk_kda and kda_decode take it: the pre-activation z = f_b(f_a(x))
-        [B, T, H, K] and A_log, dt_bias, from which the ops compute g = -exp(A_log) *
-        softplus(z + dt_bias) in their kernels (faster than the same operations in torch before
-        them, even fused by Inductor: bench/NOTES.md, bench_kda_decode_gate.py)."""
+        [B, T, H, K] and A_log, dt_bias (and the config's bound), from which the ops compute
+        g = -exp(A_log) * softplus(z + dt_bias), or L * sigmoid(exp(A_log) * (z + dt_bias)), in
+        their kernels (faster than the same operations in torch before them, even fused by
+        Inductor: bench/NOTES.md, bench_kda_decode_gate.py)."""
         B, T, _ = x.shape
         acc = accumulation_dtype(x.dtype)
         z = self.f_b_proj(self.f_a_proj(x)).view(B, T, self.num_heads, self.head_dim)
-        return z, dict(A_log=self.A_log.to(acc).view(-1), dt_bias=self.dt_bias.to(acc))
+        return z, dict(
+            A_log=self.A_log.to(acc).view(-1), dt_bias=self.dt_bias.to(acc), gate_lower_bound=self.gate_lower_bound
+        )
 
     def _beta(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.b_proj(x).to(accumulation_dtype(x.dtype)))

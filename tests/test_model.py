@@ -60,8 +60,11 @@ def reference_kda(attn, x):
     k = short_conv(attn.k_proj, attn.k_conv1d)
     v = short_conv(attn.v_proj, attn.v_conv1d)
     acc = x.dtype
-    f = attn.f_b_proj(attn.f_a_proj(x)) + attn.dt_bias.to(acc)
-    g = -attn.A_log.to(acc).exp() * F.softplus(f).view(B, T, H, K)
+    f = (attn.f_b_proj(attn.f_a_proj(x)) + attn.dt_bias.to(acc)).view(B, T, H, K)
+    if attn.gate_lower_bound is None:
+        g = -attn.A_log.to(acc).exp() * F.softplus(f)
+    else:
+        g = attn.gate_lower_bound / (1 + torch.exp(-attn.A_log.to(acc).exp() * f))
     beta = torch.sigmoid(attn.b_proj(x))
     o, _ = recurrent_kda(q, k, v, g, beta, scale=K**-0.5, use_qk_l2norm=True)
     o = rms(o, attn.o_norm.weight, attn.eps) * torch.sigmoid(attn.g_b_proj(attn.g_a_proj(x))).view(B, T, H, K)
@@ -168,6 +171,20 @@ def test_config_reads_released_layout():
     assert (preset.kda_layers, preset.full_attn_layers) == (c.kda_layers, c.full_attn_layers)
 
 
+def test_config_gate_lower_bound_round_trips(tmp_path):
+    """linear_attn_config.gate_lower_bound selects the bounded gate; absent, the released file is
+    written back without it."""
+    raw = dict(RELEASED_CONFIG, linear_attn_config=dict(RELEASED_CONFIG["linear_attn_config"], gate_lower_bound=-5.0))
+    c = KimiLinearConfig.from_dict(raw)
+    assert c.kda_gate_lower_bound == -5.0 and "linear_attn_config" not in c.extra
+    c.to_json(tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["linear_attn_config"]["gate_lower_bound"] == -5.0
+    assert KimiLinearConfig.from_json(tmp_path) == c
+    assert "gate_lower_bound" not in KimiLinearConfig.from_dict(RELEASED_CONFIG).to_dict()["linear_attn_config"]
+    with pytest.raises(ValueError, match="kda_gate_lower_bound must be null or a finite number < 0, got 0.5"):
+        KimiLinearConfig.from_dict(dict(raw, linear_attn_config=dict(raw["linear_attn_config"], gate_lower_bound=0.5)))
+
+
 def test_config_layer_types_take_precedence(tmp_path):
     raw = dict(RELEASED_CONFIG, num_hidden_layers=4, layer_types=["kda", "full_attention", "kda", "linear_attention"])
     c = KimiLinearConfig.from_dict(raw)
@@ -241,8 +258,9 @@ def test_parameter_names_and_dtypes_follow_the_checkpoint():
 # ---------------------------------------------------------------------------- forward vs references
 
 
-def test_kda_layer_matches_recurrent_reference():
-    model = micro_model()
+@pytest.mark.parametrize("bound", [pytest.param(None, id="softplus-gate"), pytest.param(-5.0, id="bounded-gate")])
+def test_kda_layer_matches_recurrent_reference(bound):
+    model = micro_model(kda_gate_lower_bound=bound)
     attn = model.model.layers[0].self_attn
     x = torch.randn(2, 70, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(attn(x), reference_kda(attn, x), **TOLERANCE[torch.float64])
@@ -303,15 +321,16 @@ def full_logits(model, sequence):
 
 
 @pytest.mark.parametrize(
-    "dtype, prompt_lengths, decode_steps",
+    "dtype, prompt_lengths, decode_steps, bound",
     [
-        pytest.param(torch.float64, [23], 5, id="fp64-one-prompt"),
-        pytest.param(torch.float64, [9, 70, 1, 30], 4, id="fp64-batch-of-lengths"),
-        pytest.param(torch.float32, [12, 66, 3], 3, id="fp32-batch-of-lengths"),
+        pytest.param(torch.float64, [23], 5, None, id="fp64-one-prompt"),
+        pytest.param(torch.float64, [9, 70, 1, 30], 4, None, id="fp64-batch-of-lengths"),
+        pytest.param(torch.float32, [12, 66, 3], 3, None, id="fp32-batch-of-lengths"),
+        pytest.param(torch.float64, [9, 70], 3, -5.0, id="fp64-bounded-gate"),
     ],
 )
-def test_prefill_then_decode_matches_full_forward(dtype, prompt_lengths, decode_steps):
-    model = micro_model(dtype=dtype)
+def test_prefill_then_decode_matches_full_forward(dtype, prompt_lengths, decode_steps, bound):
+    model = micro_model(dtype=dtype, kda_gate_lower_bound=bound)
     model.allocate_caches(max_batch=len(prompt_lengths) + 1, max_len=80, block_size=16)
     sequences = [random_ids(n + decode_steps, seed=10 + i).tolist() for i, n in enumerate(prompt_lengths)]
     slots = torch.arange(1, len(prompt_lengths) + 1)  # slot 0 stays unused
