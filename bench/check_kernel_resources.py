@@ -13,9 +13,10 @@ the GPU (without it the paged loads of mla_decode are not vectorised, never pipe
 shared memory is underestimated), pointers as 16-byte aligned (torch's
 allocations are).
 
-Each op runs in two variants: `plain` (dense batch, every optional feature off) and `full`
+Each op runs in up to three variants: `plain` (dense batch, every optional feature off), `full`
 (varlen cu_seqlens, initial state, final-state gradient, in-kernel L2 norm, the gate computed in
-the kernels; for the decode ops a multi-token step), so both sides of every constexpr feature switch are compiled.
+the kernels; for the decode ops a multi-token step) and `bounded` (`full` with the gate's bounded
+form), so every side of every constexpr feature switch is compiled.
 
 Exits 1 when a kernel fails to compile or needs more shared memory per block than --max-shared
 (default: the H100's 232448 bytes), or, with --no-spills, when ptxas spills registers; 2 when
@@ -144,8 +145,9 @@ class _Grid:
         return lambda *args, **kwargs: self.recorder.record(self.kernel, args, kwargs)
 
 
-def _chunk_inputs(K, V, dtype, full):
+def _chunk_inputs(K, V, dtype, variant):
     """Small CPU inputs of the chunked ops: B=2 dense, or three packed sequences (varlen)."""
+    full = variant != "plain"
     B, T, H = (1, 200, 2) if full else (2, 130, 2)
     x = dict(
         q=torch.randn(B, T, H, K).to(dtype), k=torch.randn(B, T, H, K).to(dtype),
@@ -158,20 +160,23 @@ def _chunk_inputs(K, V, dtype, full):
     gate = dict(A_log=torch.zeros(H), dt_bias=torch.zeros(H * K)) if full else {}
     if full:
         x["g"] = x["g"].to(dtype)
-    return x, cu, n, h0, gate
+    bound = dict(gate_lower_bound=-5.0) if variant == "bounded" else {}
+    return x, cu, n, h0, gate, bound
 
 
-def _launches_chunk_fwd(K, V, dtype, full, rec):
-    x, cu, n, h0, gate = _chunk_inputs(K, V, dtype, full)
+def _launches_chunk_fwd(K, V, dtype, variant, rec):
+    x, cu, n, h0, gate, bound = _chunk_inputs(K, V, dtype, variant)
+    full = variant != "plain"
     B, T, H = x["q"].shape[:3]
     o = torch.empty(B, T, H, V, dtype=dtype)
     final = torch.empty(n, H, K, V) if full else torch.empty(0)
     chunk_kda_fwd.chunk_kda_fwd_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], h0, cu, K**-0.5, full, o, final,
-                                       launch=rec, **gate)
+                                       launch=rec, **gate, **bound)
 
 
-def _launches_chunk_bwd(K, V, dtype, full, rec):
-    x, cu, n, h0, gate = _chunk_inputs(K, V, dtype, full)
+def _launches_chunk_bwd(K, V, dtype, variant, rec):
+    x, cu, n, h0, gate, bound = _chunk_inputs(K, V, dtype, variant)
+    full = variant != "plain"
     B, T, H = x["q"].shape[:3]
     do = torch.randn(B, T, H, V).to(dtype)
     dht = torch.randn(n, H, K, V) if full else None
@@ -180,10 +185,12 @@ def _launches_chunk_bwd(K, V, dtype, full, rec):
     gate_grads = [torch.empty_like(p) for p in gate.values()] or [torch.empty(0), torch.empty(0)]
     for residuals in (None, dict(zip(RESIDUAL_NAMES, chunk_kda_residuals_meta(x["q"], full, save=True)))):
         chunk_kda_bwd.chunk_kda_bwd_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], h0, cu, do, dht, K**-0.5, full,
-                                           *outs, dh0, *gate_grads, launch=rec, residuals=residuals, **gate)
+                                           *outs, dh0, *gate_grads, launch=rec, residuals=residuals, **gate,
+                                           **bound)
 
 
-def _launches_kda_decode(K, V, dtype, full, rec):
+def _launches_kda_decode(K, V, dtype, variant, rec):
+    full = variant != "plain"
     B, T, H, S = 3, (2 if full else 1), 2, 4
     q, k = torch.randn(B, T, H, K).to(dtype), torch.randn(B, T, H, K).to(dtype)
     v, g = torch.randn(B, T, H, V).to(dtype), -torch.rand(B, T, H, K)
@@ -195,14 +202,16 @@ def _launches_kda_decode(K, V, dtype, full, rec):
     else:
         A_log = dt_bias = None
     with mock.patch.object(kda_decode, "_launchable", rec):
-        kda_decode.kda_decode_fwd(q, k, v, g, beta, state, slots, o, K**-0.5, full, A_log, dt_bias)
+        kda_decode.kda_decode_fwd(q, k, v, g, beta, state, slots, o, K**-0.5, full, A_log, dt_bias,
+                                  -5.0 if variant == "bounded" else None)
         D, W = H * K, 4  # the conv of the key projection: H·K channels, width 4
         xin = torch.randn(B, T, D).to(dtype)
         kda_decode.causal_conv1d_update_fwd(xin, torch.zeros(S, D, W - 1, dtype=dtype), torch.randn(D, W).to(dtype),
                                             slots, torch.empty_like(xin))
 
 
-def _launches_mla_decode(num_heads, dtype, full, rec):
+def _launches_mla_decode(num_heads, dtype, variant, rec):
+    full = variant != "plain"
     D, v_dim = MLA_DIMS
     B, page, blocks = (3 if full else 1), 16, 4
     q = torch.randn(B, num_heads, D).to(dtype)
@@ -221,7 +230,6 @@ def collect(families, dims, dtypes, variants) -> list[Launch]:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             for variant in variants:
-                full = variant == "full"
                 if family == "mla_decode":
                     calls = [(f"H={h} D={MLA_DIMS[0]}/{MLA_DIMS[1]}", (h,)) for h in MLA_HEADS]
                 else:
@@ -234,7 +242,7 @@ def collect(families, dims, dtypes, variants) -> list[Launch]:
                         "kda_decode": _launches_kda_decode,
                         "mla_decode": _launches_mla_decode,
                     }[family]
-                    fn(*dim_args, dtype, full, rec)
+                    fn(*dim_args, dtype, variant, rec)
                     for launch in rec.launches:
                         if launch.key() not in seen:
                             seen.add(launch.key())
@@ -291,7 +299,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default=",".join(FAMILIES), help=f"op families, of {', '.join(FAMILIES)}")
     parser.add_argument("--dims", default=",".join(map(str, DIMS)), help="K = V values of the KDA ops")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="input dtypes")
-    parser.add_argument("--variants", default="plain,full", help="plain and/or full")
+    parser.add_argument("--variants", default="plain,full", help="of plain, full, bounded")
     parser.add_argument("--match", default="", help="only kernels whose name contains this")
     parser.add_argument("--max-shared", type=int, default=H100_SHARED_BYTES, help="bytes of shared memory per block")
     parser.add_argument("--no-spills", action="store_true", help="fail on any register spill")
