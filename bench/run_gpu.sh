@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs GPU tests and benchmarks on the lent GPU machine (no network there).
-# Usage (from the repository root, wheels from `pip download` carried in .carry/wheels):
+# Usage (from the repository root; wheels from `pip download`, if any, carried in .carry/wheels):
 #   KDA_OPS_COMMIT=<sha> bash bench/run_gpu.sh "<pytest args for tests>" "<pytest args for bench>"
 #   KDA_OPS_COMMIT=<sha> SUITES="chunk_kda first_call" bash bench/run_gpu.sh
 # Logs and results JSON go to $OUT (or ./gpu-out when $OUT is unset): the bench args' results to
@@ -10,7 +10,10 @@
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/wheels/*.whl
+# wheels the image lacks (fla-core and einops for the fla comparison); pytest-benchmark is on it
+if compgen -G ".carry/wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/wheels/*.whl
+fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-cache
 mkdir -p "$TRITON_CACHE_DIR"
 [ -d .carry/fla_tc ] && cp -r .carry/fla_tc/. "$TRITON_CACHE_DIR/"
