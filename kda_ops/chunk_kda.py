@@ -154,9 +154,8 @@ def chunk_kda_bwd(
     the same inputs (all or none; read, never written); without them the backward recomputes
     them. With A_log and dt_bias (the in-op gate; its bounded form with gate_lower_bound) g is
     the pre-activation z, dg its gradient, and dA_log, ddt_bias theirs; without, those two are
-    empty [0] tensors. CUDA tensors
-    (bf16/fp16/fp32) run the Triton kernels; CPU and fp64 run the reference, which recomputes
-    everything and ignores residuals."""
+    empty [0] tensors. CUDA tensors (bf16/fp16/fp32) run the Triton kernels; CPU and fp64 run the
+    reference, which recomputes everything and ignores residuals."""
     residuals = (gc, aqk, tkk, rqk)
     if not _triton_serves(q):
         check_chunk_kda_residuals("chunk_kda_bwd", q, residuals, use_qk_l2norm)

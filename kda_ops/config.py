@@ -11,8 +11,8 @@ L·sigmoid(exp(A_log)·(z + dt_bias)) of docs/kda_math.md §2.
 """
 
 import copy
-import math
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 
@@ -83,7 +83,9 @@ class KimiLinearConfig:
             )
         bound = self.kda_gate_lower_bound
         if bound is not None and not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound < 0):
-            raise ValueError(f"KimiLinearConfig: kda_gate_lower_bound must be null or a finite number < 0, got {bound!r}")
+            raise ValueError(
+                f"KimiLinearConfig: kda_gate_lower_bound must be null or a finite number < 0, got {bound!r}"
+            )
         if self.q_lora_rank is not None:
             raise ValueError("KimiLinearConfig: q_lora_rank must be null (Kimi Linear projects q directly)")
         if not self.mla_use_nope:

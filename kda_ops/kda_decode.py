@@ -175,9 +175,8 @@ def kda_decode(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return kda_decode_op(
-        q, k, v, g, beta, state, state_indices, float(scale), use_qk_l2norm, A_log, dt_bias, gate_lower_bound
-    )
+    bound = None if gate_lower_bound is None else float(gate_lower_bound)
+    return kda_decode_op(q, k, v, g, beta, state, state_indices, float(scale), use_qk_l2norm, A_log, dt_bias, bound)
 
 
 def causal_conv1d_update(

@@ -627,7 +627,7 @@ def chunk_kda_bwd_finish_kernel(
     z,
     A_log,
     dt_bias,
-    lower_bound,
+    gate_lower_bound,
     dz,
     dAp,
     dbp,
@@ -658,7 +658,7 @@ def chunk_kda_bwd_finish_kernel(
     fp32 buffer and dz = −e^A·softplus'(s)·dg goes to dz; the chunk's parts of the parameter
     gradients, Σ_rows dz to dbp [slots, H, K] (d dt_bias) and Σ_rows,k g·dg to dAp [slots, H]
     (dA_log), are summed over chunks by the launcher. BOUNDED_GATE (g = L·σ(e^A·s), L =
-    lower_bound): dz = L·e^A·σ(e^A·s)·σ(−e^A·s)·dg and dA_log's part Σ_rows,k s·dz."""
+    gate_lower_bound): dz = L·e^A·σ(e^A·s)·σ(−e^A·s)·dg and dA_log's part Σ_rows,k s·dz."""
     NC: tl.constexpr = BT // BC
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -689,8 +689,10 @@ def chunk_kda_bwd_finish_kernel(
             b_s = _load_rows(z + i_h * K, o_t, m_t, o_k, m_k, H * K) + b_bias[None, :]  # [BT, BK]
             b_dg = tl.where(m_t[:, None], b_dg, 0.0)  # padded rows add nothing to the sums
             if BOUNDED_GATE:
-                b_e = tl.exp(-tl.abs(b_a * b_s))  # [BT, BK]; σ'(u) = σ(u)·σ(−u) = e/(1 + e)², e = e^(−|u|) <= 1
-                b_dz = tl.cast(lower_bound, tl.float32) * b_a * (b_e / ((1.0 + b_e) * (1.0 + b_e))) * b_dg
+                # σ'(u) = σ(u)·σ(−u) = e/(1 + e)² with e = e^(−|u|) <= 1, u = e^A·s: no overflow
+                b_e = tl.exp(-tl.abs(b_a * b_s))  # [BT, BK]
+                b_dsig = b_e / ((1.0 + b_e) * (1.0 + b_e))  # [BT, BK]
+                b_dz = tl.cast(gate_lower_bound, tl.float32) * b_a * b_dsig * b_dg
                 b_dA += tl.sum(b_s * b_dz, axis=0)  # ∂g/∂A_log = s·∂g/∂z
             else:
                 # softplus' = sigmoid, 1 where softplus is the identity (as torch's autograd takes it)

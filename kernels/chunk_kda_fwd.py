@@ -127,13 +127,13 @@ def sigmoid(x):
 
 
 @triton.jit
-def kimi_gate(b_z, A_log, dt_bias, lower_bound, i_h, o_k, m_k, K: tl.constexpr, BOUNDED_GATE: tl.constexpr):
+def kimi_gate(b_z, A_log, dt_bias, gate_lower_bound, i_h, o_k, m_k, K: tl.constexpr, BOUNDED_GATE: tl.constexpr):
     """The Kimi gate of a [R, BK] block of z (fp32), s = z + dt_bias[h·K + k]: −e^(A_log[h])·softplus(s),
-    or with BOUNDED_GATE lower_bound·σ(e^(A_log[h])·s)."""
+    or with BOUNDED_GATE gate_lower_bound·σ(e^(A_log[h])·s)."""
     b_s = b_z + tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]  # [R, BK]
     b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
     if BOUNDED_GATE:
-        b_g = tl.cast(lower_bound, tl.float32) * sigmoid(b_a * b_s)
+        b_g = tl.cast(gate_lower_bound, tl.float32) * sigmoid(b_a * b_s)
     else:
         b_g = -b_a * softplus(b_s)
     return b_g
@@ -146,7 +146,7 @@ def chunk_kda_fwd_gate_kernel(
     g,
     A_log,
     dt_bias,
-    lower_bound,
+    gate_lower_bound,
     gc,
     qg,
     kg,
@@ -171,7 +171,7 @@ def chunk_kda_fwd_gate_kernel(
     """Per (chunk, head), memory-bound: the q/k norms (to rqk, with the L2 norm), G = the
     chunk-local cumsum of g (to gc), G_last (to gl), qg = scale·q̂⊙e^G and kg = k̂⊙e^(G_last − G).
     USE_GATE_IN_KERNEL: g holds the pre-activation z and g = −e^(A_log)·softplus(z + dt_bias), or
-    with BOUNDED_GATE g = lower_bound·σ(e^(A_log)·(z + dt_bias))."""
+    with BOUNDED_GATE g = gate_lower_bound·σ(e^(A_log)·(z + dt_bias))."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -211,7 +211,8 @@ def chunk_kda_fwd_gate_kernel(
         m_k = o_k < K
         b_g = _load_rows(p_g, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
         if USE_GATE_IN_KERNEL:  # padded rows keep g = 0
-            b_g = tl.where(m_t[:, None], kimi_gate(b_g, A_log, dt_bias, lower_bound, i_h, o_k, m_k, K, BOUNDED_GATE), 0.0)
+            b_g = kimi_gate(b_g, A_log, dt_bias, gate_lower_bound, i_h, o_k, m_k, K, BOUNDED_GATE)
+            b_g = tl.where(m_t[:, None], b_g, 0.0)
         b_G = tl.cumsum(b_g, axis=0)  # [BT, BK]
         _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
         # padded rows add g = 0, so the last row is G at the last real row
