@@ -99,6 +99,7 @@ from .chunk_kda_fwd import (
     chunk_index,
     run_chunk_kernels,
     scan_buffers,
+    sigmoid,
     softplus,
 )
 from .chunk_kda_fwd import launch_config as fwd_launch_config
@@ -696,7 +697,7 @@ def chunk_kda_bwd_finish_kernel(
                 b_dA += tl.sum(b_s * b_dz, axis=0)  # ∂g/∂A_log = s·∂g/∂z
             else:
                 # softplus' = sigmoid, 1 where softplus is the identity (as torch's autograd takes it)
-                b_dz = -b_a * tl.where(b_s > 20.0, 1.0, tl.sigmoid(b_s)) * b_dg
+                b_dz = -b_a * tl.where(b_s > 20.0, 1.0, sigmoid(b_s)) * b_dg
                 b_dA += tl.sum(-b_a * softplus(b_s) * b_dg, axis=0)  # ∂g/∂A_log = g
             _store_rows(dz + i_h * K, b_dz, o_t, m_t, o_k, m_k, H * K)
             tl.store(dbp + (i_s * H + i_h).to(tl.int64) * K + o_k, tl.sum(b_dz, axis=0), mask=m_k)

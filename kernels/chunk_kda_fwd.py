@@ -115,8 +115,9 @@ def _level_factors(p_G, b_G, b_gl, t_a, o_r, eos, o_k, m_k, b: tl.constexpr, STR
 
 @triton.jit
 def softplus(x):
-    """torch's softplus: the identity above 20 (log(1 + e^x) rounds to x there; e^x overflows past 88)."""
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))
+    """torch's softplus: the identity above 20 (log(1 + e^x) rounds to x there); the exponential
+    takes min(x, 20), so the branch not taken never overflows either (e^x does past 88)."""
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .chunk_kda_fwd import sigmoid
+from .chunk_kda_fwd import sigmoid, softplus
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -94,8 +94,7 @@ def kda_decode_kernel(
                 # in (gate_lower_bound, 0): a token scales the state by at least e^gate_lower_bound
                 b_g = gate_lower_bound * sigmoid(b_A * b_g)
             else:
-                # torch's softplus: the identity above 20 (log(1 + e^z) rounds to z there; e^z overflows past 88)
-                b_g = -b_A * tl.where(b_g > 20.0, b_g, tl.log(1.0 + tl.exp(b_g)))
+                b_g = -b_A * softplus(b_g)
         # [BV]
         b_v = tl.load(v + i_tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + i_tok).to(tl.float32)

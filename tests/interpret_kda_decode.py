@@ -12,9 +12,14 @@ NaN, unused slots NaN-poisoned and compared bit-exactly.
 
 import os
 import sys
+import warnings
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     sys.exit("interpret_kda_decode.py needs TRITON_INTERPRET=1 in its environment")
+
+# the kernels must not overflow anywhere, masked lanes and untaken branches included (numpy warns
+# on inf/NaN)
+warnings.simplefilter("error", RuntimeWarning)
 
 import torch
 
