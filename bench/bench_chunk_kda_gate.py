@@ -104,6 +104,8 @@ FUNCTIONS = dict(
 def _bound(provider):
     """The provider's gate_lower_bound: BOUND for the bounded form, None for softplus."""
     return BOUND if provider.endswith("_bounded") else None
+
+
 _compiled = {}
 
 

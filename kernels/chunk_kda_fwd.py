@@ -128,11 +128,9 @@ def sigmoid(x):
 
 
 @triton.jit
-def kimi_gate(b_z, A_log, dt_bias, gate_lower_bound, i_h, o_k, m_k, K: tl.constexpr, BOUNDED_GATE: tl.constexpr):
-    """The Kimi gate of a [R, BK] block of z (fp32), s = z + dt_bias[h·K + k]: −e^(A_log[h])·softplus(s),
-    or with BOUNDED_GATE gate_lower_bound·σ(e^(A_log[h])·s)."""
-    b_s = b_z + tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)[None, :]  # [R, BK]
-    b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
+def kimi_gate(b_s, b_a, gate_lower_bound, BOUNDED_GATE: tl.constexpr):
+    """The Kimi gate (fp32) from s = z + dt_bias and a = e^(A_log[h]): −a·softplus(s), or with
+    BOUNDED_GATE gate_lower_bound·σ(a·s). Shared by the chunk forward's gate kernel and kda_decode."""
     if BOUNDED_GATE:
         b_g = tl.cast(gate_lower_bound, tl.float32) * sigmoid(b_a * b_s)
     else:
@@ -207,13 +205,15 @@ def chunk_kda_fwd_gate_kernel(
     else:
         b_rq += 1.0
         b_rk += 1.0
+    if USE_GATE_IN_KERNEL:
+        b_a = tl.exp(tl.load(A_log + i_h).to(tl.float32))
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_g = _load_rows(p_g, o_t, m_t, o_k, m_k, H * K)  # [BT, BK]
         if USE_GATE_IN_KERNEL:  # padded rows keep g = 0
-            b_g = kimi_gate(b_g, A_log, dt_bias, gate_lower_bound, i_h, o_k, m_k, K, BOUNDED_GATE)
-            b_g = tl.where(m_t[:, None], b_g, 0.0)
+            b_bias = tl.load(dt_bias + i_h * K + o_k, mask=m_k, other=0.0).to(tl.float32)  # [BK]
+            b_g = tl.where(m_t[:, None], kimi_gate(b_g + b_bias[None, :], b_a, gate_lower_bound, BOUNDED_GATE), 0.0)
         b_G = tl.cumsum(b_g, axis=0)  # [BT, BK]
         _store_rows(gc + i_h * K, b_G, o_t, m_t, o_k, m_k, H * K)
         # padded rows add g = 0, so the last row is G at the last real row

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .chunk_kda_fwd import sigmoid, softplus
+from .chunk_kda_fwd import kimi_gate
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -62,8 +62,6 @@ def kda_decode_kernel(
     BOUNDED_GATE: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
-    if BOUNDED_GATE:
-        gate_lower_bound = tl.cast(gate_lower_bound, tl.float32)  # a Python float, as scale
     i_bh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_s = tl.load(state_indices + i_b).to(tl.int64)
@@ -89,12 +87,7 @@ def kda_decode_kernel(
         b_k = tl.load(k + i_tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_g = tl.load(g + i_tok * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         if USE_GATE_IN_KERNEL:
-            b_g = b_g + b_bias
-            if BOUNDED_GATE:
-                # in (gate_lower_bound, 0): a token scales the state by at least e^gate_lower_bound
-                b_g = gate_lower_bound * sigmoid(b_A * b_g)
-            else:
-                b_g = -b_A * softplus(b_g)
+            b_g = kimi_gate(b_g + b_bias, b_A, gate_lower_bound, BOUNDED_GATE)
         # [BV]
         b_v = tl.load(v + i_tok * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + i_tok).to(tl.float32)

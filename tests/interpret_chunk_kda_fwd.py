@@ -79,12 +79,13 @@ def _to(x, dtype):
 def run_case(case, gen) -> list[str]:
     name, B, T, H, K, V, cu, h0, final, l2, gate1000, dtype, beta_dtype, in_op_gate = case
     q, k, v, g, beta = make_inputs(B, T, H, K, V, gate1000 and not in_op_gate, l2, dtype, beta_dtype, gen)
-    gate, bound = {}, {}
+    gate = {}
     if in_op_gate:
         g, A_log, dt_bias = kimi_gate_inputs(B, T, H, K, z_dtype=dtype, strong_head=gate1000, generator=gen)
         g[..., 2] = 100.0  # e^z overflows fp32 here: neither side of softplus's branch may form it
         gate = dict(A_log=A_log, dt_bias=dt_bias)
-        bound = dict(gate_lower_bound=GATE_LOWER_BOUND) if in_op_gate == "bounded" else {}
+        if in_op_gate == "bounded":
+            gate["gate_lower_bound"] = GATE_LOWER_BOUND
     cu_seqlens = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     N = B if cu is None else len(cu) - 1
     initial_state = torch.randn(N, H, K, V, generator=gen) if h0 else None
@@ -92,13 +93,13 @@ def run_case(case, gen) -> list[str]:
     o = torch.full((B, T, H, V), float("nan"), dtype=dtype)
     final_state = torch.full((N, H, K, V) if final else (0,), float("nan"))
     with poisoned_scratch():
-        chunk_kda_fwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state, **gate, **bound)
+        chunk_kda_fwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state, **gate)
     args = (q, k, v, g, beta, initial_state)
     ref64 = chunk_kda_fwd_reference(
-        *(_to(x, torch.float64) for x in args), cu_seqlens, scale, True, l2, **{n: p.double() for n, p in gate.items()},
-        **bound,
+        *(_to(x, torch.float64) for x in args), cu_seqlens, scale, True, l2,
+        **{n: p.double() if torch.is_tensor(p) else p for n, p in gate.items()},
     )
-    ref32 = chunk_kda_fwd_reference(*(_to(x, torch.float32) for x in args), cu_seqlens, scale, True, l2, **gate, **bound)
+    ref32 = chunk_kda_fwd_reference(*(_to(x, torch.float32) for x in args), cu_seqlens, scale, True, l2, **gate)
     failures = []
     checks = [("o", o, 0)] + ([("final_state", final_state, 1)] if final else [])
     for what, x, i in checks:
