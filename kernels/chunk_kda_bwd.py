@@ -65,7 +65,8 @@ rows past the sequence end read G = G_last, the reference's zero-gate padding). 
 kernel's off-diagonal 16×16 blocks run on tensor cores with one anchor per sum: the row sums of
 its rows R over earlier sub-chunks J anchor at n = R's first row (j < n ≤ i, so
 e^(G_i − G_j) = e^(G_i − G_n)·e^(G_n − G_j), both factors ≤ 1 and exact), the column sums over
-later sub-chunks I at R's last row. The diagonal block goes by the forward's levels: a pair
+later sub-chunks I at R's last row. The diagonal block takes the forward's one anchor (R's first
+row) where G falls by at most ONE_ANCHOR_MAX_FALL across R, else goes by its levels: a pair
 (i, j) of level b (the highest bit where i and j differ) meets at the anchor a, the last row of
 the lower half of their 2^(b+1)-row block (j ≤ a < i), so each level is one [16, BK]
 exponential with exponents ≤ 0 and four [16, 16] products of the masked M blocks, in the
@@ -92,9 +93,11 @@ from ..meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_residuals_meta
 from .chunk_kda_fwd import (
     BC,
     BT,
+    ONE_ANCHOR_MAX_FALL,
     _level_factors,
     _load_gate,
     _load_rows,
+    _row,
     _store_rows,
     chunk_index,
     run_chunk_kernels,
@@ -457,7 +460,8 @@ def chunk_kda_bwd_intra_kernel(
     dots Σ_d y·dy (ds), and this sub-chunk's part of G_last's gradient (to dglp [slots, NC, H, K]).
 
     fla-core's layout of the same work: [BC, BK] tiles, one program per sub-chunk; the diagonal
-    block by levels, as the forward's intra kernel (bench/NOTES.md has the measurements)."""
+    block at one anchor or by levels, as the forward's intra kernel (bench/NOTES.md has the
+    measurements)."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_kc, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -568,8 +572,8 @@ def chunk_kda_bwd_intra_kernel(
             b_sc = tl.dot(tl.load(p_Mq + o_m, mask=m_ti[None, :], other=0.0), b_qi, acc=b_sc)
             b_sc = tl.dot(tl.load(p_Mk + o_m, mask=m_ti[None, :], other=0.0), b_ki, acc=b_sc)
         b_Ac += b_sc * tl.exp(b_gm[None, :] - b_G)
-    # the diagonal block by levels (as the forward's intra kernel): the pairs (i, j) of level b
-    # meet at the anchor a, the last row of the lower half of their 2^(b+1)-row block, j <= a < i
+    # the diagonal block, as the forward's intra kernel takes it: at one anchor where G falls
+    # little across the sub-chunk, else by levels
     o_m = o_t[:, None] * (H * BT) + (i_c * BC + o_r)[None, :]  # [BC, BC] M[R, R]
     b_Mq = tl.load(p_Mq + o_m, mask=m_t[:, None], other=0.0)
     b_Mk = tl.load(p_Mk + o_m, mask=m_t[:, None], other=0.0)
@@ -578,19 +582,36 @@ def chunk_kda_bwd_intra_kernel(
     b_Aq += b_dMq[:, None] * b_k
     b_Ac += b_dMq[:, None] * b_q
     b_bk = b_beta[:, None] * b_k  # [BC, BK] β_i k̂_i
-    for b in tl.static_range(4):
-        m_hi, b_e = _level_factors(p_G, b_G, b_gl, t_a, o_r, eos, o_k, m_k, b, H * K)
-        # [BC, BC] the level-b pairs: i upper, j lower, one block
-        m_lvl = ((o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))) & m_hi[:, None] & ~m_hi[None, :]
-        b_Mqb = tl.where(m_lvl, b_Mq, 0.0)
-        b_Mkb = tl.where(m_lvl, b_Mk, 0.0)
-        b_klo = tl.where(m_hi[:, None], 0.0, b_k * b_e)  # [BC, BK] k̂_j e^(G_a − G_j)
-        b_Aq += b_e * tl.dot(b_Mqb, b_klo, input_precision=DIAG_PRECISION)
-        b_Ay += b_e * tl.dot(b_Mkb, b_klo, input_precision=DIAG_PRECISION)
-        b_qhi = tl.where(m_hi[:, None], b_q * b_e, 0.0)  # [BC, BK] q̂_i e^(G_i − G_a)
-        b_khi = tl.where(m_hi[:, None], b_bk * b_e, 0.0)
-        b_sc = tl.dot(tl.trans(b_Mqb), b_qhi, input_precision=DIAG_PRECISION)
-        b_Ac += b_e * tl.dot(tl.trans(b_Mkb), b_khi, acc=b_sc, input_precision=DIAG_PRECISION)
+    b_Ga = _row(b_G, o_r, 0)  # [BK] G at the sub-chunk's first row a
+    if tl.max(b_Ga - _row(b_G, o_r, BC - 1), axis=0) <= ONE_ANCHOR_MAX_FALL:
+        # for a <= j < i: row sums e^(G_i − G_a)·Σ_j M_ij k̂_j e^(G_a − G_j), column sums
+        # e^(G_a − G_j)·Σ_i M_ij q̂_i e^(G_i − G_a) (and β_i k̂_i for M_kk)
+        m_low = o_r[:, None] > o_r[None, :]  # [BC, BC] j < i
+        b_Mqs = tl.where(m_low, b_Mq, 0.0)
+        b_Mks = tl.where(m_low, b_Mk, 0.0)
+        b_ei = tl.exp(b_G - b_Ga[None, :])  # [BC, BK] <= 1
+        b_ej = tl.exp(b_Ga[None, :] - b_G)  # [BC, BK] <= e^ONE_ANCHOR_MAX_FALL
+        b_kj = b_k * b_ej
+        b_Aq += b_ei * tl.dot(b_Mqs, b_kj, input_precision=DIAG_PRECISION)
+        b_Ay += b_ei * tl.dot(b_Mks, b_kj, input_precision=DIAG_PRECISION)
+        b_sc = tl.dot(tl.trans(b_Mqs), b_q * b_ei, input_precision=DIAG_PRECISION)
+        b_Ac += b_ej * tl.dot(tl.trans(b_Mks), b_bk * b_ei, acc=b_sc, input_precision=DIAG_PRECISION)
+    else:
+        # by levels: the pairs (i, j) of level b meet at the anchor a, the last row of the lower
+        # half of their 2^(b+1)-row block, j <= a < i
+        for b in tl.static_range(4):
+            m_hi, b_e = _level_factors(p_G, b_G, b_gl, t_a, o_r, eos, o_k, m_k, b, H * K)
+            # [BC, BC] the level-b pairs: i upper, j lower, one block
+            m_lvl = ((o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))) & m_hi[:, None] & ~m_hi[None, :]
+            b_Mqb = tl.where(m_lvl, b_Mq, 0.0)
+            b_Mkb = tl.where(m_lvl, b_Mk, 0.0)
+            b_klo = tl.where(m_hi[:, None], 0.0, b_k * b_e)  # [BC, BK] k̂_j e^(G_a − G_j)
+            b_Aq += b_e * tl.dot(b_Mqb, b_klo, input_precision=DIAG_PRECISION)
+            b_Ay += b_e * tl.dot(b_Mkb, b_klo, input_precision=DIAG_PRECISION)
+            b_qhi = tl.where(m_hi[:, None], b_q * b_e, 0.0)  # [BC, BK] q̂_i e^(G_i − G_a)
+            b_khi = tl.where(m_hi[:, None], b_bk * b_e, 0.0)
+            b_sc = tl.dot(tl.trans(b_Mqb), b_qhi, input_precision=DIAG_PRECISION)
+            b_Ac += b_e * tl.dot(tl.trans(b_Mkb), b_khi, acc=b_sc, input_precision=DIAG_PRECISION)
 
     b_bAy = b_beta[:, None] * b_Ay
     b_dk = b_Ac + b_bAy + b_Al

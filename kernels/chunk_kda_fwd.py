@@ -12,7 +12,8 @@ where the work is arithmetic, wide memory-bound ones elsewhere; then one scan.
 2. `chunk_kda_fwd_intra_kernel`, per (sub-chunk, chunk, head) on one warp: the sub-chunk's rows
    of A_qk (scale, with its diagonal) and A_kk (strictly lower, without β), fp32, as whole rows
    of the chunk with zeros above: the earlier sub-chunks' columns on tensor cores anchored at
-   the sub-chunk's first row, the diagonal block by levels (below).
+   the sub-chunk's first row, the diagonal block at that one anchor where G falls by at most
+   ONE_ANCHOR_MAX_FALL across the sub-chunk, else by levels (below).
 3. `chunk_kda_fwd_solve_kernel`, per (chunk, head) on one warp: T = (I + β⊙A_kk)^-1 on [16, 16]
    blocks (forward substitution inside the four diagonal blocks, batched, then the six merges
    T_rc = −T_rr·Σ_{c <= j < r} A_rj·T_jc in tf32x3), w = T(β⊙k̂⊙e^G) and u = T(β⊙v).
@@ -38,8 +39,11 @@ the input dtype, its A_qk·v_new and kgᵀ·v_new fp32 (tf32) operands. bf16 inp
 rounding of o.
 
 Numerics. G, A, T, S and every accumulator are fp32; only differences G_i − G_j with i >= j are
-exponentiated (g <= 0, so each factor is <= 1 and nothing overflows, even for gates of −1000).
-Levels: a strictly lower pair (i, j) of a sub-chunk belongs to level b, the highest bit where i
+exponentiated (g <= 0, so each factor is <= 1 and nothing overflows, even for gates of −1000),
+except in the diagonal block's one-anchor form: there e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j)
+with a the sub-chunk's first row (never later than j, so no rounding leaks from future tokens)
+and the second factor up to e^ONE_ANCHOR_MAX_FALL, which a run-time test of the K tile's fall
+G_a − G_(a+15) bounds; one [16, 16] product per matrix and K tile. Otherwise levels: a strictly lower pair (i, j) of a sub-chunk belongs to level b, the highest bit where i
 and j differ; with a = the last row of the lower half of their aligned 2^(b+1)-row block,
 j <= a < i and e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j) with both exponents <= 0: exact (if a
 factor underflows, the true product, smaller than either, underflows too), and the anchor is
@@ -73,6 +77,12 @@ from torch.library import wrap_triton
 
 BT = 64  # chunk length
 BC = 16  # sub-chunk length (tl.dot needs M, N, K >= 16)
+# The diagonal blocks take one anchor (the sub-chunk's first row) where G falls by at most this
+# across the sub-chunk in every channel of a K tile, else they go by levels (gates of −1000).
+# The factors stay within e^±40 ≈ 2.4e17^±1: the backward's products of them with the C×C
+# gradients overflow fp32 only past |dA·k| ≈ 1e21, and a factor that flushes to zero (below
+# 2^−126) drops at most 2^−126·e^40 ≈ 3e-21·|k| from an entry.
+ONE_ANCHOR_MAX_FALL = tl.constexpr(40.0)
 
 
 @triton.jit
@@ -256,9 +266,10 @@ def chunk_kda_fwd_intra_kernel(
     The earlier sub-chunks' columns J on tensor cores, anchored at n = R's first row: for
     j < n <= i, e^(G_i − G_j) = e^(G_i − G_n)·e^(G_n − G_j), both factors <= 1, so
     [BC, BK] rows q̂_R e^(G_R − G_n) meet [BT, BK] rows k̂_J e^(G_n − G_J) (the rows from n on
-    masked to zero). The diagonal block by levels (the module docstring): four [BC, BK]
-    exponentials and eight [BC, BC] products in DIAG_PRECISION per K tile, A_qk's diagonal
-    q̂_i·k̂_i as a row sum."""
+    masked to zero). The diagonal block at R's first row where G falls little across R (two
+    [BC, BK] exponentials and two [BC, BC] products in DIAG_PRECISION per K tile), else by levels
+    (the module docstring: four exponentials and eight products), A_qk's diagonal q̂_i·k̂_i as a
+    row sum."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64; eager as fp32
     i_c, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -311,16 +322,26 @@ def chunk_kda_fwd_intra_kernel(
             b_Aq = tl.dot(b_q * b_en, tl.trans(b_kj), acc=b_Aq)
             b_Ak = tl.dot(b_k * b_en, tl.trans(b_kj), acc=b_Ak)
         b_dqk += tl.sum(b_q * b_k, axis=1)
-        # the diagonal block by levels: pairs (i, j) of level b meet at the anchor a, the last
-        # row of the lower half of their 2^(b+1)-row block, so j <= a < i
-        for b in tl.static_range(4):
-            m_hi, b_e = _level_factors(p_G, b_G, b_gl, t_a, o_r, eos, o_k, m_k, b, H * K)
-            b_kc = tl.trans(tl.where(m_hi[:, None], 0.0, b_k * b_e))  # [BK, BC] columns j of the pairs
-            m_lvl = (o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))  # [BC, BC] within one block
-            b_qr = tl.where(m_hi[:, None], b_q * b_e, 0.0)  # [BC, BK] rows i of the pairs
-            b_kr = tl.where(m_hi[:, None], b_k * b_e, 0.0)
-            b_Dq += tl.where(m_lvl, tl.dot(b_qr, b_kc, input_precision=DIAG_PRECISION), 0.0)
-            b_Dk += tl.where(m_lvl, tl.dot(b_kr, b_kc, input_precision=DIAG_PRECISION), 0.0)
+        b_Ga = _row(b_G, o_r, 0)  # [BK] G at the sub-chunk's first row a
+        if tl.max(b_Ga - _row(b_G, o_r, BC - 1), axis=0) <= ONE_ANCHOR_MAX_FALL:
+            # the whole block at one anchor: for a <= j <= i, e^(G_i − G_a) <= 1 and
+            # e^(G_a − G_j) <= e^ONE_ANCHOR_MAX_FALL
+            b_kc = tl.trans(b_k * tl.exp(b_Ga[None, :] - b_G))  # [BK, BC]
+            b_ei = tl.exp(b_G - b_Ga[None, :])  # [BC, BK]
+            m_low = o_r[:, None] > o_r[None, :]  # [BC, BC] j < i
+            b_Dq += tl.where(m_low, tl.dot(b_q * b_ei, b_kc, input_precision=DIAG_PRECISION), 0.0)
+            b_Dk += tl.where(m_low, tl.dot(b_k * b_ei, b_kc, input_precision=DIAG_PRECISION), 0.0)
+        else:
+            # by levels: pairs (i, j) of level b meet at the anchor a, the last row of the lower
+            # half of their 2^(b+1)-row block, so j <= a < i
+            for b in tl.static_range(4):
+                m_hi, b_e = _level_factors(p_G, b_G, b_gl, t_a, o_r, eos, o_k, m_k, b, H * K)
+                b_kc = tl.trans(tl.where(m_hi[:, None], 0.0, b_k * b_e))  # [BK, BC] columns j of the pairs
+                m_lvl = (o_r[:, None] >> (b + 1)) == (o_r[None, :] >> (b + 1))  # [BC, BC] within one block
+                b_qr = tl.where(m_hi[:, None], b_q * b_e, 0.0)  # [BC, BK] rows i of the pairs
+                b_kr = tl.where(m_hi[:, None], b_k * b_e, 0.0)
+                b_Dq += tl.where(m_lvl, tl.dot(b_qr, b_kc, input_precision=DIAG_PRECISION), 0.0)
+                b_Dk += tl.where(m_lvl, tl.dot(b_kr, b_kc, input_precision=DIAG_PRECISION), 0.0)
 
     b_Dq = tl.where(o_r[:, None] == o_r[None, :], b_dqk[:, None], b_Dq)
     m_blk = (o_j >= i_c * BC) & (o_j < i_c * BC + BC)  # [BT] R's own columns
