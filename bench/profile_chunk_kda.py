@@ -14,10 +14,12 @@ that precision of the diagonal blocks instead of launch_config's default.
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_chunk_kda import K, _forward_backward, _inputs  # noqa: E402
@@ -78,7 +80,8 @@ def main():
                 for name, us in times[direction].items():
                     print(f"  {us:9.1f} us  {name[:110]}")
     if args.out:
-        machine = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+        machine = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                       kda_ops_commit=os.environ.get("KDA_OPS_COMMIT", "unknown"))
         diag_precision = chunk_kda_fwd.launch_config(K, K, torch.bfloat16).diag_precision  # kda_ops'
         args.out.write_text(json.dumps(dict(machine=machine, diag_precision=diag_precision, results=results), indent=1))
 
