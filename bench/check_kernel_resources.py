@@ -16,9 +16,7 @@ allocations are).
 Each op runs in up to three variants: `plain` (dense batch, every optional feature off), `full`
 (varlen cu_seqlens, initial state, final-state gradient, in-kernel L2 norm, the gate computed in
 the kernels; for the decode ops a multi-token step) and `bounded` (`full` with the gate's bounded
-form), so every side of every constexpr feature switch is compiled. The chunked ops' launchers
-also run once per SCAN_REGIMES entry, so every V tile the scans' program-count rule can pick is
-compiled.
+form), so every side of every constexpr feature switch is compiled.
 
 Exits 1 when a kernel fails to compile or needs more shared memory per block than --max-shared
 (default: the H100's 232448 bytes), or, with --no-spills, when ptxas spills registers; 2 when
@@ -30,7 +28,6 @@ there is nothing to check (no ptxas, or no launch matched the filters).
 
 import argparse
 import inspect
-import itertools
 import os
 import re
 import subprocess
@@ -55,10 +52,6 @@ DIMS = (64, 100, 128, 256)  # supported K and V of the KDA ops
 MLA_HEADS = (16, 32, 64, 128)  # one per row of mla_decode's tile table, and the largest
 MLA_DIMS = (576, 512)  # D_qk = 512 latent + 64 shared rope key, v_dim = 512
 FAMILIES = ("chunk_kda_fwd", "chunk_kda_bwd", "kda_decode", "mla_decode")
-# The chunk scans' V tile follows the program count on a GPU (half_precision_scan_tile); the small
-# CPU launches have no SMs, so each chunk launcher runs once per regime with the SM count replaced:
-# unknown (BV 32), more programs than SMs (BV 64), all of them in one wave at BV 16.
-SCAN_REGIMES = {"": None, " many-programs": 1, " few-programs": 10**6}
 _TYPE_NAMES = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
     torch.int32: "i32", torch.int64: "i64", torch.bool: "i1",
@@ -241,18 +234,15 @@ def collect(families, dims, dtypes, variants) -> list[Launch]:
                     calls = [(f"H={h} D={MLA_DIMS[0]}/{MLA_DIMS[1]}", (h,)) for h in MLA_HEADS]
                 else:
                     calls = [(f"K={d} V={d}", (d, d)) for d in dims]
-                regimes = SCAN_REGIMES if family.startswith("chunk_kda") else {"": None}
-                for (what, dim_args), (regime, sms) in itertools.product(calls, regimes.items()):
-                    rec = _Recorder(family, f"{what} {dtype_name} {variant}{regime}")
+                for what, dim_args in calls:
+                    rec = _Recorder(family, f"{what} {dtype_name} {variant}")
                     fn = {
                         "chunk_kda_fwd": _launches_chunk_fwd,
                         "chunk_kda_bwd": _launches_chunk_bwd,
                         "kda_decode": _launches_kda_decode,
                         "mla_decode": _launches_mla_decode,
                     }[family]
-                    with mock.patch.object(chunk_kda_fwd, "sm_count", lambda device, sms=sms: sms), \
-                            mock.patch.object(chunk_kda_bwd, "sm_count", lambda device, sms=sms: sms):
-                        fn(*dim_args, dtype, variant, rec)
+                    fn(*dim_args, dtype, variant, rec)
                     for launch in rec.launches:
                         if launch.key() not in seen:
                             seen.add(launch.key())

@@ -41,8 +41,8 @@ def use_diag_precision(diag_precision: str) -> None:
     """Makes the op's launchers take this diagonal precision: both ask launch_config at every call."""
     default = chunk_kda_fwd.launch_config
 
-    def config(K, V, dtype, **scan_sizes):
-        return dataclasses.replace(default(K, V, dtype, **scan_sizes), diag_precision=diag_precision)
+    def config(K, V, dtype):
+        return dataclasses.replace(default(K, V, dtype), diag_precision=diag_precision)
 
     chunk_kda_fwd.launch_config = config
     chunk_kda_bwd.fwd_launch_config = config

@@ -100,11 +100,9 @@ from .chunk_kda_fwd import (
     _row,
     _store_rows,
     chunk_index,
-    half_precision_scan_tile,
     run_chunk_kernels,
     scan_buffers,
     sigmoid,
-    sm_count,
     softplus,
 )
 from .chunk_kda_fwd import launch_config as fwd_launch_config
@@ -773,16 +771,14 @@ class LaunchConfig:
     prep_warps: int
 
 
-def launch_config(
-    K: int, V: int, dtype: torch.dtype, states: int | None = None, sms: int | None = None
-) -> LaunchConfig:
-    """Deterministic launch configuration keyed on the head dims and dtype, and for the scans on
-    the state count N·H and the SM count (never on T); states or sms None: as if unknown.
+def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
+    """Deterministic launch configuration keyed on the head dims and dtype (never on B or T).
 
     The scans hold the whole key dimension of their state tile (BK = next power of two >= K, at
-    least 16 for tl.dot). In half precision at K <= 128 their V tile follows the program count as
-    the forward scan's does (chunk_kda_fwd.half_precision_scan_tile; at B8 T4096 H32 BV = 64 on
-    1 stage took the dstate scan from 1955 to 1479 µs, bench/NOTES.md). K = 256
+    least 16 for tl.dot) with BV = 32: they are sequential over chunks, so fewer programs
+    (B·H·V/BV) leave SMs idle while narrower tiles make every V tile re-read the [BT, K] operands;
+    BV = 32 measured 7-8% faster backward than 16 at the two large benchmark shapes and 2.5%
+    slower at B1 T8192 H16, where 128 programs under-fill the 132 SMs (bench/NOTES.md). K = 256
     in half precision and fp32 at K <= 128 keep BV = 16: at 32 their dstate kernel spills
     (16-376 B, ptxas). fp32 at K = 256 takes BV = 32 though its dstate kernel then spills 368 B:
     at BV = 16 on 8 warps Triton 3.6 builds a state kernel that reads past its own shared-memory
@@ -808,17 +804,12 @@ def launch_config(
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
-    if not wide and scan_bk <= 128:
-        scan_bv, scan_warps, scan_stages = half_precision_scan_tile(V, states, sms)
-    else:
-        scan_bv = (32 if scan_bk > 128 else 16) if wide else 16
-        scan_warps = 4 if scan_bk <= 128 else 8
-        scan_stages = 2 if scan_bk * (2 if wide else 1) <= 128 else 1
+    scan_bv = (32 if scan_bk > 128 else 16) if wide else (32 if scan_bk <= 128 else 16)
     return LaunchConfig(
         scan_bk=scan_bk,
         scan_bv=min(scan_bv, max(16, triton.next_power_of_2(V))),
-        scan_warps=scan_warps,
-        scan_stages=scan_stages,
+        scan_warps=4 if scan_bk <= 128 else 8,
+        scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
         wy_bv=min(32, max(16, triton.next_power_of_2(V))),
         wy_warps=4,
         wy_stages=3,
@@ -887,11 +878,11 @@ def chunk_kda_bwd_triton(
     ) if use_gate else {}
     B, T, H, K = q.shape
     V = v.shape[-1]
-    fwd_cfg = fwd_launch_config(K, V, q.dtype)  # for the forward's per-chunk kernels, no scan
+    fwd_cfg = fwd_launch_config(K, V, q.dtype)
+    cfg = config or launch_config(K, V, q.dtype)
     is_varlen = cu_seqlens is not None
     index, rows, slots = chunk_index(cu_seqlens, B, T, launch)
     _, _, chunk_offsets, _, N, NT = index
-    cfg = config or launch_config(K, V, q.dtype, states=N * H, sms=sm_count(q.device))
     dt, f32, dev = q.dtype, torch.float32, q.device
     grid_chunks = (rows, B * H)
     grid_scan = (triton.cdiv(V, cfg.scan_bv), N * H)

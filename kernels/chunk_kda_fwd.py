@@ -73,7 +73,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import wrap_triton
 
 BT = 64  # chunk length
@@ -605,8 +604,7 @@ DIAG_PRECISIONS = ("tf32", "tf32x3", "ieee")
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tiles, warps and stages of the four kernels (gate, intra, solve, scan) and the tl.dot
-    precision of the intra kernel's diagonal blocks; a pure function of (K, V, dtype) and, for
-    the scan, of how many states it runs on how many SMs."""
+    precision of the intra kernel's diagonal blocks; a pure function of (K, V, dtype)."""
 
     gate_bk: int
     gate_warps: int
@@ -629,63 +627,26 @@ class LaunchConfig:
                              f"got {self.diag_precision!r}")
 
 
-def sm_count(device: torch.device) -> int | None:
-    """Streaming multiprocessors of a CUDA device; None elsewhere (the interpreter's CPU tensors)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
-
-
-def half_precision_scan_tile(V: int, states: int | None, sms: int | None) -> tuple[int, int, int]:
-    """(BV, warps, stages) of a chunk scan over 16-bit operands with K <= 128, run on `states`
-    independent [K, V] states (N·H: one program per state and V tile) on `sms` SMs; both
-    directions' scans follow it (kernels/chunk_kda_bwd.py's launch_config).
-
-    Each program is sequential over its sequence's chunks, so the tile follows the program count,
-    never T (bench/NOTES.md, "The scans' V tile follows the program count"):
-    - more programs at BV = 32 than SMs: BV = 64 on 1 stage, two programs an SM (64-72 KB of
-      shared memory, 255 registers with 32-316 B spilled), against one at BV = 32 on 2 stages
-      (143-147 KB): at B8 T4096 H32, where 1024 programs at BV = 32 ran in eight waves, the
-      forward 12% faster and the backward 4% (its dstate scan 24%);
-    - all programs at BV = 16 fit in one wave: BV = 16 (forward and backward 1% faster at B1 H16);
-    - otherwise, or when unknown (no GPU; a symbolic state count that cannot be decided without a
-      guard), BV = 32 on 2 stages, the shortest step (at B1 T32768 H32, 128 programs, the forward
-      takes 5.74 ms at BV = 32 and 6.42 at BV = 64 on 1 stage).
-    """
-    programs = states * triton.cdiv(V, 32) if states is not None and sms is not None else None
-    if programs is not None and V > 32 and statically_known_true(programs > sms):
-        return 64, 4, 1
-    if programs is not None and statically_known_true(2 * programs <= sms):
-        return 16, 4, 2
-    return 32, 4, 2
-
-
-def launch_config(
-    K: int, V: int, dtype: torch.dtype, states: int | None = None, sms: int | None = None
-) -> LaunchConfig:
-    """Deterministic launch configuration keyed on the head dims and dtype, and for the scan on
-    the state count N·H and the SM count (never on T); states or sms None: as if unknown.
+def launch_config(K: int, V: int, dtype: torch.dtype) -> LaunchConfig:
+    """Deterministic launch configuration keyed on the head dims and dtype (never on B or T).
 
     The per-chunk kernels work on 16-row sub-chunks, so one warp holds a whole [16, BK] tile
     and no layout change crosses warps: the intra kernel on 1 warp with BK = 16 (2 warps or
     BK = 32: 7-20% slower; BK = 64 spills), the solve on 1 warp with [16, 32] tiles of k and v
     (2 or 4 warps: 25-110% slower), the memory-bound gate with BK = 32 on 4 warps.
     The scan holds the whole key dimension of the state (BK = next power of two >= K, at least
-    16 for tl.dot); in half precision at K <= 128 its V tile follows the program count
-    (half_precision_scan_tile). fp32 keeps BV = 32 with its [BT, BK] operand tiles
-    double-buffered while they fit in shared memory (K <= 64). fp32 at K = 256 is the exception:
-    its three [BT, 256] fp32 operand tiles alone are 192 KB, and with BV = 32 the scan asked for
-    245760 bytes of shared memory, over the 232448 a block may have on an H100; it takes BV = 16
-    on 8 warps (229376 bytes, no spills; 4 warps spill 352 B); 16-bit K = 256 takes BV = 32 on 4
-    warps and 1 stage.
+    16 for tl.dot) and takes BV = 32: its programs are sequential over chunks, so few programs
+    leave SMs idle (B·H·V/BV of them) while small tiles make every V tile re-read w, qg, kg and
+    A_qk; 32 was the best single choice over the three benchmark shapes. Its [BT, BK] operand
+    tiles are double-buffered while they fit in shared memory (16-bit K <= 128). fp32 at K = 256
+    is the exception: its three [BT, 256] fp32 operand tiles alone are 192 KB, and with BV = 32
+    the scan asked for 245760 bytes of shared memory, over the 232448 a block may have on an
+    H100; it takes BV = 16 on 8 warps (229376 bytes, no spills; 4 warps spill 352 B).
     Chosen from bench/tune_chunk_kda_fwd.py on an H100 (bench/NOTES.md).
     """
     scan_bk = max(16, triton.next_power_of_2(K))
     wide = dtype == torch.float32
     widest = wide and scan_bk > 128
-    if not wide and scan_bk <= 128:
-        scan_bv, scan_warps, scan_stages = half_precision_scan_tile(V, states, sms)
-    else:
-        scan_bv, scan_warps = (16, 8) if widest else (32, 4)
-        scan_stages = 2 if scan_bk * (2 if wide else 1) <= 128 else 1
     return LaunchConfig(
         gate_bk=min(32, scan_bk),
         gate_warps=4,
@@ -697,9 +658,9 @@ def launch_config(
         solve_warps=1,
         solve_stages=3,
         scan_bk=scan_bk,
-        scan_bv=scan_bv,
-        scan_warps=scan_warps,
-        scan_stages=scan_stages,
+        scan_bv=16 if widest else 32,
+        scan_warps=8 if widest else 4,
+        scan_stages=2 if scan_bk * (2 if wide else 1) <= 128 else 1,
         # fp32 inputs keep an fp32-accurate diagonal: tf32's 2^-11 would be most of their error
         diag_precision="tf32x3" if wide else "tf32",
     )
@@ -881,9 +842,9 @@ def chunk_kda_fwd_triton(
     )
     B, T, H, K = q.shape
     V = v.shape[-1]
+    cfg = config or launch_config(K, V, q.dtype)
     index, rows, slots = chunk_index(cu_seqlens, B, T, launch)
     _, _, chunk_offsets, _, N, NT = index
-    cfg = config or launch_config(K, V, q.dtype, states=N * H, sms=sm_count(q.device))
     x = run_chunk_kernels(q, k, v, g, beta, index, rows, slots, scale, use_qk_l2norm, cfg, launch, residuals, **gate)
     w, u, qg, kg, aqk, gl = (x[name] for name in ("w", "u", "qg", "kg", "aqk", "gl"))
     store_final = final_state.dim() == 4

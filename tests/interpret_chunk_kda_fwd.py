@@ -7,7 +7,7 @@ T < 64, T = 64, T not a multiple of 64, several chunks, non-power-of-two K and V
 on/off, final state on/off, in-kernel L2 norm, gates of -1000, varlen with tiny sequences,
 half-precision storage of the intermediates with fp32 beta (fp16: the interpreter's bf16
 tl.dot is wrong in triton 3.7.1; bf16 is covered by the GPU tests), the in-op Kimi gate (g is
-z, with A_log and dt_bias; kda_inputs.kimi_gate_inputs) in both forms, softplus and bounded, the scan's V tiles of 16, 32 and 64. The launcher's scratch
+z, with A_log and dt_bias; kda_inputs.kimi_gate_inputs) in both forms, softplus and bounded. The launcher's scratch
 starts as NaN (kda_inputs.poisoned_scratch), so a kernel that reads scratch it never wrote fails.
 
 The oracle is meta's chunked reference in fp64. fp32 kernels must be as accurate as the same
@@ -28,7 +28,7 @@ warnings.simplefilter("error", RuntimeWarning)
 
 import torch
 
-from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton, chunk_table, launch_config
+from kda_ops.kernels.chunk_kda_fwd import chunk_kda_fwd_triton, chunk_table
 from kda_ops.meta.chunk_kda import chunk_kda_fwd_reference
 from kda_ops.meta.kda_recurrent import l2norm
 from kda_inputs import GATE_LOWER_BOUND, kimi_gate_inputs, poisoned_scratch, rel_rms
@@ -56,15 +56,6 @@ CASES = [
     ("bounded-gate-varlen-0-3-67-l2", 1, 70, 1, 32, 32, [0, 0, 3, 70], False, True, True, False, torch.float32,
      torch.float32, "bounded"),
 ]
-# The scan's V tile follows the program count on a GPU (launch_config's states and sms); CPU tensors
-# have no SMs, so the launcher takes BV = 32. These cases ask for the other tiles: (case, the SM
-# count launch_config is given, the BV it must pick). V = 100 and 40 leave a masked last V tile.
-SCAN_TILE_CASES = [
-    (("scan-bv64-fp16-T130-K32V100-h0", 1, 130, 1, 32, 100, None, True, True, False, False, torch.float16,
-      torch.float32, None), 1, 64),
-    (("scan-bv16-fp16-varlen-0-3-67-H2-V40-l2", 1, 70, 2, 32, 40, [0, 0, 3, 70], False, True, True, False,
-      torch.float16, torch.float32, None), 10**6, 16),
-]
 
 
 def make_inputs(B, T, H, K, V, gate1000, l2, dtype, beta_dtype, gen):
@@ -85,7 +76,7 @@ def _to(x, dtype):
     return None if x is None else x.to(dtype)
 
 
-def run_case(case, gen, sms=None, scan_bv=None) -> list[str]:
+def run_case(case, gen) -> list[str]:
     name, B, T, H, K, V, cu, h0, final, l2, gate1000, dtype, beta_dtype, in_op_gate = case
     q, k, v, g, beta = make_inputs(B, T, H, K, V, gate1000 and not in_op_gate, l2, dtype, beta_dtype, gen)
     gate = {}
@@ -101,13 +92,8 @@ def run_case(case, gen, sms=None, scan_bv=None) -> list[str]:
     scale = K**-0.5
     o = torch.full((B, T, H, V), float("nan"), dtype=dtype)
     final_state = torch.full((N, H, K, V) if final else (0,), float("nan"))
-    config = None if sms is None else launch_config(K, V, dtype, states=N * H, sms=sms)
-    if config is not None and config.scan_bv != scan_bv:
-        return [f"{name}: launch_config gave BV = {config.scan_bv} for {N * H} states on {sms} SMs, not {scan_bv}"]
     with poisoned_scratch():
-        chunk_kda_fwd_triton(
-            q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state, config=config, **gate
-        )
+        chunk_kda_fwd_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, l2, o, final_state, **gate)
     args = (q, k, v, g, beta, initial_state)
     ref64 = chunk_kda_fwd_reference(
         *(_to(x, torch.float64) for x in args), cu_seqlens, scale, True, l2,
@@ -156,7 +142,6 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     failures = check_chunk_table(gen)
     failures += [f for case in CASES for f in run_case(case, gen)]
-    failures += [f for case, sms, scan_bv in SCAN_TILE_CASES for f in run_case(case, gen, sms, scan_bv)]
     for f in failures:
         print("FAIL", f)
     return 1 if failures else 0

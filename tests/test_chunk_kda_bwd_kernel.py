@@ -45,49 +45,6 @@ def test_launch_configs_take_symbolic_head_dims(K):
             assert module.launch_config(sym_k, sym_k, dtype) == module.launch_config(K, K, dtype), (module, dtype)
 
 
-# (id, states N·H, SMs, the scans' (BV, warps, stages)) at K = V = 128 in bf16: four V tiles of 32
-# a state, so 33 states are 132 programs, one per SM of an H100
-SCAN_TILE_RULE = [
-    ("B8-H32", 256, 132, (64, 4, 1)),
-    ("34-states", 34, 132, (64, 4, 1)),
-    ("33-states", 33, 132, (32, 4, 2)),
-    ("B1-H32", 32, 132, (32, 4, 2)),
-    ("17-states", 17, 132, (32, 4, 2)),
-    ("B1-H16", 16, 132, (16, 4, 2)),
-    ("no-GPU", 256, None, (32, 4, 2)),
-]
-
-
-@pytest.mark.parametrize(("states", "sms", "tile"), [c[1:] for c in SCAN_TILE_RULE], ids=[c[0] for c in SCAN_TILE_RULE])
-def test_scans_tile_follows_the_program_count(states, sms, tile):
-    """Both directions' scans take BV = 64 on 1 stage where their programs at BV = 32 outnumber the
-    SMs, BV = 16 where all of them fit in one wave at BV = 16, else BV = 32 (bench/NOTES.md)."""
-    for module in (chunk_kda_fwd, chunk_kda_bwd):
-        cfg = module.launch_config(128, 128, torch.bfloat16, states=states, sms=sms)
-        assert (cfg.scan_bv, cfg.scan_warps, cfg.scan_stages) == tile, module
-
-
-def test_scans_tile_keeps_fp32_and_k256_configs():
-    """The program-count rule is for 16-bit operands at K <= 128: fp32 and K = 256 keep the tiles
-    that fit their shared memory, whatever the program count."""
-    for module in (chunk_kda_fwd, chunk_kda_bwd):
-        for K, dtype in ((128, torch.float32), (256, torch.float32), (256, torch.bfloat16)):
-            for states, sms in ((256, 132), (1, 132)):
-                assert module.launch_config(K, K, dtype, states=states, sms=sms) == module.launch_config(K, K, dtype)
-
-
-def test_scans_tile_adds_no_guard_for_a_symbolic_state_count():
-    """Under dynamic shapes (a dynamic batch, torch.export's prefill_sequences) N·H is a SymInt:
-    the rule decides only what holds for every value, so it adds no guard (a guard would recompile
-    or fail the export) and takes BV = 32 when undecided."""
-    env = ShapeEnv()
-    states = env.create_symintnode(env.create_symbol(256, ConstantSource("states")), hint=256)
-    for module in (chunk_kda_fwd, chunk_kda_bwd):
-        cfg = module.launch_config(128, 128, torch.bfloat16, states=states, sms=132)
-        assert (cfg.scan_bv, cfg.scan_warps, cfg.scan_stages) == (32, 4, 2), module
-    assert not env.guards
-
-
 @pytest.mark.interpret
 def test_interpreted_kernels_match_reference():
     script = Path(__file__).with_name("interpret_chunk_kda_bwd.py")
@@ -184,38 +141,6 @@ def test_backward_bf16_within_bars(B, T, H, K, V, cu, initial_state, dht, l2, ga
     kept = [r.clone() for r in residuals]
     _check_within_bars(torch.ops.kda.chunk_kda_bwd(*args, *residuals), ref, initial_state, "from residuals")
     assert all(torch.equal(r, c) for r, c in zip(residuals, kept)), "the backward wrote a residual"
-
-
-# (the SM count the launchers are told, the scans' V tile that gives at 5 sequences x 2 heads and
-# K = V = 128); the other GPU cases have too few programs for anything but BV = 16 on an H100
-SCAN_TILE_CASES = [
-    pytest.param(1, 64, id="bv64"),
-    pytest.param(None, 32, id="bv32"),
-    pytest.param(10**6, 16, id="bv16"),
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("sms, scan_bv", SCAN_TILE_CASES)
-def test_scan_tiles_within_bars(monkeypatch, sms, scan_bv):
-    """Each V tile the scans' program-count rule picks, forward and backward, in bf16 at the bars."""
-    for module in (chunk_kda_fwd, chunk_kda_bwd):
-        monkeypatch.setattr(module, "sm_count", lambda device: sms)
-    cu = [0, 15, 100, 300, 1200, 2000]
-    cu_seqlens = torch.tensor(cu, dtype=torch.int32, device="cuda")
-    n, T, H, K = len(cu) - 1, cu[-1], 2, 128
-    for module in (chunk_kda_fwd, chunk_kda_bwd):
-        assert module.launch_config(K, K, torch.bfloat16, states=n * H, sms=sms).scan_bv == scan_bv
-    x = _inputs(1, T, H, K, K, n_seqs=n, initial_state=True, dht=True, l2norm_in_op=True, gate_floor=True)
-    args = _op_args(x, cu_seqlens, K**-0.5, True)
-    o, final_state, *residuals = torch.ops.kda.chunk_kda_fwd(*args[:7], K**-0.5, True, True, True)
-    ref_o, ref_final = recurrent_kda(
-        *(x[name].float() for name in ("q", "k", "v", "g", "beta")), scale=K**-0.5,
-        initial_state=x["initial_state"], output_final_state=True, use_qk_l2norm=True, cu_seqlens=cu_seqlens,
-    )
-    assert rel_rms(o, ref_o) <= 0.005 and rel_rms(final_state, ref_final) <= 0.005  # DESIGN.md's forward bar
-    ref = _reference_grads(x, cu_seqlens, K**-0.5, True)
-    _check_within_bars(torch.ops.kda.chunk_kda_bwd(*args, *residuals), ref, True, f"BV {scan_bv}")
 
 
 # (dtype, beta dtype, K = V): the other input dtypes the kernels take, same bars; fp32 at

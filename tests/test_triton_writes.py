@@ -35,8 +35,6 @@ from torch.library import wrap_triton
 from triton.backends.compiler import GPUTarget
 
 import kda_ops  # noqa: F401  (registers the ops)
-from kda_ops.kernels import chunk_kda_bwd as chunk_kda_bwd_kernels
-from kda_ops.kernels import chunk_kda_fwd as chunk_kda_fwd_kernels
 from kda_ops.kernels import mla_decode as mla_decode_kernels
 from kda_ops.meta.chunk_kda import chunk_kda_residuals_meta
 
@@ -57,8 +55,6 @@ def shapes(monkeypatch):
     a fake mode (its CUDA tensors need no GPU) and a factory of dynamic sizes."""
     monkeypatch.setattr(triton.runtime.driver, "_active", _Sm90Driver())
     monkeypatch.setattr(mla_decode_kernels, "device_sm_count_and_arch", lambda device: (H100_SMS, (9, 0)))
-    for chunk_module in (chunk_kda_fwd_kernels, chunk_kda_bwd_kernels):
-        monkeypatch.setattr(chunk_module, "sm_count", lambda device: H100_SMS)
     env = ShapeEnv()
 
     def dynamic(name: str, hint: int):
