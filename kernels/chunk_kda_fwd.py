@@ -41,20 +41,20 @@ rounding of o.
 Numerics. G, A, T, S and every accumulator are fp32; only differences G_i − G_j with i >= j are
 exponentiated (g <= 0, so each factor is <= 1 and nothing overflows, even for gates of −1000),
 except in the diagonal block's one-anchor form: there e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j)
-with a the sub-chunk's first row (never later than j, so no rounding leaks from future tokens)
-and the second factor up to e^ONE_ANCHOR_MAX_FALL, which a run-time test of the K tile's fall
-G_a − G_(a+15) bounds; one [16, 16] product per matrix and K tile. Otherwise levels: a strictly lower pair (i, j) of a sub-chunk belongs to level b, the highest bit where i
-and j differ; with a = the last row of the lower half of their aligned 2^(b+1)-row block,
-j <= a < i and e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j) with both exponents <= 0: exact (if a
-factor underflows, the true product, smaller than either, underflows too), and the anchor is
-never a later row than i, so no rounding leaks from future tokens. Each level costs one
-exponential per element of [16, BK] and two [16, 16] tensor-core products in
-LaunchConfig.diag_precision: plain tf32 for 16-bit inputs (o's error 2.2e-3 against 2.1e-3 for
-an exact elementwise diagonal, which measured 24% slower in the intra kernel; bench/NOTES.md),
-tf32x3 for fp32 inputs. G_last is read off the last row of G exactly (a masked sum adds
-zeros). The L2 norm is a row scaling of the q and k tiles. Rows past the end of a sequence are
-loaded as q = k = v = 0, beta = 0, g = 0, which leaves the state unchanged and keeps G_last
-equal to G at the last real row; where G is read back, such rows read G_last.
+with a the sub-chunk's first row (never later than j, so no rounding leaks from future tokens) and
+the second factor up to e^ONE_ANCHOR_MAX_FALL, which a run-time test of the K tile's fall
+G_a − G_(a+15) bounds; one [16, 16] product per matrix and K tile. Otherwise levels: a strictly
+lower pair (i, j) of a sub-chunk belongs to level b, the highest bit where i and j differ; with a =
+the last row of the lower half of their aligned 2^(b+1)-row block, j <= a < i and
+e^(G_i − G_j) = e^(G_i − G_a)·e^(G_a − G_j) with both exponents <= 0: exact (if a factor underflows,
+the true product, smaller than either, underflows too), and the anchor is never a later row than i,
+so no rounding leaks from future tokens. Each level costs one exponential per element of [16, BK]
+and two [16, 16] tensor-core products in LaunchConfig.diag_precision: plain tf32 for 16-bit inputs
+(o's error 2.2e-3 against 2.1e-3 for an exact elementwise diagonal, which measured 24% slower in the
+intra kernel; bench/NOTES.md), tf32x3 for fp32 inputs. G_last is read off the last row of G exactly
+(a masked sum adds zeros). The L2 norm is a row scaling of the q and k tiles. Rows past the end of a
+sequence are loaded as q = k = v = 0, beta = 0, g = 0, which leaves the state unchanged and keeps
+G_last equal to G at the last real row; where G is read back, such rows read G_last.
 
 Varlen (B = 1, device `cu_seqlens`, N sequences): the per-chunk kernels run over an upper bound
 of chunk slots, (T + (BT−1)·N) // BT >= Σ_n cdiv(len_n, BT), from shapes only; a device-side table
