@@ -24,9 +24,16 @@ there is nothing to check (no ptxas, or no launch matched the filters).
 
     python bench/check_kernel_resources.py                       # everything (minutes)
     python bench/check_kernel_resources.py --kernels chunk_kda_bwd --dims 256 --dtypes bf16,fp32
+    python bench/check_kernel_resources.py --kernels chunk_kda_fwd --match scan --dims 128 --sass
+
+--sass adds each kernel's static machine code shape (sass_mix): instructions, tensor-core
+products, the commonest opcodes and each loop's length, to compare two versions of a kernel
+offline before timing them.
 """
 
 import argparse
+import collections
+import functools
 import inspect
 import os
 import re
@@ -89,6 +96,7 @@ class Resources:
     spill_loads: int = -1
     error: str = ""
     seconds: float = 0.0
+    sass: str = ""  # with --sass: sass_mix of the kernel's machine code
 
 
 @dataclass
@@ -259,24 +267,59 @@ def ptxas_path() -> str | None:
         return None
 
 
-def _ptxas_report(ptx: str) -> tuple[int, int, int]:
-    """(registers, spill store bytes, spill load bytes) from ptxas -v with triton's own flags."""
+def _ptxas_report(ptx: str, sass: bool = False) -> tuple[int, int, int, str]:
+    """(registers, spill store bytes, spill load bytes, sass_mix or "") from ptxas -v with
+    triton's own flags; the SASS from nvdisasm beside ptxas in triton's wheel."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
+        src, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(src, "w") as f:
             f.write(ptx)
         run = subprocess.run(
-            [ptxas_path(), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", src, "-o",
-             os.path.join(tmp, "kernel.cubin")],
+            [ptxas_path(), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", src, "-o", cubin],
             capture_output=True, text=True, check=True,
         )
+        mix = ""
+        if sass:
+            nvdisasm = os.path.join(os.path.dirname(ptxas_path()), "nvdisasm")
+            mix = sass_mix(subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout)
     log = run.stderr + run.stdout
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return registers, int(spills.group(1)), int(spills.group(2))
+    return registers, int(spills.group(1)), int(spills.group(2)), mix
 
 
-def compile_one(launch: Launch) -> Resources:
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_INSTRUCTION = re.compile(r"^/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)\S*\s*(.*)")
+
+
+def sass_mix(sass: str, top: int = 8) -> str:
+    """The static shape of a kernel's machine code (nvdisasm -c text): its instruction count, how
+    many of them are tensor-core products (HGMMA: wgmma, HMMA: mma.sync), the commonest opcodes,
+    and the length of each loop (a backward branch's body) in instructions, e.g. "1216 instr, 40
+    mma: IMAD 207, IADD3 148, ...; loops 716". Static counts: a loop body runs once per iteration,
+    the rest once per program."""
+    instructions, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        line = line.strip()
+        if label := _SASS_LABEL.match(line):
+            pending.append(label.group(1))
+        elif m := _SASS_INSTRUCTION.match(line):
+            address = int(m.group(1), 16)
+            labels.update((name, address) for name in pending)
+            pending = []
+            instructions.append((address, m.group(2), m.group(3)))
+    counts = collections.Counter(op for _, op, _ in instructions)
+    loops = []
+    for address, op, operands in instructions:
+        target = re.search(r"\((\.L_x_\d+)\)", operands) if op == "BRA" else None
+        if target and labels.get(target.group(1), address) < address:
+            loops.append(sum(labels[target.group(1)] <= a <= address for a, _, _ in instructions))
+    shown = ", ".join(f"{op} {n}" for op, n in counts.most_common(top))
+    mma = counts["HGMMA"] + counts["HMMA"]
+    return f"{len(instructions)} instr, {mma} mma: {shown}; loops {' '.join(map(str, loops)) or 'none'}"
+
+
+def compile_one(launch: Launch, sass: bool = False) -> Resources:
     start = time.perf_counter()
     module = {m.__name__: m for m in (chunk_kda_bwd, chunk_kda_fwd, kda_decode, mla_decode)}[launch.module]
     fn = getattr(module, launch.kernel)
@@ -287,11 +330,12 @@ def compile_one(launch: Launch) -> Resources:
     try:
         compiled = triton.compile(src, target=TARGET,
                                   options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
-        registers, stores, loads = _ptxas_report(compiled.asm["ptx"])
+        registers, stores, loads, mix = _ptxas_report(compiled.asm["ptx"], sass)
     except Exception as e:  # noqa: BLE001 - reported per kernel, the run goes on
         return Resources(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}",
                          seconds=time.perf_counter() - start)
-    return Resources(compiled.metadata.shared, registers, stores, loads, seconds=time.perf_counter() - start)
+    return Resources(compiled.metadata.shared, registers, stores, loads, seconds=time.perf_counter() - start,
+                     sass=mix)
 
 
 def main(argv=None) -> int:
@@ -303,6 +347,8 @@ def main(argv=None) -> int:
     parser.add_argument("--match", default="", help="only kernels whose name contains this")
     parser.add_argument("--max-shared", type=int, default=H100_SHARED_BYTES, help="bytes of shared memory per block")
     parser.add_argument("--no-spills", action="store_true", help="fail on any register spill")
+    parser.add_argument("--sass", action="store_true",
+                        help="also print each kernel's static SASS: instructions, commonest opcodes, loop lengths")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
 
@@ -323,7 +369,7 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}, ptxas {triton.knobs.nvidia.ptxas.version} (sm_90a), {len(launches)} compiles, "
           f"shared-memory limit {args.max_shared} B", flush=True)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(compile_one, launches))
+        results = list(pool.map(functools.partial(compile_one, sass=args.sass), launches))
 
     header = f"{'kernel':34s} {'config':78s} {'shared':>7s} {'regs':>4s} {'spill st/ld':>11s}  status"
     print(header)
@@ -342,6 +388,8 @@ def main(argv=None) -> int:
         status = "; ".join(problems) if problems else ("ok" if not res.spill_stores else "ok (spills)")
         print(f"{launch.kernel:34s} {launch.config():78s} {res.shared:7d} {res.registers:4d} "
               f"{res.spill_stores:5d}/{res.spill_loads:<5d}  {status}")
+        if res.sass:
+            print(f"    SASS {res.sass}")
     print(f"{failures} of {len(launches)} over the limits" if failures else f"all {len(launches)} within the limits")
     return 1 if failures else 0
 

@@ -10,7 +10,8 @@ switched on; the forward scan at fp32, K = 256 (within the hardware limit: it ca
 margin); the split kernel at 16, 32 and 64+ heads in bf16 (its pipelined KV tile buffers
 are the largest allocation).
 `python bench/check_kernel_resources.py` covers every kernel of the package at every supported
-dim and dtype.
+dim and dtype; its --sass summary (static instruction mix and loop lengths) is checked on the
+forward scan and on a hand-written disassembly.
 """
 
 import re
@@ -89,3 +90,35 @@ def test_check_fails_over_the_shared_memory_limit():
     run = _check("--dims", "64", "--dtypes", "bf16", "--variants", "plain", "--max-shared", "4096")
     assert run.returncode == 1, run.stdout + run.stderr
     assert re.search(r"shared \d+ > 4096", run.stdout), run.stdout
+
+
+def test_sass_mix_counts_instructions_opcodes_and_loops():
+    """The --sass summary on nvdisasm's text: predicated instructions count, labels resolve to the
+    next instruction's address, and only a backward branch makes a loop."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from check_kernel_resources import sass_mix
+
+    sass = """
+        /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;
+    .L_x_0:
+        /*0010*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0020*/               @P0 IADD3 R2, R2, 0x1, RZ ;
+        /*0030*/               @P0 BRA `(.L_x_0) ;
+        /*0040*/              @!P1 BRA `(.L_x_1) ;
+        /*0050*/                   IADD3 R3, R3, 0x1, RZ ;
+    .L_x_1:
+        /*0060*/                   EXIT ;
+    """
+    assert sass_mix(sass, top=2) == "7 instr, 1 mma: IADD3 2, BRA 2; loops 3"
+
+
+def test_sass_summary_of_the_forward_scan():
+    """--sass prints the machine code's shape under each row: the forward scan's chunk loop and
+    its wgmma (HGMMA) instructions."""
+    run = _check("--dims", "128", "--dtypes", "bf16", "--variants", "plain", "--sass", family="chunk_kda_fwd",
+                 match="chunk_kda_fwd_scan")
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = re.search(r"SASS (\d+) instr, (\d+) mma: .*; loops (\d+)", run.stdout)
+    assert summary and int(summary.group(2)) > 0, run.stdout
+    assert 0 < int(summary.group(3)) < int(summary.group(1)), run.stdout
+
