@@ -93,11 +93,10 @@ from ..meta.chunk_kda import RESIDUAL_NAMES, chunk_kda_residuals_meta
 from .chunk_kda_fwd import (
     BC,
     BT,
-    ONE_ANCHOR_MAX_FALL,
+    _first_row_anchor,
     _level_factors,
     _load_gate,
     _load_rows,
-    _row,
     _store_rows,
     chunk_index,
     run_chunk_kernels,
@@ -582,8 +581,8 @@ def chunk_kda_bwd_intra_kernel(
     b_Aq += b_dMq[:, None] * b_k
     b_Ac += b_dMq[:, None] * b_q
     b_bk = b_beta[:, None] * b_k  # [BC, BK] β_i k̂_i
-    b_Ga = _row(b_G, o_r, 0)  # [BK] G at the sub-chunk's first row a
-    if tl.max(b_Ga - _row(b_G, o_r, BC - 1), axis=0) <= ONE_ANCHOR_MAX_FALL:
+    b_Ga, one_anchor = _first_row_anchor(b_G, o_r, BC)  # [BK] G at the sub-chunk's first row a
+    if one_anchor:
         # for a <= j < i: row sums e^(G_i − G_a)·Σ_j M_ij k̂_j e^(G_a − G_j), column sums
         # e^(G_a − G_j)·Σ_i M_ij q̂_i e^(G_i − G_a) (and β_i k̂_i for M_kk)
         m_low = o_r[:, None] > o_r[None, :]  # [BC, BC] j < i

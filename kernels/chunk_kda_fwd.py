@@ -92,6 +92,16 @@ def _row(b_x, o_r, r):
 
 
 @triton.jit
+def _first_row_anchor(b_G, o_r, BC: tl.constexpr):
+    """G at a sub-chunk's first row a ([BK] of the [BC, BK] block b_G) and whether the diagonal
+    block may take that one anchor: G falls by at most ONE_ANCHOR_MAX_FALL from a to the last row
+    in every channel of the tile. Both intra kernels decide by it, so forward and backward take
+    the same path for the same gate."""
+    b_Ga = _row(b_G, o_r, 0)
+    return b_Ga, tl.max(b_Ga - _row(b_G, o_r, BC - 1), axis=0) <= ONE_ANCHOR_MAX_FALL
+
+
+@triton.jit
 def _load_rows(p_base, o_t, m_t, o_d, m_d, STRIDE: tl.constexpr):
     """[R, D] fp32 block of rows o_t of a [*, STRIDE] row-major tensor, zero where masked."""
     p = p_base + o_t[:, None] * STRIDE + o_d[None, :]
@@ -322,8 +332,8 @@ def chunk_kda_fwd_intra_kernel(
             b_Aq = tl.dot(b_q * b_en, tl.trans(b_kj), acc=b_Aq)
             b_Ak = tl.dot(b_k * b_en, tl.trans(b_kj), acc=b_Ak)
         b_dqk += tl.sum(b_q * b_k, axis=1)
-        b_Ga = _row(b_G, o_r, 0)  # [BK] G at the sub-chunk's first row a
-        if tl.max(b_Ga - _row(b_G, o_r, BC - 1), axis=0) <= ONE_ANCHOR_MAX_FALL:
+        b_Ga, one_anchor = _first_row_anchor(b_G, o_r, BC)  # [BK] G at the sub-chunk's first row a
+        if one_anchor:
             # the whole block at one anchor: for a <= j <= i, e^(G_i − G_a) <= 1 and
             # e^(G_a − G_j) <= e^ONE_ANCHOR_MAX_FALL
             b_kc = tl.trans(b_k * tl.exp(b_Ga[None, :] - b_G))  # [BK, BC]
